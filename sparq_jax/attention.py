@@ -1,0 +1,301 @@
+"""One decode step of attention for every method: `attend(q, cache, method)`.
+
+The XLA implementations live here; SparQ's two memory-bound steps can instead run as Pallas kernels
+(pallas_kernels/), which take the same arrays and are checked against the functions below.
+
+Shapes: B batch, Hq query heads, Hkv KV heads, G = Hq / Hkv, S cache positions, D head dim.
+All softmaxes and accumulations are fp32 whatever the dtypes of q and the cache.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import warnings
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .cache import KVCache, _is_concrete
+from .methods import H2O, Dense, FlexGen, SparQ, Streaming
+
+IMPLS = ("auto", "xla", "pallas_gpu", "pallas_tpu")
+_F32 = jnp.float32
+_NEG_INF = -jnp.inf
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks shared by the methods (and the specification the Pallas kernels must meet)
+
+def candidate_mask(lengths: jax.Array, max_len: int, window: Optional[int]) -> jax.Array:
+    """[B, S] bool: positions that may be attended — valid, and within the sliding window if any."""
+    pos = jnp.arange(max_len)[None, :]
+    mask = pos < lengths[:, None]
+    if window is not None:
+        mask &= pos >= lengths[:, None] - window
+    return mask
+
+
+def _masked_softmax(logits: jax.Array, mask: jax.Array) -> jax.Array:
+    """fp32 softmax over the last axis where mask holds (every row has at least one True)."""
+    logits = jnp.where(mask, logits.astype(_F32), _NEG_INF)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def _gather_positions(x: jax.Array, idx: jax.Array) -> jax.Array:
+    """x [B, Hkv, S, D], idx [B, Hkv, K] -> [B, Hkv, K, D]: whole rows at the given positions."""
+    return jnp.take_along_axis(x, idx[..., None], axis=2)
+
+
+def approx_logits_xla(q1: jax.Array, keys: jax.Array, i1: jax.Array, *, transposed: bool = True) -> jax.Array:
+    """SparQ step 1 (reference): q1 [B, Hkv, G, r] against the keys' components i1 [B, Hkv, r].
+
+    keys is K^T [B, Hkv, D, S] (reads r contiguous rows) or, transposed=False, K [B, Hkv, S, D]
+    (reads r strided columns). Returns the raw dot products, fp32 [B, Hkv, G, S].
+    """
+    if transposed:
+        rows = jnp.take_along_axis(keys, i1[..., None], axis=2)                       # [B, Hkv, r, S]
+        return jnp.einsum("bhgr,bhrs->bhgs", q1, rows, preferred_element_type=_F32)
+    cols = jnp.take_along_axis(keys, i1[:, :, None, :], axis=3)                       # [B, Hkv, S, r]
+    return jnp.einsum("bhgr,bhsr->bhgs", q1, cols, preferred_element_type=_F32)
+
+
+def gather_attend_xla(q, k, v, i2, valid, alpha, v_bar) -> jax.Array:
+    """SparQ steps 2 and 3 (reference), fp32 [B, Hkv, G, D].
+
+    q [B, Hkv, G, D]; k, v [B, Hkv, S, D]; i2 [B, Hkv, K] positions, of which only those with
+    valid [B, Hkv, K] count; alpha [B, Hkv, G] fp32; v_bar [B, Hkv, D] fp32.
+    y = softmax(q . K[i2] / sqrt(D)) . V[i2];  out = alpha * y + (1 - alpha) * v_bar.
+    """
+    d = q.shape[-1]
+    logits = jnp.einsum("bhgd,bhkd->bhgk", q, _gather_positions(k, i2), preferred_element_type=_F32)
+    p = _masked_softmax(logits / math.sqrt(d), valid[:, :, None, :])
+    y = jnp.einsum("bhgk,bhkd->bhgd", p, _gather_positions(v, i2), preferred_element_type=_F32)
+    a = alpha[..., None]
+    return a * y + (1 - a) * v_bar[:, :, None, :]
+
+
+def _mean_value(cache: KVCache, window: Optional[int]) -> jax.Array:
+    """v_bar [B, Hkv, D] fp32: the mean of V over the candidate positions."""
+    lengths = cache.lengths
+    if window is None or window >= cache.max_len:
+        return cache.v_sum / jnp.maximum(lengths, 1)[:, None, None].astype(_F32)
+    # The running sum covers all positions; a sliding window reads its own `window` rows instead.
+    start = jnp.clip(lengths - window, 0, cache.max_len - window)
+    rows = jax.vmap(lambda v_b, s: jax.lax.dynamic_slice_in_dim(v_b, s, window, axis=1))(cache.v, start)
+    pos = start[:, None] + jnp.arange(window)[None, :]
+    inside = (pos < lengths[:, None]) & (pos >= lengths[:, None] - window)             # [B, window]
+    total = jnp.sum(jnp.where(inside[:, None, :, None], rows.astype(_F32), 0), axis=2)
+    count = jnp.maximum(jnp.sum(inside, axis=1), 1).astype(_F32)
+    return total / count[:, None, None]
+
+
+def _always_kept(lengths: jax.Array, max_len: int, local_window: int) -> jax.Array:
+    """[B, S] bool: the last max(local_window, 1) valid positions (the newest is always kept)."""
+    pos = jnp.arange(max_len)[None, :]
+    return (pos < lengths[:, None]) & (pos >= lengths[:, None] - max(local_window, 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# The methods. Each takes q [B, Hkv, G, D] (grouped) and returns fp32 [B, Hkv, G, D] and the cache.
+
+def _dense(qg, cache: KVCache, mask):
+    d = qg.shape[-1]
+    logits = jnp.einsum("bhgd,bhsd->bhgs", qg, cache.k, preferred_element_type=_F32) / math.sqrt(d)
+    p = _masked_softmax(logits, mask[:, None, None, :])
+    return jnp.einsum("bhgs,bhsd->bhgd", p, cache.v, preferred_element_type=_F32)
+
+
+def _sparq(qg, cache: KVCache, mask, method: SparQ, window, impl, interpret):
+    approx_logits, gather_attend = _step_functions(impl, interpret, transposed=cache.transposed_keys)
+    d, s = qg.shape[-1], cache.max_len
+    qf = qg.astype(_F32)
+    # Step 1: the r largest |q| components (summed over the group, which shares the selection).
+    _, i1 = jax.lax.top_k(jnp.sum(jnp.abs(qf), axis=2), method.rank)                  # [B, Hkv, r]
+    q1 = jnp.take_along_axis(qf, i1[:, :, None, :], axis=-1)                           # [B, Hkv, G, r]
+    keys = cache.kt if cache.transposed_keys else cache.k
+    logits1 = approx_logits(q1, keys, i1)                                              # [B, Hkv, G, S]
+    # Eq. 9: the temperature corrects for the part of q left out of the dot product.
+    l1_part = jnp.sum(jnp.abs(q1), axis=-1)
+    l1_full = jnp.sum(jnp.abs(qf), axis=-1)
+    tau = jnp.sqrt(d * jnp.where(l1_full > 0, l1_part / jnp.where(l1_full > 0, l1_full, 1), 1))
+    s_hat = _masked_softmax(logits1 / tau[..., None], mask[:, None, None, :])         # [B, Hkv, G, S]
+    # Step 2: the top-k positions by group-summed s_hat; window and newest position forced in.
+    score = jnp.sum(s_hat, axis=2)
+    score = jnp.where(_always_kept(cache.lengths, s, method.local_window)[:, None, :], jnp.inf, score)
+    score = jnp.where(mask[:, None, :], score, _NEG_INF)
+    top, i2 = jax.lax.top_k(score, min(method.top_k, s))                               # [B, Hkv, k]
+    valid = top > _NEG_INF
+    # Step 3: alpha is the approximate attention mass that the k positions cover, per query head.
+    if method.reallocate_mean:
+        covered = jnp.take_along_axis(s_hat, i2[:, :, None, :], axis=-1)
+        alpha = jnp.sum(jnp.where(valid[:, :, None, :], covered, 0), axis=-1)
+        v_bar = _mean_value(cache, window)
+    else:
+        alpha = jnp.ones(qg.shape[:3], _F32)
+        v_bar = jnp.zeros(qg.shape[:2] + (d,), _F32)
+    return gather_attend(qf, cache.k, cache.v, i2, valid, alpha, v_bar)
+
+
+def _h2o(qg, cache: KVCache, mask, method: H2O):
+    """Attend to the top_k positions by accumulated attention (window forced in), then accumulate
+    this step's attention there and evict every other candidate for good (score -inf)."""
+    s = cache.max_len
+    scores = cache.h2o_scores
+    keep = jnp.where(mask[:, None, :], scores, _NEG_INF)
+    keep = jnp.where(_always_kept(cache.lengths, s, method.local_window)[:, None, :], jnp.inf, keep)
+    top, idx = jax.lax.top_k(keep, min(method.top_k, s))                                # [B, Hkv, k]
+    valid = top > _NEG_INF
+    d = qg.shape[-1]
+    logits = jnp.einsum("bhgd,bhkd->bhgk", qg, _gather_positions(cache.k, idx), preferred_element_type=_F32)
+    p = _masked_softmax(logits / math.sqrt(d), valid[:, :, None, :])
+    out = jnp.einsum("bhgk,bhkd->bhgd", p, _gather_positions(cache.v, idx), preferred_element_type=_F32)
+    b_i = jnp.arange(idx.shape[0])[:, None, None]
+    h_i = jnp.arange(idx.shape[1])[None, :, None]
+    selected = jnp.zeros(scores.shape, bool).at[b_i, h_i, idx].set(valid)
+    gained = jnp.zeros(scores.shape, _F32).at[b_i, h_i, idx].add(jnp.where(valid, jnp.sum(p, axis=2), 0))
+    scores = jnp.where(mask[:, None, :] & ~selected, _NEG_INF, scores + gained)
+    return out, scores
+
+
+def _streaming(qg, cache: KVCache, mask, method: Streaming):
+    lengths = cache.lengths[:, None]
+    sink = jnp.broadcast_to(jnp.arange(method.sink)[None, :], (lengths.shape[0], method.sink))
+    recent = lengths - method.window + jnp.arange(method.window)[None, :]
+    idx = jnp.concatenate([sink, recent], axis=1)                                       # [B, sink + window]
+    # A recent position inside the sink would be counted twice.
+    fresh = jnp.concatenate([jnp.ones_like(sink, bool), recent >= method.sink], axis=1)
+    in_range = (idx >= 0) & (idx < cache.max_len)
+    idx = jnp.clip(idx, 0, cache.max_len - 1)
+    valid = fresh & in_range & jnp.take_along_axis(mask, idx, axis=1)
+    h = qg.shape[1]
+    idx = jnp.broadcast_to(idx[:, None, :], (idx.shape[0], h, idx.shape[1]))
+    valid = jnp.broadcast_to(valid[:, None, :], idx.shape)
+    ones = jnp.ones(qg.shape[:3], _F32)
+    return gather_attend_xla(qg, cache.k, cache.v, idx, valid, ones, jnp.zeros(qg.shape[:2] + qg.shape[-1:], _F32))
+
+
+def _flexgen(qg, cache: KVCache, mask, method: FlexGen):
+    d = qg.shape[-1]
+    logits = jnp.einsum("bhgd,bhsd->bhgs", qg, cache.k, preferred_element_type=_F32) / math.sqrt(d)
+    p = _masked_softmax(logits, mask[:, None, None, :])                                 # [B, Hkv, G, S]
+    score = jnp.where(mask[:, None, :], jnp.sum(p, axis=2), _NEG_INF)
+    top, idx = jax.lax.top_k(score, min(method.top_k, cache.max_len))
+    valid = (top > _NEG_INF)[:, :, None, :]
+    w = jnp.where(valid, jnp.take_along_axis(p, idx[:, :, None, :], axis=-1), 0)
+    w = w / jnp.sum(w, axis=-1, keepdims=True)
+    return jnp.einsum("bhgk,bhkd->bhgd", w, _gather_positions(cache.v, idx), preferred_element_type=_F32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch
+
+def _step_functions(impl: str, interpret: bool, transposed: bool):
+    """SparQ's (step 1, steps 2+3) functions for an implementation."""
+    if impl == "xla":
+        return functools.partial(approx_logits_xla, transposed=transposed), gather_attend_xla
+    if impl == "pallas_gpu":
+        from pallas_kernels import sparq_gpu as kernels
+    else:
+        from pallas_kernels import sparq_tpu as kernels
+    return (functools.partial(kernels.approx_logits, transposed=transposed, interpret=interpret),
+            functools.partial(kernels.gather_attend, interpret=interpret))
+
+
+@functools.partial(jax.jit, static_argnames=("method", "window", "impl", "interpret"))
+def _attend(q, cache: KVCache, method, window, impl, interpret):
+    """-> (out [B, Hq, D], H2O's new scores or None). Only state comes back, so that eager calls
+    do not copy the cache."""
+    b, hq, d = q.shape
+    hkv = cache.num_kv_heads
+    state = None
+    qg = q.reshape(b, hkv, hq // hkv, d)
+    mask = candidate_mask(cache.lengths, cache.max_len, window)
+    if isinstance(method, Dense):
+        out = _dense(qg, cache, mask)
+    elif isinstance(method, SparQ):
+        out = _sparq(qg, cache, mask, method, window, impl, interpret)
+    elif isinstance(method, H2O):
+        out, state = _h2o(qg, cache, mask, method)
+    elif isinstance(method, Streaming):
+        out = _streaming(qg, cache, mask, method)
+    else:
+        out = _flexgen(qg, cache, mask, method)
+    return out.reshape(b, hq, d).astype(q.dtype), state
+
+
+def _resolve_impl(impl: str, method) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "xla":
+        return impl
+    if impl in ("pallas_gpu", "pallas_tpu"):
+        if not isinstance(method, SparQ):
+            raise ValueError(f"impl={impl!r}: the Pallas kernels implement SparQ only, not {method!r}; "
+                             f"use impl='xla' or 'auto'")
+        return impl
+    # auto: the GPU kernels on GPU for SparQ, XLA elsewhere (the TPU kernels are interpret-validated only).
+    if not isinstance(method, SparQ) or jax.default_backend() != "gpu":
+        return "xla"
+    from pallas_kernels import gpu_kernels_available
+    ok, reason = gpu_kernels_available()
+    if not ok:
+        warnings.warn(f"impl='auto': SparQ's Pallas GPU kernels are unavailable ({reason}); using XLA")
+        return "xla"
+    return "pallas_gpu"
+
+
+def attend(q, cache: KVCache, method, *, window: Optional[int] = None, impl: str = "auto",
+           interpret: bool = False):
+    """One decode step of attention.
+
+    q [B, Hq, D]: the query of each row's newest position, whose k and v are already in the cache
+    (so every row has length >= 1). Hq must be a multiple of the cache's Hkv: each KV head serves a
+    group of G = Hq / Hkv query heads, which share SparQ's (and H2O's) selection.
+    method: Dense(), SparQ(...), H2O(...), Streaming(...) or FlexGen(...).
+    window: sliding-window attention (Mistral): only the last `window` valid positions are candidates
+        (and v_bar is their mean).
+    impl: "xla", "pallas_gpu", "pallas_tpu" (SparQ only), or "auto": the GPU kernels on GPU, else XLA.
+    interpret: run a Pallas kernel in interpret mode (how the CPU tests run them).
+
+    Returns (out [B, Hq, D] in q's dtype, cache). The cache comes back unchanged except for H2O,
+    whose accumulated scores and evictions it carries (see KVCache.h2o_scores).
+    """
+    if not isinstance(cache, KVCache):
+        raise ValueError(f"cache must be a sparq_jax.KVCache, got {type(cache).__name__}")
+    if not isinstance(method, (Dense, SparQ, H2O, Streaming, FlexGen)):
+        raise ValueError(f"method must be Dense, SparQ, H2O, Streaming or FlexGen, got {method!r}")
+    q = jnp.asarray(q)
+    if not jnp.issubdtype(q.dtype, jnp.floating):
+        raise ValueError(f"q must be a floating array, got dtype {q.dtype}")
+    if q.ndim != 3 or q.shape[0] != cache.batch or q.shape[2] != cache.head_dim:
+        raise ValueError(f"q must be [B={cache.batch}, Hq, D={cache.head_dim}] to match the cache, got {q.shape}")
+    if cache.k.ndim != 4:
+        raise ValueError(f"attend takes one layer's cache (k [B, Hkv, S, D]), got k {cache.k.shape}")
+    if q.shape[1] % cache.num_kv_heads:
+        raise ValueError(f"the number of query heads Hq={q.shape[1]} must be a multiple of the "
+                         f"number of KV heads Hkv={cache.num_kv_heads}")
+    if isinstance(method, SparQ) and method.rank > cache.head_dim:
+        raise ValueError(f"SparQ rank must be <= head_dim={cache.head_dim}, got rank={method.rank}")
+    if method.stateful and cache.h2o_scores is None:
+        raise ValueError("H2O keeps its state in the cache: build it with KVCache.create(..., h2o=True) "
+                         "or KVCache.from_kv(..., h2o_scores=...)")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1):
+        raise ValueError(f"window must be a positive integer or None, got {window!r}")
+    if _is_concrete(cache.lengths) and int(np.min(np.asarray(cache.lengths))) < 1:
+        raise ValueError(f"every row needs at least one position (the query's own); got lengths "
+                         f"{np.asarray(cache.lengths).tolist()}")
+    requested, impl = impl, _resolve_impl(impl, method)
+    window = None if window is None else int(window)
+    if requested != "auto" or impl == "xla":
+        out, state = _attend(q, cache, method, window, impl, bool(interpret))
+    else:
+        from pallas_kernels import UnsupportedShapeError
+        try:
+            out, state = _attend(q, cache, method, window, impl, bool(interpret))
+        except UnsupportedShapeError as err:
+            warnings.warn(f"impl='auto': the {impl} kernels cannot take this shape ({err}); using XLA")
+            out, state = _attend(q, cache, method, window, "xla", bool(interpret))
+    return out, cache if state is None else dataclasses.replace(cache, h2o_scores=state)
