@@ -45,34 +45,138 @@ def _masked_softmax(logits: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def _gather_positions(x: jax.Array, idx: jax.Array) -> jax.Array:
-    """x [B, Hkv, S, D], idx [B, Hkv, K] -> [B, Hkv, K, D]: whole rows at the given positions."""
-    return jnp.take_along_axis(x, idx[..., None], axis=2)
+    """x [B, Hkv, S, W], idx [B, Hkv, K] -> [B, Hkv, K, W]: whole rows at the given positions.
+
+    One flat row gather ([B*Hkv*S, W] by [B*Hkv*K] row numbers): XLA copies each slice as a row
+    rather than computing an index per element, as take_along_axis would.
+    """
+    b, h, s, w = x.shape
+    n = idx.shape[-1]
+    rows = idx + (jnp.arange(b * h, dtype=idx.dtype) * s).reshape(b, h, 1)
+    dims = jax.lax.GatherDimensionNumbers(offset_dims=(1,), collapsed_slice_dims=(0,), start_index_map=(0,))
+    out = jax.lax.gather(x.reshape(b * h * s, w), rows.reshape(-1, 1), dims, (1, w),
+                         mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+    return out.reshape(b, h, n, w)
+
+
+def top_k_positions(score: jax.Array, k: int) -> jax.Array:
+    """The positions of the k largest entries of each row of score [..., S] (ties: lowest positions
+    first), in increasing position order: the same set as lax.top_k's, without its partial sort.
+
+    The k-th largest value is found by bisection on the order-preserving integer image of the floats
+    (32 counting passes over score, which stays in cache), then the chosen positions are compacted
+    with 32-bit masks and population counts rather than a cumulative sum over S.
+    """
+    *lead, s = score.shape
+    if not 1 <= k <= s:
+        raise ValueError(f"k must be in [1, {s}], got {k}")
+    pad = -s % 32
+    if pad:  # -inf padding sorts after every real entry, ties included (higher positions)
+        score = jnp.pad(score, [(0, 0)] * len(lead) + [(0, pad)], constant_values=-jnp.inf)
+    bits = jax.lax.bitcast_convert_type(score.astype(_F32), jnp.int32)
+    key = jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits)          # monotone in the float's value
+    key = jax.lax.bitcast_convert_type(key, jnp.uint32) ^ jnp.uint32(0x80000000)
+
+    def narrow(i, threshold):  # the largest t with count(key >= t) >= k, one bit at a time
+        trial = threshold | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
+        count = jnp.sum(key >= trial[..., None], axis=-1, dtype=jnp.int32)
+        return jnp.where(count >= k, trial, threshold)
+
+    kth = jax.lax.fori_loop(0, 32, narrow, jnp.zeros(lead, jnp.uint32))[..., None]
+    above = key > kth
+    tie = key == kth
+    room = k - jnp.sum(above, axis=-1, keepdims=True, dtype=jnp.int32)
+    words_of = lambda m: jnp.sum(m.reshape(*lead, -1, 32).astype(jnp.uint32)
+                                 << jnp.arange(32, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
+    tie_words = words_of(tie)
+    # Ties fill the room left, lowest positions first: keep a tie if fewer than `room` ties precede it.
+    tie_counts = jax.lax.population_count(tie_words).astype(jnp.int32)
+    ties_before_word = jnp.cumsum(tie_counts, axis=-1) - tie_counts
+    within = jnp.arange(32, dtype=jnp.uint32)
+    below = (jnp.uint32(1) << within) - 1                                                   # bits < i
+    ties_before = (ties_before_word[..., None]
+                   + jax.lax.population_count(tie_words[..., None] & below).astype(jnp.int32))
+    keep_tie = tie & (ties_before.reshape(tie.shape) < room)
+    words = words_of(above | keep_tie)                                                      # k bits set
+    counts = jax.lax.population_count(words).astype(jnp.int32)
+    ends = jnp.cumsum(counts, axis=-1)                                                      # inclusive
+    want = jnp.arange(1, k + 1, dtype=jnp.int32)
+    flat_ends = ends.reshape(-1, ends.shape[-1])
+    word = jax.vmap(lambda e: jnp.searchsorted(e, want))(flat_ends).reshape(*lead, k)
+    rank = want - (jnp.take_along_axis(ends, word, axis=-1) - jnp.take_along_axis(counts, word, axis=-1))
+    bitsword = jnp.take_along_axis(words, word, axis=-1)
+    pos = jnp.zeros_like(rank)
+    for step in (16, 8, 4, 2, 1):  # the rank-th set bit of the word, by binary search on popcounts
+        low = bitsword & ((jnp.uint32(1) << (pos + step).astype(jnp.uint32)) - 1)
+        pos = jnp.where(jax.lax.population_count(low).astype(jnp.int32) < rank, pos + step, pos)
+    return word * 32 + pos
 
 
 def approx_logits_xla(q1: jax.Array, keys: jax.Array, i1: jax.Array, *, transposed: bool = True) -> jax.Array:
-    """SparQ step 1 (reference): q1 [B, Hkv, G, r] against the keys' components i1 [B, Hkv, r].
+    """SparQ step 1: q1 [B, Hkv, G, r] against the keys' components i1 [B, Hkv, r].
 
-    keys is K^T [B, Hkv, D, S] (reads r contiguous rows) or, transposed=False, K [B, Hkv, S, D]
-    (reads r strided columns). Returns the raw dot products, fp32 [B, Hkv, G, S].
+    keys is K^T [B, Hkv, D, S] or, transposed=False, K [B, Hkv, S, D]. Returns the raw dot
+    products, fp32 [B, Hkv, G, S].
+    With K^T, one contiguous S-long row per component is read and accumulated (a loop over r), so
+    no [B, Hkv, r, S] copy is made. With K alone, the r components of a row share its cache lines:
+    a CPU reads the whole row either way, so a dense product with q zeroed outside i1 is the cheapest
+    strided read (and exact: the other terms are zeros).
     """
-    if transposed:
-        rows = jnp.take_along_axis(keys, i1[..., None], axis=2)                       # [B, Hkv, r, S]
-        return jnp.einsum("bhgr,bhrs->bhgs", q1, rows, preferred_element_type=_F32)
-    cols = jnp.take_along_axis(keys, i1[:, :, None, :], axis=3)                       # [B, Hkv, S, r]
-    return jnp.einsum("bhgr,bhsr->bhgs", q1, cols, preferred_element_type=_F32)
+    b, h, g, r = q1.shape
+    if not transposed:
+        d = keys.shape[-1]
+        sparse_q = jnp.zeros((b, h, g, d), _F32).at[
+            jnp.arange(b)[:, None, None, None], jnp.arange(h)[None, :, None, None],
+            jnp.arange(g)[None, None, :, None], i1[:, :, None, :]].set(q1.astype(_F32))
+        return jnp.einsum("bhgd,bhsd->bhgs", sparse_q, keys, preferred_element_type=_F32)
+
+    def accumulate(j, acc):
+        row = _gather_positions(keys, i1[:, :, j, None])[:, :, 0]                        # [B, Hkv, S]
+        return acc + q1[:, :, :, j, None].astype(_F32) * row[:, :, None, :].astype(_F32)
+
+    return jax.lax.fori_loop(0, r, accumulate, jnp.zeros((b, h, g, keys.shape[-1]), _F32))
+
+
+# Step 2 visits the gathered rows in chunks of this many, so that its temporaries stay in cache.
+_CHUNK = 128
 
 
 def gather_attend_xla(q, k, v, i2, valid, alpha, v_bar) -> jax.Array:
-    """SparQ steps 2 and 3 (reference), fp32 [B, Hkv, G, D].
+    """SparQ steps 2 and 3, fp32 [B, Hkv, G, D].
 
     q [B, Hkv, G, D]; k, v [B, Hkv, S, D]; i2 [B, Hkv, K] positions, of which only those with
     valid [B, Hkv, K] count; alpha [B, Hkv, G] fp32; v_bar [B, Hkv, D] fp32.
     y = softmax(q . K[i2] / sqrt(D)) . V[i2];  out = alpha * y + (1 - alpha) * v_bar.
+    Computed chunk by chunk with a running (online) softmax.
     """
-    d = q.shape[-1]
-    logits = jnp.einsum("bhgd,bhkd->bhgk", q, _gather_positions(k, i2), preferred_element_type=_F32)
-    p = _masked_softmax(logits / math.sqrt(d), valid[:, :, None, :])
-    y = jnp.einsum("bhgk,bhkd->bhgd", p, _gather_positions(v, i2), preferred_element_type=_F32)
+    b, h, g, d = q.shape
+    n = i2.shape[-1]
+    chunk = min(_CHUNK, n)
+    pad = -n % chunk
+    if pad:
+        i2 = jnp.pad(i2, ((0, 0), (0, 0), (0, pad)))
+        valid = jnp.pad(valid, ((0, 0), (0, 0), (0, pad)))
+    i2 = i2.reshape(b, h, -1, chunk)
+    valid = valid.reshape(b, h, -1, chunk)
+    scale = 1 / math.sqrt(d)
+
+    def visit(c, carry):
+        top, total, acc = carry
+        idx = i2[:, :, c]
+        logits = jnp.einsum("bhgd,bhkd->bhgk", q, _gather_positions(k, idx), preferred_element_type=_F32)
+        logits = jnp.where(valid[:, :, c, None, :], logits * scale, _NEG_INF)
+        new_top = jnp.maximum(top, jnp.max(logits, axis=-1))
+        p = jnp.exp(logits - new_top[..., None])
+        rescale = jnp.exp(top - new_top)
+        total = total * rescale + jnp.sum(p, axis=-1)
+        acc = acc * rescale[..., None] + jnp.einsum("bhgk,bhkd->bhgd", p, _gather_positions(v, idx),
+                                                    preferred_element_type=_F32)
+        return new_top, total, acc
+
+    # A finite floor for the running max: a chunk with nothing valid then adds exp(-inf) = 0.
+    init = (jnp.full((b, h, g), -1e30, _F32), jnp.zeros((b, h, g), _F32), jnp.zeros((b, h, g, d), _F32))
+    _, total, acc = jax.lax.fori_loop(0, i2.shape[2], visit, init)
+    y = acc / total[..., None]
     a = alpha[..., None]
     return a * y + (1 - a) * v_bar[:, :, None, :]
 
@@ -126,8 +230,8 @@ def _sparq(qg, cache: KVCache, mask, method: SparQ, window, impl, interpret):
     score = jnp.sum(s_hat, axis=2)
     score = jnp.where(_always_kept(cache.lengths, s, method.local_window)[:, None, :], jnp.inf, score)
     score = jnp.where(mask[:, None, :], score, _NEG_INF)
-    top, i2 = jax.lax.top_k(score, min(method.top_k, s))                               # [B, Hkv, k]
-    valid = top > _NEG_INF
+    i2 = top_k_positions(score, min(method.top_k, s))                                  # [B, Hkv, k]
+    valid = jnp.take_along_axis(score, i2, axis=-1) > _NEG_INF
     # Step 3: alpha is the approximate attention mass that the k positions cover, per query head.
     if method.reallocate_mean:
         covered = jnp.take_along_axis(s_hat, i2[:, :, None, :], axis=-1)
@@ -146,8 +250,8 @@ def _h2o(qg, cache: KVCache, mask, method: H2O):
     scores = cache.h2o_scores
     keep = jnp.where(mask[:, None, :], scores, _NEG_INF)
     keep = jnp.where(_always_kept(cache.lengths, s, method.local_window)[:, None, :], jnp.inf, keep)
-    top, idx = jax.lax.top_k(keep, min(method.top_k, s))                                # [B, Hkv, k]
-    valid = top > _NEG_INF
+    idx = top_k_positions(keep, min(method.top_k, s))                                   # [B, Hkv, k]
+    valid = jnp.take_along_axis(keep, idx, axis=-1) > _NEG_INF
     d = qg.shape[-1]
     logits = jnp.einsum("bhgd,bhkd->bhgk", qg, _gather_positions(cache.k, idx), preferred_element_type=_F32)
     p = _masked_softmax(logits / math.sqrt(d), valid[:, :, None, :])
@@ -182,8 +286,8 @@ def _flexgen(qg, cache: KVCache, mask, method: FlexGen):
     logits = jnp.einsum("bhgd,bhsd->bhgs", qg, cache.k, preferred_element_type=_F32) / math.sqrt(d)
     p = _masked_softmax(logits, mask[:, None, None, :])                                 # [B, Hkv, G, S]
     score = jnp.where(mask[:, None, :], jnp.sum(p, axis=2), _NEG_INF)
-    top, idx = jax.lax.top_k(score, min(method.top_k, cache.max_len))
-    valid = (top > _NEG_INF)[:, :, None, :]
+    idx = top_k_positions(score, min(method.top_k, cache.max_len))
+    valid = (jnp.take_along_axis(score, idx, axis=-1) > _NEG_INF)[:, :, None, :]
     w = jnp.where(valid, jnp.take_along_axis(p, idx[:, :, None, :], axis=-1), 0)
     w = w / jnp.sum(w, axis=-1, keepdims=True)
     return jnp.einsum("bhgk,bhkd->bhgd", w, _gather_positions(cache.v, idx), preferred_element_type=_F32)

@@ -448,3 +448,18 @@ def test_for_compression_lands_at_most_one_percent_above(S, D, ratio):
     assert 0.74 <= f.transfers(S, D) / dense <= 0.75 * 1.01
     assert sq.SparQ.for_compression("1/8", 128, 32768) == sq.SparQ(16, 2048, 512)
     assert sq.SparQ.for_compression(0.125, 128, 32768, reallocate_mean=False).reallocate_mean is False
+
+
+@pytest.mark.parametrize("S,k", [(37, 5), (64, 64), (1000, 63), (4096, 256)])
+def test_top_k_positions_is_lax_top_k_as_a_set(S, k):
+    from sparq_jax.attention import top_k_positions
+    rng = np.random.default_rng(S)
+    # Heavy ties (few distinct values), -inf and +inf entries, negative and positive zeros.
+    score = rng.integers(-3, 4, size=(3, 2, S)).astype(np.float32) / 2
+    score[0, 0, ::7] = -np.inf
+    score[1, 1, :S // 2] = -np.inf
+    score[2, 0, 5:9] = np.inf
+    score[2, 1, ::3] = -0.0
+    got = np.asarray(top_k_positions(jnp.asarray(score), k))
+    _, want = jax.lax.top_k(jnp.asarray(score), k)
+    np.testing.assert_array_equal(got, np.sort(np.asarray(want), axis=-1))
