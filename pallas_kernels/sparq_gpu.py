@@ -1,0 +1,352 @@
+"""SparQ steps 1 and 2 as Pallas Triton (GPU) kernels.
+
+Both kernels gather inside the program with index vectors (a Triton load takes a tensor of
+pointers), so only the picked rows of K^T, K and V leave HBM. Triton tensors must have a power-of-two
+number of elements, so every tile is padded to a power of two and masked; masked lanes issue no
+memory transaction. tl.dot needs every dimension >= 16, so the group of query heads is padded to 16
+unless it is a single head, which takes a broadcast multiply and a sum instead. Products run on
+tensor cores with fp32 accumulation; an fp32 operand against 16-bit K or V is split in two 16-bit
+halves (see _matmul), so fp32 queries and softmax weights keep near-fp32 accuracy.
+
+The Triton backend is deprecated from jax 0.11 (it warns at lowering) and may be removed: this module
+imports without it, and its functions then raise RuntimeError (see gpu_kernels_available()).
+On CPU the kernels run with interpret=True.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from . import UnsupportedShapeError, _check_approx_logits, _check_gather_attend, gpu_kernels_available
+
+_AVAILABLE, _UNAVAILABLE_REASON = gpu_kernels_available()
+if _AVAILABLE:
+    from jax.experimental.pallas import triton as plgpu
+
+_MAX_TILE = 1 << 20  # Triton's limit on the elements of one tensor (TRITON_MAX_TENSOR_NUMEL)
+_MIN_DOT = 16  # tl.dot needs M, N and K >= 16
+_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+_NUM_WARPS = 4
+_NUM_STAGES = 2
+# Step 2 splits K across programs until there are about this many (flash-decoding): an H100 has
+# 132 SMs, and B * Hkv alone is small for long contexts at small batch.
+_TARGET_PROGRAMS = 512
+
+__all__ = ["approx_logits", "gather_attend"]
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _require_triton() -> None:
+    if not _AVAILABLE:
+        raise RuntimeError(f"pallas_kernels.sparq_gpu cannot run: {_UNAVAILABLE_REASON}")
+
+
+def _check_dtypes(fn: str, **arrays) -> None:
+    for name, x in arrays.items():
+        if x.dtype not in _DTYPES:
+            raise UnsupportedShapeError(
+                f"{fn}: {name} has dtype {x.dtype}; the Triton kernels take float32, bfloat16 or float16")
+
+
+def _check_tiles(fn: str, **tiles: tuple[int, ...]) -> None:
+    for name, shape in tiles.items():
+        if math.prod(shape) > _MAX_TILE:
+            raise UnsupportedShapeError(
+                f"{fn}: the padded {name} tile {shape} has more than {_MAX_TILE} elements, "
+                "Triton's limit for one tensor")
+
+
+def _check_interpret(interpret) -> None:
+    if not isinstance(interpret, bool):
+        raise ValueError(f"interpret={interpret!r}; expected a bool")
+
+
+def _params():
+    # Passing Triton's CompilerParams is what selects the Triton backend: without it, jax >= 0.10
+    # may lower a GPU pallas_call with Mosaic GPU.
+    return plgpu.CompilerParams(num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
+
+
+def _mma(a, b, contract):
+    # HIGHEST keeps fp32 operands in IEEE fp32 (Triton's default would be tf32); 16-bit operands
+    # multiply exactly into the fp32 accumulator either way.
+    return lax.dot_general(a, b, (contract, ((), ())), precision=lax.Precision.HIGHEST,
+                           preferred_element_type=jnp.float32)
+
+
+def _matmul(a, b, contract):
+    """fp32 product of a [M, C] and b (contracting `contract`), for M >= 16.
+
+    An fp32 operand against a 16-bit one is split as hi + lo, both in the 16-bit dtype: two tensor-core
+    products carry about 16 bits of its mantissa (relative error ~2**-17), where one fp32 product
+    would run on the CUDA cores, as slow as the memory traffic this kernel exists to cut.
+    """
+    low = (jnp.bfloat16, jnp.float16)
+    if a.dtype == b.dtype:
+        return _mma(a, b, contract)
+    if a.dtype == jnp.float32 and b.dtype in low:
+        hi = a.astype(b.dtype)
+        return _mma(hi, b, contract) + _mma((a - hi.astype(jnp.float32)).astype(b.dtype), b, contract)
+    if b.dtype == jnp.float32 and a.dtype in low:
+        hi = b.astype(a.dtype)
+        return _mma(a, hi, contract) + _mma(a, (b - hi.astype(jnp.float32)).astype(a.dtype), contract)
+    return _mma(a.astype(jnp.float32), b.astype(jnp.float32), contract)
+
+
+def _dot(a, b):
+    """a [M, C] @ b [C, N] -> fp32 [M, N]."""
+    if a.shape[0] == 1:  # tl.dot needs M >= 16: a broadcast multiply and a column sum instead
+        return jnp.sum(a.astype(jnp.float32).reshape(-1, 1) * b.astype(jnp.float32), axis=0, keepdims=True)
+    return _matmul(a, b, ((1,), (0,)))
+
+
+def _dot_nt(a, b):
+    """a [M, C] @ b[N, C]^T -> fp32 [M, N]."""
+    if a.shape[0] == 1:
+        return jnp.sum(b.astype(jnp.float32) * a.astype(jnp.float32), axis=1).reshape(1, -1)
+    return _matmul(a, b, ((1,), (1,)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Step 1: approximate logits from the r picked components.
+
+def _approx_logits_kernel(q1_ref, keys_ref, i1_ref, out_ref, *, transposed, G, r, S, g_pad, r_pad,
+                          block_s):
+    """One program: one (batch row, KV head, S block).
+
+    Refs: q1 [G, r]; keys K^T [D, S] (transposed) or K [S, D]; i1 [r]; out fp32 [G, S].
+    """
+    j = jnp.arange(r_pad)
+    j_ok = j < r
+    g = jnp.arange(g_pad)
+    g_ok = g < G
+    s = pl.program_id(2) * block_s + jnp.arange(block_s)
+    s_ok = s < S
+    rows = plgpu.load(i1_ref.at[j], mask=j_ok, other=0)
+    mask = j_ok[:, None] & s_ok[None, :]
+    if transposed:
+        # each picked row of K^T is S-contiguous: coalesced reads
+        k1 = plgpu.load(keys_ref.at[rows[:, None], s[None, :]], mask=mask, other=0)
+    else:
+        # single-copy mode: r elements of each D-long row, strided by D
+        k1 = plgpu.load(keys_ref.at[s[None, :], rows[:, None]], mask=mask, other=0)
+    q1 = plgpu.load(q1_ref.at[g[:, None], j[None, :]], mask=g_ok[:, None] & j_ok[None, :], other=0)
+    plgpu.store(out_ref.at[g[:, None], s[None, :]], _dot(q1, k1), mask=g_ok[:, None] & s_ok[None, :])
+
+
+def _block_s(block_s, S: int) -> int:
+    if block_s is None:
+        return max(_MIN_DOT, min(256, _pow2(S)))
+    if not isinstance(block_s, int) or block_s < _MIN_DOT or block_s & (block_s - 1):
+        raise ValueError(f"block_s={block_s!r}; expected a power of two >= {_MIN_DOT} (or None)")
+    return block_s
+
+
+@functools.partial(jax.jit, static_argnames=("transposed", "block_s", "interpret"))
+def approx_logits(q1, keys, i1, *, transposed=True, block_s=None, interpret=False):
+    """SparQ step 1: raw approximate logits from the r picked components of each query.
+
+    Args:
+      q1: [B, Hkv, G, r], any float dtype: each query head's components at i1.
+      keys: K^T [B, Hkv, D, S] if transposed (reads r S-contiguous rows), else K [B, Hkv, S, D]
+        (strided reads: the single-copy mode).
+      i1: int32 [B, Hkv, r], component indices in [0, D), shared by the group.
+      block_s: positions per program (a power of two >= 16; default min(256, S rounded up)).
+      interpret: run in the Pallas interpreter (CPU).
+
+    Returns:
+      fp32 [B, Hkv, G, S]: sum_j q1[..., j] * K[b, h, s, i1[b, h, j]]. The caller applies the
+      temperature, masking and softmax.
+
+    Grid (B, Hkv, cdiv(S, block_s)); each program reads a [pad(r), block_s] tile of K^T.
+    """
+    _require_triton()
+    _check_interpret(interpret)
+    B, Hkv, G, r, S, D = _check_approx_logits(q1, keys, i1, transposed)
+    _check_dtypes("approx_logits", q1=q1, keys=keys)
+    block_s = _block_s(block_s, S)
+    g_pad = 1 if G == 1 else max(_MIN_DOT, _pow2(G))
+    r_pad = max(_MIN_DOT, _pow2(r))
+    _check_tiles("approx_logits", keys=(r_pad, block_s), q1=(g_pad, r_pad), logits=(g_pad, block_s))
+    kernel = functools.partial(_approx_logits_kernel, transposed=transposed, G=G, r=r, S=S,
+                               g_pad=g_pad, r_pad=r_pad, block_s=block_s)
+    whole = lambda b, h, s: (b, h, 0, 0)  # noqa: E731
+    return pl.pallas_call(
+        kernel,
+        grid=(B, Hkv, pl.cdiv(S, block_s)),
+        in_specs=[
+            pl.BlockSpec((None, None, G, r), whole),
+            pl.BlockSpec((None, None, *keys.shape[2:]), whole),
+            pl.BlockSpec((None, None, r), lambda b, h, s: (b, h, 0)),
+        ],
+        out_specs=pl.BlockSpec((None, None, G, S), whole),
+        out_shape=jax.ShapeDtypeStruct((B, Hkv, G, S), jnp.float32),
+        compiler_params=_params(),
+        interpret=interpret,
+        name="sparq_approx_logits",
+    )(q1, keys, i1.astype(jnp.int32))
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps 2 + 3: exact attention over the gathered rows, then mean-value reallocation.
+
+def _gather_attend_kernel(q_ref, k_ref, v_ref, idx_ref, alpha_ref, v_bar_ref, *out_refs, G, D, K,
+                          g_pad, d_pad, block_k, chunks_per_split, finalize):
+    """One program: one (batch row, KV head, split of the K picked rows), all G query heads.
+
+    Refs: q [G, D]; k, v [S, D]; idx int32 [K] (-1 where not valid); alpha fp32 [G];
+    v_bar fp32 [D]. Outputs: out fp32 [G, D] when finalize, else this split's unnormalised
+    partials o fp32 [g_pad, d_pad], m, l fp32 [g_pad] (running max and sum of the softmax).
+    """
+    g = jnp.arange(g_pad)
+    d = jnp.arange(d_pad)
+    gd_ok = (g < G)[:, None] & (d < D)[None, :]
+    q = plgpu.load(q_ref.at[g[:, None], d[None, :]], mask=gd_ok, other=0)
+    scale = 1.0 / math.sqrt(D)
+    first = pl.program_id(2) * chunks_per_split
+
+    def body(c, carry):
+        m, l, acc = carry
+        kk = (first + c) * block_k + jnp.arange(block_k)
+        rows = plgpu.load(idx_ref.at[kk], mask=kk < K, other=-1)
+        ok = rows >= 0
+        kd_ok = ok[:, None] & (d < D)[None, :]
+        k = plgpu.load(k_ref.at[rows[:, None], d[None, :]], mask=kd_ok, other=0)
+        s = jnp.where(ok[None, :], _dot_nt(q, k) * scale, -jnp.inf)  # [g_pad, block_k]
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        # a chunk with no valid row leaves m at -inf; shifting by 0 then keeps exp() finite
+        m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        correction = jnp.exp(m - m_shift)
+        p = jnp.exp(s - m_shift[:, None])
+        v = plgpu.load(v_ref.at[rows[:, None], d[None, :]], mask=kd_ok, other=0)
+        return m_new, correction * l + jnp.sum(p, axis=1), correction[:, None] * acc + _dot(p, v)
+
+    init = (jnp.full((g_pad,), -jnp.inf, jnp.float32), jnp.zeros((g_pad,), jnp.float32),
+            jnp.zeros((g_pad, d_pad), jnp.float32))
+    m, l, acc = lax.fori_loop(0, chunks_per_split, body, init)
+    if finalize:
+        (out_ref,) = out_refs
+        alpha = plgpu.load(alpha_ref.at[g], mask=g < G, other=1.0)
+        v_bar = plgpu.load(v_bar_ref.at[d], mask=d < D, other=0.0)
+        y = acc / l[:, None]
+        out = alpha[:, None] * y + (1.0 - alpha)[:, None] * v_bar[None, :]
+        plgpu.store(out_ref.at[g[:, None], d[None, :]], out, mask=gd_ok)
+    else:
+        o_ref, m_ref, l_ref = out_refs
+        o_ref[...] = acc
+        m_ref[...] = m
+        l_ref[...] = l
+
+
+def _splits(B: int, Hkv: int, n_chunks: int, num_splits) -> int:
+    if num_splits is None:
+        num_splits = 1
+        while num_splits * 2 <= n_chunks and B * Hkv * num_splits < _TARGET_PROGRAMS:
+            num_splits *= 2
+    elif not isinstance(num_splits, int) or not 1 <= num_splits <= n_chunks:
+        raise ValueError(f"num_splits={num_splits!r}; expected an int in [1, {n_chunks}] "
+                         f"(the number of block_k chunks of the K picked rows)")
+    return num_splits
+
+
+@functools.partial(jax.jit, static_argnames=("block_k", "num_splits", "interpret"))
+def _gather_attend(q, k, v, i2, valid, alpha, v_bar, *, block_k, num_splits, interpret):
+    _require_triton()
+    _check_interpret(interpret)
+    B, Hkv, G, S, D, K = _check_gather_attend(q, k, v, i2, valid, alpha, v_bar)
+    _check_dtypes("gather_attend", q=q, k=k, v=v)
+    if block_k is None:
+        block_k = max(_MIN_DOT, min(64, _pow2(K)))
+    elif not isinstance(block_k, int) or block_k < _MIN_DOT or block_k & (block_k - 1):
+        raise ValueError(f"block_k={block_k!r}; expected a power of two >= {_MIN_DOT} (or None)")
+    n_chunks = pl.cdiv(K, block_k)
+    num_splits = _splits(B, Hkv, n_chunks, num_splits)
+    chunks_per_split = pl.cdiv(n_chunks, num_splits)
+    num_splits = pl.cdiv(n_chunks, chunks_per_split)  # no split left without a chunk
+    g_pad = 1 if G == 1 else max(_MIN_DOT, _pow2(G))
+    d_pad = max(_MIN_DOT, _pow2(D))
+    _check_tiles("gather_attend", q=(g_pad, d_pad), kv=(block_k, d_pad), logits=(g_pad, block_k))
+    finalize = num_splits == 1
+    kernel = functools.partial(_gather_attend_kernel, G=G, D=D, K=K, g_pad=g_pad, d_pad=d_pad,
+                               block_k=block_k, chunks_per_split=chunks_per_split, finalize=finalize)
+    whole = lambda b, h, c: (b, h, 0, 0)  # noqa: E731
+    row = lambda b, h, c: (b, h, 0)  # noqa: E731
+    in_specs = [
+        pl.BlockSpec((None, None, G, D), whole),
+        pl.BlockSpec((None, None, S, D), whole),
+        pl.BlockSpec((None, None, S, D), whole),
+        pl.BlockSpec((None, None, K), row),
+        pl.BlockSpec((None, None, G), row),
+        pl.BlockSpec((None, None, D), row),
+    ]
+    if finalize:
+        out_specs = pl.BlockSpec((None, None, G, D), whole)
+        out_shape = jax.ShapeDtypeStruct((B, Hkv, G, D), jnp.float32)
+    else:
+        out_specs = [
+            pl.BlockSpec((None, None, None, g_pad, d_pad), lambda b, h, c: (b, h, c, 0, 0)),
+            pl.BlockSpec((None, None, None, g_pad), lambda b, h, c: (b, h, c, 0)),
+            pl.BlockSpec((None, None, None, g_pad), lambda b, h, c: (b, h, c, 0)),
+        ]
+        out_shape = [
+            jax.ShapeDtypeStruct((B, Hkv, num_splits, g_pad, d_pad), jnp.float32),
+            jax.ShapeDtypeStruct((B, Hkv, num_splits, g_pad), jnp.float32),
+            jax.ShapeDtypeStruct((B, Hkv, num_splits, g_pad), jnp.float32),
+        ]
+    # one int32 array carries both the positions and the mask: the kernel reads -1 as "not valid"
+    idx = jnp.where(valid, i2.astype(jnp.int32), -1)
+    alpha = alpha.astype(jnp.float32)
+    v_bar = v_bar.astype(jnp.float32)
+    outs = pl.pallas_call(
+        kernel,
+        grid=(B, Hkv, num_splits),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=_params(),
+        interpret=interpret,
+        name="sparq_gather_attend",
+    )(q, k, v, idx, alpha, v_bar)
+    if finalize:
+        return outs
+    # Combine the splits' partial softmaxes (flash-decoding); a split without a valid row has
+    # m = -inf and weight 0, and every row has at least one valid entry somewhere.
+    o, m, l = outs
+    m_max = jnp.max(m, axis=2, keepdims=True)
+    w = jnp.exp(m - m_max)
+    y = jnp.sum(w[..., None] * o, axis=2) / jnp.sum(w * l, axis=2)[..., None]
+    y = y[:, :, :G, :D]
+    return alpha[..., None] * y + (1.0 - alpha[..., None]) * v_bar[:, :, None, :]
+
+
+def gather_attend(q, k, v, i2, valid, alpha, v_bar, *, interpret=False):
+    """SparQ steps 2 + 3, fused: exact attention over the picked rows, then reallocation.
+
+    Args:
+      q: [B, Hkv, G, D], the full queries of each group.
+      k, v: [B, Hkv, S, D].
+      i2: int32 [B, Hkv, K], positions picked for the group (shared by its G query heads).
+      valid: bool [B, Hkv, K]; False entries are ignored (padding, positions past the row's
+        length). Each row must have at least one True entry.
+      alpha: fp32 [B, Hkv, G], the approximate attention mass the picked rows cover (1 = no
+        reallocation).
+      v_bar: fp32 [B, Hkv, D], the mean of V over the valid positions.
+      interpret: run in the Pallas interpreter (CPU).
+
+    Returns:
+      fp32 [B, Hkv, G, D]: alpha * softmax(q . K[i2]^T / sqrt(D)) . V[i2] + (1 - alpha) * v_bar,
+      the softmax over the valid entries only.
+
+    Grid (B, Hkv, splits): each program gathers its share of the K rows of K and V once, in chunks
+    of block_k, for all G query heads, with an online fp32 softmax. K is split across programs only
+    when B * Hkv alone gives few programs; the splits' partials are then combined in XLA.
+    """
+    return _gather_attend(q, k, v, i2, valid, alpha, v_bar, block_k=None, num_splits=None,
+                          interpret=interpret)

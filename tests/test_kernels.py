@@ -1,0 +1,343 @@
+"""pallas_kernels: SparQ's two kernels per backend against plain jnp transcriptions, in interpret
+mode on CPU (Triton: interpret=True; TPU: pltpu.InterpretParams, which simulates the DMAs), then
+end to end through sq.attend against impl="xla". Kernel-level cases fix the indices, so nothing
+depends on ties. Parameter combinations are chosen pairwise, not as a full product.
+
+Compiled tests (names contain "compiled") run only on a GPU or TPU backend and skip elsewhere:
+    PYTHONPATH=. python -m pytest tests/test_kernels.py -k compiled -v
+"""
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels
+from pallas_kernels import UnsupportedShapeError, sparq_gpu, sparq_tpu
+
+BACKENDS = {"gpu": sparq_gpu, "tpu": sparq_tpu}
+# step 1's S block per backend: a power of two for Triton, a multiple of 128 lanes for Mosaic
+BLOCK_S = {"gpu": 64, "tpu": 128}
+TOL = {jnp.float32: 1e-4, jnp.bfloat16: 3e-2}
+
+_TRITON, _NO_TRITON = pallas_kernels.gpu_kernels_available()
+needs_triton = pytest.mark.skipif(not _TRITON, reason=_NO_TRITON or "-")
+BACKEND_PARAMS = [pytest.param("gpu", marks=needs_triton), "tpu"]
+on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu" or not _TRITON,
+                            reason="needs a GPU backend and the Pallas Triton backend (compiled Triton)")
+on_tpu = pytest.mark.skipif(jax.default_backend() != "tpu", reason="needs a TPU backend (compiled Mosaic)")
+
+
+# --------------------------------------------------------------------------------------------
+# References: plain jnp, fp32 (HIGHEST precision, so the CPU's dot is exact fp32)
+
+def ref_approx_logits(q1, k, i1):
+    """q1 [B, Hkv, G, r], K [B, Hkv, S, D], i1 [B, Hkv, r] -> [B, Hkv, G, S]."""
+    cols = jnp.take_along_axis(k.astype(jnp.float32), i1[:, :, None, :], axis=3)  # [B, Hkv, S, r]
+    return jnp.einsum("bhgr,bhsr->bhgs", q1.astype(jnp.float32), cols, precision="highest")
+
+
+def ref_gather_attend(q, k, v, i2, valid, alpha, v_bar):
+    """Gather, masked fp32 softmax, weighted sum, reallocation -> [B, Hkv, G, D]."""
+    kg = jnp.take_along_axis(k.astype(jnp.float32), i2[..., None], axis=2)  # [B, Hkv, K, D]
+    vg = jnp.take_along_axis(v.astype(jnp.float32), i2[..., None], axis=2)
+    # invalid rows may hold anything (NaN here): zero them before the weighted sum
+    vg = jnp.where(valid[..., None], vg, 0.0)
+    s = jnp.einsum("bhgd,bhkd->bhgk", q.astype(jnp.float32), jnp.where(valid[..., None], kg, 0.0),
+                   precision="highest") / math.sqrt(q.shape[-1])
+    p = jax.nn.softmax(jnp.where(valid[:, :, None, :], s, -jnp.inf), axis=-1)
+    y = jnp.einsum("bhgk,bhkd->bhgd", p, vg, precision="highest")
+    a = alpha[..., None]
+    return a * y + (1 - a) * v_bar[:, :, None, :]
+
+
+def assert_close(out, ref, dtype):
+    out = np.asarray(out, np.float32)
+    assert np.all(np.isfinite(out)), "kernel output holds NaN or inf"
+    np.testing.assert_allclose(out, np.asarray(ref, np.float32), rtol=TOL[dtype], atol=TOL[dtype])
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+
+def step1_inputs(seed, B, Hkv, G, r, S, D, dtype):
+    rng = np.random.default_rng(seed)
+    q1 = jnp.asarray(rng.standard_normal((B, Hkv, G, r)), dtype)
+    k = jnp.asarray(rng.standard_normal((B, Hkv, S, D)), dtype)
+    i1 = np.stack([[rng.choice(D, r, replace=False) for _ in range(Hkv)] for _ in range(B)])
+    return q1, k, jnp.asarray(i1, jnp.int32)
+
+
+def step2_inputs(seed, B, Hkv, G, S, D, K, dtype, n_valid, alpha_one, slots=None):
+    """n_valid[b][h] valid entries per row, scattered over the K slots (or at slots[(b, h)]).
+    Invalid slots point at rows filled with NaN, so a kernel that reads them unmasked fails."""
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((B, Hkv, G, D))
+    k = rng.standard_normal((B, Hkv, S, D))
+    v = rng.standard_normal((B, Hkv, S, D))
+    i2 = np.zeros((B, Hkv, K), np.int32)
+    valid = np.zeros((B, Hkv, K), bool)
+    for b in range(B):
+        for h in range(Hkv):
+            n = n_valid[b][h]
+            assert 1 <= n <= min(K, S - 1)
+            rows = rng.permutation(S)
+            good, bad = rows[:n], rows[n:]
+            picked = rng.permutation(K)[:n] if slots is None or (b, h) not in slots else slots[(b, h)]
+            valid[b, h, picked] = True
+            i2[b, h] = rng.choice(bad, K)
+            i2[b, h, picked] = good
+            k[b, h, bad] = np.nan
+            v[b, h, bad] = np.nan
+    alpha = np.ones((B, Hkv, G)) if alpha_one else rng.uniform(0.3, 1.0, (B, Hkv, G))
+    v_bar = rng.standard_normal((B, Hkv, D))
+    return (jnp.asarray(q, dtype), jnp.asarray(k, dtype), jnp.asarray(v, dtype), jnp.asarray(i2),
+            jnp.asarray(valid), jnp.asarray(alpha, jnp.float32), jnp.asarray(v_bar, jnp.float32))
+
+
+# --------------------------------------------------------------------------------------------
+# Step 1 in interpret mode
+
+STEP1_CASES = [
+    # (B, Hkv, G, r, S, D, transposed, dtype): S mostly not a multiple of the block
+    (2, 2, 1, 8, 200, 64, True, jnp.float32),
+    (1, 2, 4, 16, 256, 64, False, jnp.bfloat16),
+    (2, 1, 8, 8, 130, 32, True, jnp.bfloat16),
+    (2, 2, 4, 5, 77, 48, True, jnp.float32),     # S below one block; r and D not powers of two
+    (1, 2, 1, 8, 200, 64, False, jnp.float32),
+    (2, 1, 8, 4, 150, 32, False, jnp.float32),
+]
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("case", STEP1_CASES, ids=lambda c: f"G{c[2]}-S{c[4]}-{'kt' if c[6] else 'k'}-{jnp.dtype(c[7]).name}")
+def test_approx_logits_interpret(backend, case):
+    B, Hkv, G, r, S, D, transposed, dtype = case
+    q1, k, i1 = step1_inputs(0, B, Hkv, G, r, S, D, dtype)
+    keys = jnp.swapaxes(k, 2, 3) if transposed else k
+    out = BACKENDS[backend].approx_logits(q1, keys, i1, transposed=transposed, block_s=BLOCK_S[backend],
+                                          interpret=True)
+    assert out.shape == (B, Hkv, G, S) and out.dtype == jnp.float32
+    assert_close(out, ref_approx_logits(q1, k, i1), dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Steps 2 + 3 in interpret mode
+
+STEP2_CASES = [
+    # (B, Hkv, G, S, D, K, dtype, n_valid per (row, head), alpha == 1)
+    (2, 2, 1, 200, 64, 40, jnp.float32, [[40, 17], [3, 29]], False),   # ragged
+    (1, 2, 4, 128, 64, 64, jnp.bfloat16, [[64, 64]], True),            # all valid, no reallocation
+    (2, 1, 8, 96, 32, 48, jnp.float32, [[1], [20]], False),           # K far above the valid count
+    (2, 2, 4, 64, 48, 20, jnp.float32, [[20, 5], [11, 20]], True),     # D not a power of two
+    (1, 1, 8, 256, 64, 100, jnp.bfloat16, [[60]], False),             # K over one GPU block
+]
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+@pytest.mark.parametrize("case", STEP2_CASES, ids=lambda c: f"G{c[2]}-K{c[5]}-{jnp.dtype(c[6]).name}-alpha{'1' if c[8] else 'x'}")
+def test_gather_attend_interpret(backend, case):
+    B, Hkv, G, S, D, K, dtype, n_valid, alpha_one = case
+    args = step2_inputs(1, B, Hkv, G, S, D, K, dtype, n_valid, alpha_one)
+    out = BACKENDS[backend].gather_attend(*args, interpret=True)
+    assert out.shape == (B, Hkv, G, D) and out.dtype == jnp.float32
+    assert_close(out, ref_gather_attend(*args), dtype)
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_fp32_queries_against_bf16_cache_keep_fp32_accuracy(backend):
+    """sq.attend passes fp32 queries with a bf16 cache: the products must not round the queries (or
+    the softmax weights) to bf16, so the result matches the fp32 reference to the fp32 tolerance."""
+    mod = BACKENDS[backend]
+    # the noise makes the fp32 queries unrepresentable in bf16, so rounding them would show
+    q1, k, i1 = step1_inputs(8, 1, 2, 4, 16, 130, 64, jnp.bfloat16)
+    q1 = q1.astype(jnp.float32) + jnp.asarray(np.random.default_rng(9).uniform(-1e-2, 1e-2, q1.shape), jnp.float32)
+    out = mod.approx_logits(q1, jnp.swapaxes(k, 2, 3), i1, block_s=BLOCK_S[backend], interpret=True)
+    assert_close(out, ref_approx_logits(q1, k, i1), jnp.float32)
+    q, k, v, *rest = step2_inputs(10, 1, 2, 4, 96, 64, 40, jnp.bfloat16, [[40, 13]], False)
+    q = q.astype(jnp.float32) + jnp.asarray(np.random.default_rng(11).uniform(-1e-2, 1e-2, q.shape), jnp.float32)
+    args = (q, k, v, *rest)
+    assert_close(mod.gather_attend(*args, interpret=True), ref_gather_attend(*args), jnp.float32)
+
+
+@needs_triton
+@pytest.mark.parametrize("G, num_splits", [(1, 3), (4, 2)])
+def test_gpu_gather_attend_split_k_interpret(G, num_splits):
+    """K split across programs and combined in XLA, including splits with no valid entry."""
+    # 70 slots in chunks of 16 -> 5 chunks; row (0, 0) has its only valid entries in the first
+    args = step2_inputs(2, 2, 1, G, 128, 32, 70, jnp.float32, [[3], [50]], False, slots={(0, 0): [0, 5, 9]})
+    out = sparq_gpu._gather_attend(*args, block_k=16, num_splits=num_splits, interpret=True)
+    assert_close(out, ref_gather_attend(*args), jnp.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# End to end: sq.attend with the kernels against impl="xla"
+
+E2E_CASES = [
+    # (B, Hq, Hkv, S, D, lengths, transposed_keys, dtype, method kwargs, window)
+    (2, 2, 2, 200, 64, [200, 57], True, jnp.float32, dict(rank=8, top_k=32, local_window=4), None),
+    (2, 8, 2, 128, 32, [100, 30], False, jnp.bfloat16,
+     dict(rank=8, top_k=64, local_window=8, reallocate_mean=False), None),          # top_k > a row's length
+    (2, 8, 1, 256, 64, [150, 256], True, jnp.float32, dict(rank=16, top_k=48), 100),  # sliding window
+]
+
+
+@pytest.fixture(scope="module")
+def sq():
+    try:
+        import sparq_jax
+    except ImportError as e:  # the core package is written alongside these kernels
+        pytest.skip(f"sparq_jax does not import yet: {e}")
+    return sparq_jax
+
+
+@pytest.mark.parametrize("impl", [pytest.param("pallas_gpu", marks=needs_triton), "pallas_tpu"])
+@pytest.mark.parametrize("case", E2E_CASES, ids=["G1-kt-f32", "G4-k-bf16", "G8-window-f32"])
+def test_attend_sparq_matches_xla(sq, impl, case):
+    B, Hq, Hkv, S, D, lengths, transposed, dtype, kwargs, window = case
+    rng = np.random.default_rng(3)
+    k = jnp.asarray(rng.standard_normal((B, Hkv, S, D)), dtype)
+    v = jnp.asarray(rng.standard_normal((B, Hkv, S, D)), dtype)
+    q = jnp.asarray(rng.standard_normal((B, Hq, D)), dtype)
+    cache = sq.KVCache.from_kv(k, v, jnp.asarray(lengths, jnp.int32), transposed_keys=transposed)
+    method = sq.SparQ(**kwargs)
+    want, _ = sq.attend(q, cache, method, window=window, impl="xla")
+    got, _ = sq.attend(q, cache, method, window=window, impl=impl, interpret=True)
+    assert got.shape == (B, Hq, D) and got.dtype == dtype
+    assert_close(got, want, dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Lowering for the real backends (runs on CPU: catches what the interpreters accept but Triton or
+# Mosaic would not, such as non-power-of-two Triton tensors or misaligned TPU blocks)
+
+def _shape(*s, dtype=jnp.bfloat16):
+    return jax.ShapeDtypeStruct(s, dtype)
+
+
+def _lower(fn, platform, *args):
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+
+
+@pytest.mark.parametrize("backend, platform", [pytest.param("gpu", "cuda", marks=needs_triton), ("tpu", "tpu")])
+@pytest.mark.parametrize("G", [1, 4])
+def test_kernels_lower(backend, platform, G):
+    mod = BACKENDS[backend]
+    B, Hkv, r, S, D, K = 2, 2, 16, 1000, 128, 40
+    for transposed in (True, False):
+        keys = _shape(B, Hkv, D, S) if transposed else _shape(B, Hkv, S, D)
+        text = _lower(lambda q1, keys, i1: mod.approx_logits(q1, keys, i1, transposed=transposed), platform,
+                      _shape(B, Hkv, G, r, dtype=jnp.float32), keys, _shape(B, Hkv, r, dtype=jnp.int32))
+        assert "custom_call" in text
+    step2 = (_shape(B, Hkv, G, D, dtype=jnp.float32), _shape(B, Hkv, S, D), _shape(B, Hkv, S, D),
+             _shape(B, Hkv, K, dtype=jnp.int32), _shape(B, Hkv, K, dtype=jnp.bool_),
+             _shape(B, Hkv, G, dtype=jnp.float32), _shape(B, Hkv, D, dtype=jnp.float32))
+    assert "custom_call" in _lower(mod.gather_attend, platform, *step2)
+    if backend == "gpu":  # the split-K variant too
+        split = lambda *a: sparq_gpu._gather_attend(*a, block_k=16, num_splits=2, interpret=False)  # noqa: E731
+        assert "custom_call" in _lower(split, platform, *step2)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input, unsupported shapes, a missing Triton backend
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_bad_arguments_name_the_argument(backend):
+    mod = BACKENDS[backend]
+    q1, k, i1 = _shape(1, 2, 4, 8), _shape(1, 2, 64, 32), _shape(1, 2, 8, dtype=jnp.int32)
+    with pytest.raises(ValueError, match=r"i1 has shape \(1, 2, 7\)"):
+        jax.eval_shape(lambda a, b, c: mod.approx_logits(a, b, c, transposed=False), q1, k, _shape(1, 2, 7, dtype=jnp.int32))
+    with pytest.raises(ValueError, match=r"keys has shape \(1, 3, 64, 32\)"):
+        jax.eval_shape(lambda a, b, c: mod.approx_logits(a, b, c), q1, _shape(1, 3, 64, 32), i1)
+    with pytest.raises(ValueError, match="q1 .* r <= D=32"):
+        jax.eval_shape(lambda a, b, c: mod.approx_logits(a, b, c, transposed=False),
+                       _shape(1, 2, 4, 40), k, _shape(1, 2, 40, dtype=jnp.int32))
+    with pytest.raises(ValueError, match="interpret='yes'"):
+        jax.eval_shape(lambda a, b, c: mod.approx_logits(a, b, c, interpret="yes"), q1, _shape(1, 2, 32, 64), i1)
+    with pytest.raises(ValueError, match="block_s=100"):
+        jax.eval_shape(lambda a, b, c: mod.approx_logits(a, b, c, block_s=100), q1, _shape(1, 2, 32, 64), i1)
+    q, kv = _shape(1, 2, 4, 32), _shape(1, 2, 64, 32)
+    i2, valid = _shape(1, 2, 16, dtype=jnp.int32), _shape(1, 2, 16, dtype=jnp.bool_)
+    alpha, v_bar = _shape(1, 2, 4, dtype=jnp.float32), _shape(1, 2, 32, dtype=jnp.float32)
+    with pytest.raises(ValueError, match=r"valid has shape \(1, 2, 16\) and dtype int32"):
+        jax.eval_shape(mod.gather_attend, q, kv, kv, i2, i2, alpha, v_bar)
+    with pytest.raises(ValueError, match=r"v_bar has shape \(1, 2, 16\)"):
+        jax.eval_shape(mod.gather_attend, q, kv, kv, i2, valid, alpha, _shape(1, 2, 16, dtype=jnp.float32))
+    with pytest.raises(ValueError, match=r"\bv has shape \(1, 2, 63, 32\)"):
+        jax.eval_shape(mod.gather_attend, q, kv, _shape(1, 2, 63, 32), i2, valid, alpha, v_bar)
+
+
+@needs_triton
+def test_unsupported_shapes_raise_unsupported_shape_error():
+    # a Triton tile over 2**20 elements: [pad(r) = 16, block_s = 2**17]
+    with pytest.raises(UnsupportedShapeError, match=r"keys tile \(16, 131072\)"):
+        jax.eval_shape(lambda a, b, c: sparq_gpu.approx_logits(a, b, c, block_s=2**17), _shape(1, 1, 1, 16),
+                       _shape(1, 1, 64, 2**17), _shape(1, 1, 16, dtype=jnp.int32))
+    # TPU: K = 16384 gathered rows of D = 128 do not fit the VMEM budget
+    K = 16384
+    with pytest.raises(UnsupportedShapeError, match="VMEM"):
+        jax.eval_shape(sparq_tpu.gather_attend, _shape(1, 1, 1, 128), _shape(1, 1, K, 128), _shape(1, 1, K, 128),
+                       _shape(1, 1, K, dtype=jnp.int32), _shape(1, 1, K, dtype=jnp.bool_),
+                       _shape(1, 1, 1, dtype=jnp.float32), _shape(1, 1, 128, dtype=jnp.float32))
+    for mod in (sparq_gpu, sparq_tpu):
+        with pytest.raises(UnsupportedShapeError, match="q1 has dtype float8_e4m3fn"):
+            jax.eval_shape(lambda a, b, c: mod.approx_logits(a, b, c), _shape(1, 1, 1, 8, dtype=jnp.float8_e4m3fn),
+                           _shape(1, 1, 32, 64), _shape(1, 1, 8, dtype=jnp.int32))
+
+
+def test_missing_triton_backend_raises_a_clear_error(monkeypatch):
+    ok, reason = pallas_kernels.gpu_kernels_available()
+    assert ok == (reason == ""), (ok, reason)
+    if ok:  # simulate a jax without it
+        reason = "no Triton backend in this jax"
+        monkeypatch.setattr(sparq_gpu, "_AVAILABLE", False)
+        monkeypatch.setattr(sparq_gpu, "_UNAVAILABLE_REASON", reason)
+    with pytest.raises(RuntimeError, match=re.escape(reason)):
+        # a shape not traced before, so jit's cache cannot answer for the kernel
+        sparq_gpu.approx_logits(jnp.ones((1, 1, 1, 3)), jnp.ones((1, 1, 8, 24)), jnp.zeros((1, 1, 3), jnp.int32),
+                                interpret=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Compiled (GPU / TPU only): the interpret cases again, then the paper's shape
+
+COMPILED_SHAPES = [
+    # (B, Hkv, G, r, S, D, K, dtype)
+    (2, 2, 4, 16, 1000, 64, 40, jnp.float32),
+    (4, 8, 1, 32, 4096, 128, 128, jnp.bfloat16),   # the paper's Table 4 shape, fewer rows
+    (2, 2, 8, 16, 8192, 128, 1024, jnp.bfloat16),  # long context, few programs: split K
+]
+
+
+def _compiled_check(mod, case, block_s):
+    B, Hkv, G, r, S, D, K, dtype = case
+    for transposed in (True, False):
+        q1, k, i1 = step1_inputs(4, B, Hkv, G, r, S, D, dtype)
+        keys = jnp.swapaxes(k, 2, 3) if transposed else k
+        out = mod.approx_logits(q1, keys, i1, transposed=transposed, block_s=block_s)
+        assert_close(out, ref_approx_logits(q1, k, i1), dtype)
+    rng = np.random.default_rng(5)
+    n_valid = [[int(rng.integers(1, K + 1)) for _ in range(Hkv)] for _ in range(B)]
+    args = step2_inputs(6, B, Hkv, G, S, D, K, dtype, n_valid, alpha_one=False)
+    assert_close(mod.gather_attend(*args), ref_gather_attend(*args), dtype)
+
+
+@on_gpu
+@pytest.mark.parametrize("case", COMPILED_SHAPES)
+def test_compiled_gpu(case):
+    _compiled_check(sparq_gpu, case, block_s=None)
+
+
+@on_gpu
+def test_compiled_gpu_split_k():
+    args = step2_inputs(7, 2, 1, 4, 512, 64, 300, jnp.bfloat16, [[3], [290]], False)
+    assert_close(sparq_gpu._gather_attend(*args, block_k=32, num_splits=4, interpret=False),
+                 ref_gather_attend(*args), jnp.bfloat16)
+
+
+@on_tpu
+@pytest.mark.parametrize("case", COMPILED_SHAPES)
+def test_compiled_tpu(case):
+    _compiled_check(sparq_tpu, case, block_s=None)
