@@ -1,0 +1,264 @@
+#!/usr/bin/env python
+"""Benchmarks: one decode step of attention (Dense vs SparQ), and whole decode steps of a model.
+
+    python scripts/benchmark.py attention --batch 4 --kv-heads 8 --seq-len 32768 --compression 1/8
+    python scripts/benchmark.py attention --sweep 1024,4096,16384,65536 --plot sweep.png
+    python scripts/benchmark.py decode --seq-lens 8192,32768
+
+Every timing is measured side by side in one process: the candidates run interleaved, repetition
+after repetition, and each reports the median after warm-up. Speedups are ratios of those medians.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from fractions import Fraction
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import sparq_jax as sq
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def parse_ratio(text: str) -> float:
+    try:
+        value = float(Fraction(text))
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"--compression must be a number like 0.125 or 1/8, got {text!r}")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"--compression must be in (0, 1], got {text!r}")
+    return value
+
+
+def parse_int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of integers, got {text!r}")
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def time_interleaved(fns: dict, args: dict, reps: int, warmup: int) -> dict[str, float]:
+    """Median milliseconds of each fns[name](*args[name]), run round-robin."""
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            jax.block_until_ready(fn(*args[name]))
+    samples = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args[name]))
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def _pallas_dense(q, cache):
+    """jax's own Pallas decode attention (GPU), if it imports: the best dense kernel we can field."""
+    from jax.experimental.pallas.ops.gpu import decode_attention as da
+    b, hq, d = q.shape
+    hkv = cache.num_kv_heads
+    k = jnp.swapaxes(cache.k, 1, 2)                     # [B, S, Hkv, D]
+    v = jnp.swapaxes(cache.v, 1, 2)
+    return da.gqa(q, k, v)
+
+
+def attention_case(args, seq_len: int) -> dict:
+    b, hq, hkv, d = args.batch, args.q_heads, args.kv_heads, args.head_dim
+    if hq % hkv:
+        raise SystemExit(f"--q-heads={hq} must be a multiple of --kv-heads={hkv}")
+    dtype = DTYPES[args.dtype]
+    if args.rank is not None or args.top_k is not None:
+        if args.rank is None or args.top_k is None:
+            raise SystemExit("--rank and --top-k go together (or use --compression)")
+        sparq = sq.SparQ(args.rank, args.top_k, args.local_window, reallocate_mean=not args.no_reallocate)
+    else:
+        sparq = sq.SparQ.for_compression(args.compression, d, seq_len, reallocate_mean=not args.no_reallocate)
+    if sparq.rank > d:
+        raise SystemExit(f"--rank={sparq.rank} must be <= --head-dim={d}")
+    rng = np.random.default_rng(args.seed)
+    k = jnp.asarray(rng.standard_normal((b, hkv, seq_len, d), np.float32), dtype)
+    v = jnp.asarray(rng.standard_normal((b, hkv, seq_len, d), np.float32), dtype)
+    q = jnp.asarray(rng.standard_normal((b, hq, d), np.float32), dtype)
+    lengths = jnp.full((b,), seq_len, jnp.int32)
+    twice = sq.KVCache.from_kv(k, v, lengths, transposed_keys=True)
+    once = sq.KVCache.from_kv(k, v, lengths, transposed_keys=False) if args.single_copy else None
+    del k, v
+
+    def run(method, impl):
+        return jax.jit(lambda q, c: sq.attend(q, c, method, impl=impl)[0])
+
+    itemsize = jnp.dtype(dtype).itemsize
+    dense_bytes = b * hkv * sq.Dense().transfers(seq_len, d) * itemsize
+    sparq_bytes = b * hkv * sparq.transfers(seq_len, d) * itemsize
+    fns, fargs, rows = {}, {}, {}
+    fns["dense/xla"], fargs["dense/xla"] = run(sq.Dense(), "xla"), (q, twice)
+    rows["dense/xla"] = ("dense", "xla", dense_bytes)
+    if jax.default_backend() == "gpu":
+        try:
+            _pallas_dense(q, twice)
+            fns["dense/pallas"], fargs["dense/pallas"] = jax.jit(_pallas_dense), (q, twice)
+            rows["dense/pallas"] = ("dense", "pallas_gpu(jax decode_attention)", dense_bytes)
+        except Exception as err:  # noqa: BLE001 - optional comparison only
+            print(f"(jax's pallas decode_attention unavailable: {type(err).__name__}: {err})", file=sys.stderr)
+    impls = ["xla", "pallas_gpu", "pallas_tpu"] if args.impl == "all" else [args.impl]
+    for impl in impls:
+        name = f"sparq/{impl}"
+        fns[name], fargs[name] = run(sparq, impl), (q, twice)
+        rows[name] = ("sparq", impl, sparq_bytes)
+        if once is not None:
+            fns[name + "/single-copy"], fargs[name + "/single-copy"] = run(sparq, impl), (q, once)
+            rows[name + "/single-copy"] = ("sparq (K once)", impl, sparq_bytes)
+    if jax.default_backend() == "cpu":
+        # The floor on this machine: a plain reduction over as many bytes as SparQ reads.
+        stream = jnp.ones((sparq_bytes // itemsize,), dtype)
+        fns["stream"], fargs["stream"] = jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32)), (stream,)
+    ms = time_interleaved(fns, fargs, args.reps, args.warmup)
+    out_rows = [{"method": m, "impl": impl, "ms": ms[name], "bytes": nbytes, "gbps": nbytes / ms[name] / 1e6}
+                for name, (m, impl, nbytes) in rows.items()]
+    dense_ms = min(r["ms"] for r in out_rows if r["method"] == "dense")
+    sparq_ms = min(r["ms"] for r in out_rows if r["method"] == "sparq")
+    return {
+        "config": {"batch": b, "q_heads": hq, "kv_heads": hkv, "seq_len": seq_len, "head_dim": d,
+                   "dtype": args.dtype, "rank": sparq.rank, "top_k": sparq.top_k,
+                   "local_window": sparq.local_window, "reallocate_mean": sparq.reallocate_mean,
+                   "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
+                   "jax": jax.__version__, "reps": args.reps},
+        "rows": out_rows,
+        "dense_ms": dense_ms,
+        "sparq_ms": sparq_ms,
+        "speedup": dense_ms / sparq_ms,
+        "transfer_ratio": sparq.transfers(seq_len, d) / sq.Dense().transfers(seq_len, d),
+        "stream_ms": ms.get("stream"),
+    }
+
+
+def print_case(result: dict) -> None:
+    c = result["config"]
+    print(f"\nB={c['batch']} Hq={c['q_heads']} Hkv={c['kv_heads']} S={c['seq_len']} D={c['head_dim']} "
+          f"{c['dtype']} SparQ(r={c['rank']}, k={c['top_k']}, l={c['local_window']}) on {c['device']}")
+    print(f"{'method':<16}{'impl':<34}{'ms':>10}{'MB read':>10}{'GB/s':>8}")
+    for r in result["rows"]:
+        print(f"{r['method']:<16}{r['impl']:<34}{r['ms']:>10.3f}{r['bytes'] / 1e6:>10.1f}{r['gbps']:>8.1f}")
+    line = (f"speedup {result['speedup']:.2f}x (dense {result['dense_ms']:.3f} ms / sparq "
+            f"{result['sparq_ms']:.3f} ms), transfer ratio {result['transfer_ratio']:.4f} "
+            f"(at most {1 / result['transfer_ratio']:.2f}x)")
+    if result["stream_ms"] is not None:
+        line += f"; streaming SparQ's bytes takes {result['stream_ms']:.3f} ms " \
+                f"(sparq = {result['sparq_ms'] / result['stream_ms']:.2f}x of that)"
+    print(line)
+
+
+def plot_sweep(results: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    s = [r["config"]["seq_len"] for r in results]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    names = sorted({(row["method"], row["impl"]) for r in results for row in r["rows"]})
+    for method, impl in names:
+        ms = [next((row["ms"] for row in r["rows"] if (row["method"], row["impl"]) == (method, impl)), np.nan)
+              for r in results]
+        ax1.plot(s, ms, marker="o", label=f"{method} ({impl})")
+    if all(r["stream_ms"] is not None for r in results):
+        ax1.plot(s, [r["stream_ms"] for r in results], ls="--", color="gray", label="stream SparQ's bytes")
+    ax1.set(xscale="log", yscale="log", xlabel="sequence length S", ylabel="ms per decode step",
+            title="attention time")
+    ax1.legend(fontsize=8)
+    ax2.plot(s, [r["speedup"] for r in results], marker="o", label="measured speedup")
+    ax2.plot(s, [1 / r["transfer_ratio"] for r in results], ls="--", color="gray", label="1 / transfer ratio")
+    ax2.axhline(1, color="black", lw=0.5)
+    ax2.set(xscale="log", xlabel="sequence length S", ylabel="dense / SparQ", title="SparQ speedup")
+    ax2.legend(fontsize=8)
+    c = results[0]["config"]
+    fig.suptitle(f"B={c['batch']} Hq={c['q_heads']} Hkv={c['kv_heads']} D={c['head_dim']} {c['dtype']}, "
+                 f"{c['device']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def cmd_attention(args) -> None:
+    lens = args.sweep if args.sweep else [args.seq_len]
+    results = []
+    for s in lens:
+        result = attention_case(args, s)
+        print_case(result)
+        results.append(result)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results[0] if len(results) == 1 else results, f, indent=2)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot_sweep(results, args.plot)
+
+
+def cmd_decode(args) -> None:
+    import models
+    from models.bench import random_decode_setup  # noqa: F401 - defined with the model port
+
+    raise SystemExit("decode benchmark: see models.bench")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("attention", help="one decode step of attention: Dense vs SparQ")
+    a.add_argument("--batch", type=positive, default=4)
+    a.add_argument("--q-heads", type=positive, default=8)
+    a.add_argument("--kv-heads", type=positive, default=8)
+    a.add_argument("--seq-len", type=positive, default=32768)
+    a.add_argument("--head-dim", type=positive, default=128)
+    a.add_argument("--compression", type=parse_ratio, default=0.125,
+                   help="target transfer ratio for SparQ.for_compression (0.125 or 1/8)")
+    a.add_argument("--rank", type=positive, help="SparQ r (with --top-k, instead of --compression)")
+    a.add_argument("--top-k", type=positive, help="SparQ k")
+    a.add_argument("--local-window", type=int, default=0)
+    a.add_argument("--no-reallocate", action="store_true", help="SparQ without mean reallocation")
+    a.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    a.add_argument("--impl", choices=["xla", "pallas_gpu", "pallas_tpu", "all"], default="xla")
+    a.add_argument("--single-copy", action="store_true", help="also time SparQ with K stored once")
+    a.add_argument("--reps", type=positive, default=7)
+    a.add_argument("--warmup", type=positive, default=2)
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--sweep", type=parse_int_list, help="comma-separated sequence lengths (overrides --seq-len)")
+    a.add_argument("--plot", help="PNG of time and speedup vs S (with --sweep)")
+    a.add_argument("--json", help="write the results as JSON")
+    a.set_defaults(func=cmd_attention)
+    d = sub.add_parser("decode", help="decode-step throughput of a Llama-shaped random model")
+    d.add_argument("--seq-lens", type=parse_int_list, default=[8192, 32768, 65536])
+    d.add_argument("--layers", type=positive, default=8)
+    d.add_argument("--hidden", type=positive, default=2048)
+    d.add_argument("--q-heads", type=positive, default=32)
+    d.add_argument("--kv-heads", type=positive, default=8)
+    d.add_argument("--compression", type=parse_ratio, default=0.125)
+    d.add_argument("--reps", type=positive, default=7)
+    d.add_argument("--warmup", type=positive, default=2)
+    d.add_argument("--json", help="write the results as JSON")
+    d.set_defaults(func=cmd_decode)
+    args = parser.parse_args(argv)
+    if getattr(args, "plot", None) and not getattr(args, "sweep", None):
+        parser.error("--plot needs --sweep")
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
