@@ -11,6 +11,7 @@ after repetition, and each reports the median after warm-up. Speedups are ratios
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -211,11 +212,86 @@ def cmd_attention(args) -> None:
         plot_sweep(results, args.plot)
 
 
-def cmd_decode(args) -> None:
-    import models
-    from models.bench import random_decode_setup  # noqa: F401 - defined with the model port
+def _random_stacked_cache(key, layers, batch, kv_heads, length, capacity, head_dim, transposed):
+    """A layer-stacked cache [L, B, Hkv, capacity, D] holding `length` random positions per row."""
+    kk, kv = jax.random.split(key)
+    shape = (layers, batch, kv_heads, capacity, head_dim)
+    valid = (jnp.arange(capacity) < length)[:, None]
+    k = jnp.where(valid, jax.random.normal(kk, shape, jnp.float32), 0)
+    v = jnp.where(valid, jax.random.normal(kv, shape, jnp.float32), 0)
+    return sq.KVCache(k=k, kt=jnp.swapaxes(k, -1, -2) if transposed else None, v=v,
+                      v_sum=jnp.sum(v, axis=3), lengths=jnp.full((layers, batch), length, jnp.int32))
 
-    raise SystemExit("decode benchmark: see models.bench")
+
+def cmd_decode(args) -> None:
+    """Decode-step throughput of a Llama-shaped random model on random caches (no prefill)."""
+    import models
+    from models import llama
+
+    if args.hidden % args.q_heads or args.q_heads % args.kv_heads:
+        raise SystemExit(f"--hidden={args.hidden} must be a multiple of --q-heads={args.q_heads}, "
+                         f"which must be a multiple of --kv-heads={args.kv_heads}")
+    d = args.hidden // args.q_heads
+    config = models.ModelConfig(
+        model_type="llama", vocab_size=args.vocab, hidden_size=args.hidden,
+        intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+        num_attention_heads=args.q_heads, num_key_value_heads=args.kv_heads, head_dim=d,
+        max_position_embeddings=max(args.seq_lens) + 1024)
+    lm = models.LanguageModel(config, models.init_weights(config, seed=0))
+    steps = args.warmup + args.reps
+    results = []
+    for s in args.seq_lens:
+        sparq = sq.SparQ.for_compression(args.compression, d, s, reallocate_mean=False)
+        methods = {"dense": sq.Dense(), "sparq": sparq}
+        states = {name: _random_stacked_cache(jax.random.PRNGKey(s), args.layers, 1, args.kv_heads, s,
+                                              s + steps + 1, d, m.reads_transposed_keys)
+                  for name, m in methods.items()}
+        token = np.zeros((1,), np.int32)
+        q = jax.random.normal(jax.random.PRNGKey(1), (args.layers, 1, args.q_heads, d), jnp.float32)
+        kv_new = jax.random.normal(jax.random.PRNGKey(2), (2, 1, args.kv_heads, d), jnp.float32)
+
+        def attention_only(cache, method):
+            # What a decode step spends in attention: the same appends and attends, no projections.
+            def layer(cache, i):
+                cache = llama.append_layer(cache, i, kv_new[0], kv_new[1])
+                out, _ = sq.attend(q[i], jax.tree.map(lambda a: a[i], cache), method)
+                return cache, out
+            return jax.lax.scan(layer, cache, jnp.arange(args.layers))
+
+        attn = {name: jax.jit(attention_only, static_argnames="method", donate_argnums=0) for name in methods}
+        step_ms = {name: [] for name in methods}
+        attn_ms = {name: [] for name in methods}
+        for rep in range(steps):
+            for name, method in methods.items():
+                start = time.perf_counter()
+                logits, states[name] = lm.decode_step(token, states[name], method=method)
+                jax.block_until_ready(logits)
+                step_ms[name].append((time.perf_counter() - start) * 1e3)
+            for name, method in methods.items():
+                # Rewind the lengths so the cache never fills; the timings do not depend on contents.
+                states[name] = dataclasses.replace(states[name], lengths=states[name].lengths - 1)
+                start = time.perf_counter()
+                states[name], out = attn[name](states[name], method=method)
+                jax.block_until_ready(out)
+                attn_ms[name].append((time.perf_counter() - start) * 1e3)
+                states[name] = dataclasses.replace(states[name], lengths=states[name].lengths - 1)
+        row = {"seq_len": s, "sparq": {"rank": sparq.rank, "top_k": sparq.top_k, "local_window": sparq.local_window}}
+        for name in methods:
+            ms = statistics.median(step_ms[name][args.warmup:])
+            a = statistics.median(attn_ms[name][args.warmup:])
+            row[name] = {"step_ms": ms, "tokens_per_s": 1e3 / ms, "attention_ms": a, "attention_share": a / ms}
+        row["speedup"] = row["dense"]["step_ms"] / row["sparq"]["step_ms"]
+        results.append(row)
+        del states
+        print(f"S={s:>6}: dense {row['dense']['tokens_per_s']:.2f} tok/s (attention {row['dense']['attention_share']:.0%}"
+              f" of the step), SparQ(r={sparq.rank}, k={sparq.top_k}) {row['sparq']['tokens_per_s']:.2f} tok/s "
+              f"(attention {row['sparq']['attention_share']:.0%}): {row['speedup']:.2f}x", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": {**config.to_dict(), "batch": 1, "compression": args.compression,
+                                  "device": str(jax.devices()[0].device_kind), "jax": jax.__version__},
+                       "results": results}, f, indent=2)
+        print(f"wrote {args.json}")
 
 
 def main(argv=None) -> None:
@@ -249,6 +325,8 @@ def main(argv=None) -> None:
     d.add_argument("--hidden", type=positive, default=2048)
     d.add_argument("--q-heads", type=positive, default=32)
     d.add_argument("--kv-heads", type=positive, default=8)
+    d.add_argument("--intermediate", type=positive, default=5632, help="MLP width (TinyLlama's by default)")
+    d.add_argument("--vocab", type=positive, default=32000)
     d.add_argument("--compression", type=parse_ratio, default=0.125)
     d.add_argument("--reps", type=positive, default=7)
     d.add_argument("--warmup", type=positive, default=2)

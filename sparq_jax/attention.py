@@ -131,13 +131,27 @@ def approx_logits_xla(q1: jax.Array, keys: jax.Array, i1: jax.Array, *, transpos
             jnp.arange(g)[None, None, :, None], i1[:, :, None, :]].set(q1.astype(_F32))
         return jnp.einsum("bhgd,bhsd->bhgs", sparse_q, keys, preferred_element_type=_F32)
 
-    def accumulate(j, acc):
-        row = _gather_positions(keys, i1[:, :, j, None])[:, :, 0]                        # [B, Hkv, S]
-        return acc + q1[:, :, :, j, None].astype(_F32) * row[:, :, None, :].astype(_F32)
+    # Block over S, so each block's r rows and logits stay in cache and the logits are written once.
+    d, s = keys.shape[-2], keys.shape[-1]
+    block = min(_STEP1_BLOCK, s)
+    flat = keys.reshape(b * h * d, s)
+    rows = (i1 + (jnp.arange(b * h, dtype=i1.dtype) * d).reshape(b, h, 1)).reshape(-1)    # [B*Hkv*r]
+    dims = jax.lax.GatherDimensionNumbers(offset_dims=(1,), collapsed_slice_dims=(0,), start_index_map=(0, 1))
 
-    return jax.lax.fori_loop(0, r, accumulate, jnp.zeros((b, h, g, keys.shape[-1]), _F32))
+    def visit(i, out):
+        # The last block starts at S - block (overlapping its neighbour), so S need not divide evenly.
+        start = jnp.minimum(i * block, s - block)
+        starts = jnp.stack([rows, jnp.broadcast_to(start, rows.shape).astype(rows.dtype)], axis=-1)
+        tile = jax.lax.gather(flat, starts, dims, (1, block),
+                              mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS).reshape(b, h, r, block)
+        logits = jnp.einsum("bhgr,bhrs->bhgs", q1, tile, preferred_element_type=_F32)
+        return jax.lax.dynamic_update_slice_in_dim(out, logits, start, axis=3)
+
+    return jax.lax.fori_loop(0, -(-s // block), visit, jnp.zeros((b, h, g, s), _F32))
 
 
+# SparQ step 1 reads K^T in blocks of this many positions.
+_STEP1_BLOCK = 4096
 # Step 2 visits the gathered rows in chunks of this many, so that its temporaries stay in cache.
 _CHUNK = 128
 

@@ -463,3 +463,18 @@ def test_top_k_positions_is_lax_top_k_as_a_set(S, k):
     got = np.asarray(top_k_positions(jnp.asarray(score), k))
     _, want = jax.lax.top_k(jnp.asarray(score), k)
     np.testing.assert_array_equal(got, np.sort(np.asarray(want), axis=-1))
+
+
+@pytest.mark.parametrize("transposed", [True, False])
+def test_step1_blocks_cover_every_position(monkeypatch, transposed):
+    # Several blocks, the last one overlapping its neighbour (40 is not a multiple of 16).
+    from sparq_jax import attention
+    monkeypatch.setattr(attention, "_STEP1_BLOCK", 16)
+    rng = np.random.default_rng(15)
+    k = rng.standard_normal((2, 3, 40, 8)).astype(np.float32)
+    q1 = rng.standard_normal((2, 3, 4, 5)).astype(np.float32)
+    i1 = np.stack([np.stack([rng.permutation(8)[:5] for _ in range(3)]) for _ in range(2)]).astype(np.int32)
+    keys = np.swapaxes(k, -1, -2) if transposed else k
+    got = attention.approx_logits_xla(jnp.asarray(q1), jnp.asarray(keys), jnp.asarray(i1), transposed=transposed)
+    want = np.einsum("bhgr,bhsr->bhgs", q1, np.take_along_axis(k, i1[:, :, None, :], axis=3))
+    np.testing.assert_allclose(got, want, atol=1e-5)

@@ -1,0 +1,149 @@
+"""Evaluation tasks, built from text and scored from text: passkey retrieval, repetition, bits per char.
+
+Builders are pure functions of their arguments (a seed, the held-out text): no file I/O, no model.
+The harness that feeds them through a model is scripts/evaluate.py. Lengths are in characters; the
+project's models are byte-level, so a character is a token (the held-out texts are ASCII).
+
+- Passkey retrieval (the Landmark Attention / Quest construction): a random 5-digit key hidden at
+  a given depth of repeated filler sentences, and a question at the end. Score: exact match.
+- Repetition (the SparQ paper's task, scaled down): a context of held-out Shakespeare, a newline,
+  then a span copied from inside the context; the model should continue with what followed the
+  span. Score: characters matched before the first divergence.
+- Bits per character of held-out text, teacher-forced (the paper's WikiText-103 BPC).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
+                 "them. I will quiz you about the important information there.\n\n")
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+PASSKEY_QUESTION = "What is the pass key? The pass key is "
+PASSKEY_DIGITS = 5
+REPETITION_SPAN = 128
+REPETITION_CONTINUATION = 256
+
+
+def _check_positive(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_seed(seed):
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+
+
+def _check_text(text, needed: int):
+    if not isinstance(text, str):
+        raise ValueError(f"text must be a str, got {type(text).__name__}")
+    if len(text) < needed:
+        raise ValueError(f"text has {len(text)} characters; the task needs at least {needed}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PasskeySample:
+    """context: everything before the question (prefilled); question: fed through decode steps;
+    answer: the key the model must generate next; depth: where the key sits (0 = start, 1 = end)."""
+
+    context: str
+    question: str
+    answer: str
+    depth: float
+
+
+def passkey_samples(n: int, length: int, seed: int) -> list[PasskeySample]:
+    """n passkey prompts of `length` characters in all (context + question + answer), the key at
+    depths spread evenly over [0, 1] and drawn at random (5 digits, no leading zero) from `seed`."""
+    _check_positive("n", n)
+    _check_positive("length", length)
+    _check_seed(seed)
+    rng = np.random.default_rng(seed)
+    fixed = len(PASSKEY_INTRO) + len(PASSKEY_QUESTION) + PASSKEY_DIGITS
+    needle_len = len(_needle("0" * PASSKEY_DIGITS))
+    reps = (length - fixed - needle_len) // len(PASSKEY_FILLER)
+    if reps < 1:
+        raise ValueError(f"length={length} is too short for a passkey prompt: it needs at least "
+                         f"{fixed + needle_len + len(PASSKEY_FILLER)} characters")
+    depths = np.linspace(0.0, 1.0, n) if n > 1 else np.array([0.5])
+    samples = []
+    for depth in depths:
+        key = str(int(rng.integers(10 ** (PASSKEY_DIGITS - 1), 10 ** PASSKEY_DIGITS)))
+        before = int(round(depth * reps))
+        context = (PASSKEY_INTRO + PASSKEY_FILLER * before + _needle(key) + PASSKEY_FILLER * (reps - before))
+        samples.append(PasskeySample(context, PASSKEY_QUESTION, key, float(depth)))
+    return samples
+
+
+def _needle(key: str) -> str:
+    return f"The pass key is {key}. Remember it. {key} is the pass key. "
+
+
+def score_passkey(generated: str, answer: str) -> float:
+    """1.0 if the generated text starts with exactly the key (nothing else is asked for), else 0.0."""
+    return float(generated[:len(answer)] == answer)
+
+
+@dataclasses.dataclass(frozen=True)
+class RepetitionSample:
+    """prompt: context + newline + span; target: the characters that follow the span in the context."""
+
+    prompt: str
+    target: str
+
+
+def repetition_samples(text: str, n: int, length: int, seed: int, span: int = REPETITION_SPAN,
+                       continuation: int = REPETITION_CONTINUATION) -> list[RepetitionSample]:
+    """n repetition prompts from `text`: a context of length - span - continuation - 1 characters
+    (so prompt + continuation fill `length`), a newline, then `span` characters copied from inside
+    the context at a random place; target: the `continuation` characters that follow the copied
+    span in the context."""
+    for name, value in (("n", n), ("length", length), ("span", span), ("continuation", continuation)):
+        _check_positive(name, value)
+    _check_seed(seed)
+    ctx_len = length - span - continuation - 1
+    if ctx_len < span + continuation:
+        raise ValueError(f"length={length} is too short for repetition with span={span}, "
+                         f"continuation={continuation}: it needs at least {2 * (span + continuation) + 1}")
+    _check_text(text, ctx_len + 1)
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(n):
+        start = int(rng.integers(0, len(text) - ctx_len + 1))
+        ctx = text[start:start + ctx_len]
+        at = int(rng.integers(0, ctx_len - span - continuation + 1))
+        samples.append(RepetitionSample(ctx + "\n" + ctx[at:at + span], ctx[at + span:at + span + continuation]))
+    return samples
+
+
+def score_repetition(generated: str, target: str) -> int:
+    """Characters of `generated` that match `target` before the first divergence."""
+    n = 0
+    for a, b in zip(generated, target):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+def bpc_windows(text: str, n: int, length: int, seed: int) -> list[str]:
+    """n windows of `length` characters from `text`, at non-overlapping random places where the
+    text allows (evenly spaced strata, a random offset in each), so the estimate covers the text."""
+    _check_positive("n", n)
+    _check_positive("length", length)
+    _check_seed(seed)
+    _check_text(text, length)
+    rng = np.random.default_rng(seed)
+    room = len(text) - length
+    stride = room / n
+    starts = [int(i * stride + rng.integers(0, max(1, int(stride)))) for i in range(n)]
+    return [text[s:s + length] for s in starts]
+
+
+def bits_per_char(total_nats: float, chars: int) -> float:
+    """Cross-entropy in bits per character from nats summed over `chars` predicted characters."""
+    _check_positive("chars", chars)
+    return float(total_nats) / math.log(2) / chars
