@@ -1,0 +1,366 @@
+"""Hugging Face checkpoints: from_pretrained (safetensors -> llama.Weights) and save_pretrained.
+
+Only safetensors are read: unpickling a pytorch_model.bin runs arbitrary code. The safetensors
+header is parsed here (8-byte length, JSON, raw little-endian data), so bf16 tensors read straight
+into numpy (ml_dtypes' bfloat16, as jax uses) one at a time, and every problem with a checkpoint is
+found from its config and headers before any weight is read or any model exists.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import struct
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import llama
+from .config import ModelConfig
+from .lm import LanguageModel
+
+SAFETENSORS_DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+                      "BF16": np.dtype(jnp.bfloat16)}
+_DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+LOAD_DTYPES = ("float32", "bfloat16", "float16")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Buffers some checkpoints carry that the model recomputes.
+_IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder this package cannot load, with the problem named."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor names: Hugging Face's LlamaForCausalLM / MistralForCausalLM <-> llama.Weights
+
+@dataclasses.dataclass(frozen=True)
+class _Slot:
+    field: str                 # a key of llama.weight_shapes
+    layer: Optional[int]       # index on the stacked layer axis, None for embed / norm / lm_head
+    hf_shape: tuple[int, ...]
+    transposed: bool           # torch Linear weights are [out, in]; ours are input-major
+
+
+def _layout(config: ModelConfig) -> dict[str, _Slot]:
+    """Every tensor name the checkpoint must hold -> where it goes."""
+    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    per_layer = {
+        "input_layernorm.weight": ("input_norm", (h,), False),
+        "self_attn.q_proj.weight": ("q", (q, h), True),
+        "self_attn.k_proj.weight": ("k", (kv, h), True),
+        "self_attn.v_proj.weight": ("v", (kv, h), True),
+        "self_attn.o_proj.weight": ("o", (h, q), True),
+        "post_attention_layernorm.weight": ("post_norm", (h,), False),
+        "mlp.gate_proj.weight": ("gate", (i, h), True),
+        "mlp.up_proj.weight": ("up", (i, h), True),
+        "mlp.down_proj.weight": ("down", (h, i), True),
+    }
+    if config.attention_bias:
+        per_layer.update({"self_attn.q_proj.bias": ("q_bias", (q,), False),
+                          "self_attn.k_proj.bias": ("k_bias", (kv,), False),
+                          "self_attn.v_proj.bias": ("v_bias", (kv,), False),
+                          "self_attn.o_proj.bias": ("o_bias", (h,), False)})
+    if config.mlp_bias:
+        per_layer.update({"mlp.gate_proj.bias": ("gate_bias", (i,), False),
+                          "mlp.up_proj.bias": ("up_bias", (i,), False),
+                          "mlp.down_proj.bias": ("down_bias", (h,), False)})
+    out = {"model.embed_tokens.weight": _Slot("embed", None, (v, h), False),
+           "model.norm.weight": _Slot("norm", None, (h,), False)}
+    for n in range(config.num_hidden_layers):
+        for suffix, (field, shape, transposed) in per_layer.items():
+            out[f"model.layers.{n}.{suffix}"] = _Slot("layers." + field, n, shape, transposed)
+    if not config.tie_word_embeddings:
+        out["lm_head.weight"] = _Slot("lm_head", None, (v, h), True)
+    return out
+
+
+def _to_hf(x: np.ndarray, slot: _Slot) -> np.ndarray:
+    if slot.transposed:
+        return np.ascontiguousarray(x.reshape(slot.hf_shape[::-1]).T)
+    return x.reshape(slot.hf_shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors files
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    path: str
+    dtype: str                 # safetensors' name: F32, BF16, ...
+    shape: tuple[int, ...]
+    offset: int                # absolute byte offset in the file
+    nbytes: int
+
+
+def read_safetensors_header(path: str) -> dict[str, _Entry]:
+    """name -> _Entry for every tensor of a .safetensors file; CheckpointError if it is malformed."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path} is not a safetensors file (shorter than 8 bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100_000_000:
+            raise CheckpointError(f"{path} is not a safetensors file (header length {n}, file size {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
+        if not 0 <= begin <= end <= size - 8 - n:
+            raise CheckpointError(f"{path}: tensor {name!r} lies outside the file (bytes {begin}..{end})")
+        if dtype in SAFETENSORS_DTYPES and end - begin != int(np.prod(shape)) * SAFETENSORS_DTYPES[dtype].itemsize:
+            raise CheckpointError(f"{path}: tensor {name!r} ({dtype} {list(shape)}) has {end - begin} bytes")
+        entries[name] = _Entry(path, dtype, shape, 8 + n + begin, end - begin)
+    return entries
+
+
+def _read(entry: _Entry) -> np.ndarray:
+    dtype = SAFETENSORS_DTYPES[entry.dtype].newbyteorder("<")
+    with open(entry.path, "rb") as f:
+        f.seek(entry.offset)
+        x = np.fromfile(f, dtype=dtype, count=entry.nbytes // dtype.itemsize)
+    return x.reshape(entry.shape)
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: Optional[dict] = None) -> None:
+    """Write numpy arrays (float64/32/16 or bfloat16) as one .safetensors file."""
+    header, offset = {}, 0
+    if metadata:
+        header["__metadata__"] = metadata
+    arrays = {}
+    for name, x in tensors.items():
+        x = np.ascontiguousarray(x)
+        if x.dtype not in _DTYPE_NAMES:
+            raise ValueError(f"tensor {name!r}: dtype {x.dtype} cannot be written (float types only)")
+        arrays[name] = x
+        header[name] = {"dtype": _DTYPE_NAMES[x.dtype], "shape": list(x.shape),
+                        "data_offsets": [offset, offset + x.nbytes]}
+        offset += x.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)   # keeps the data 8-byte aligned, as the reference writer does
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for x in arrays.values():
+            f.write(x.astype(x.dtype.newbyteorder("<"), copy=False).tobytes())
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding and checking a checkpoint
+
+def _resolve(path_or_repo_id) -> str:
+    path = os.path.expanduser(os.fspath(path_or_repo_id))
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise CheckpointError(f"{path} is a file; from_pretrained takes a checkpoint folder (config.json, "
+                              f"model.safetensors, ...) or a Hugging Face repo id")
+    if path.startswith((".", "/", "~")) or not _REPO_ID.match(path) or ".." in path or "--" in path:
+        raise CheckpointError(f"no such checkpoint folder: {path}")
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model",
+                                                       "*.txt", "*.bin"])
+    except Exception as err:  # offline, unknown repo, gated: all end the same way for the user
+        raise CheckpointError(
+            f"{path!r} is not a local folder and could not be fetched from the Hugging Face Hub "
+            f"({type(err).__name__}: {err}). Offline, point from_pretrained at a local folder instead: "
+            f"download it where the Hub is reachable (`hf download {path} --local-dir DIR`), copy DIR "
+            f"here, then models.from_pretrained('DIR')") from None
+
+
+def _weight_entries(folder: str) -> dict[str, _Entry]:
+    """Every tensor of the folder's safetensors weights (single file or sharded index)."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    single = os.path.join(folder, "model.safetensors")
+    if os.path.exists(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{index} is malformed (needs a 'weight_map' object): {err!r}") from None
+        entries = {}
+        for shard in sorted(set(weight_map.values())):
+            shard_path = os.path.join(folder, shard)
+            if not os.path.isfile(shard_path):
+                names = [n for n, s in weight_map.items() if s == shard]
+                raise CheckpointError(f"{index} names shard {shard!r} (for {len(names)} tensors, e.g. "
+                                      f"{names[0]!r}), but {shard_path} does not exist")
+            header = read_safetensors_header(shard_path)
+            for name, s in weight_map.items():
+                if s == shard and name not in header:
+                    raise CheckpointError(f"{index} puts tensor {name!r} in {shard!r}, which does not hold it")
+            entries.update(header)
+        return entries
+    if os.path.exists(single):
+        return read_safetensors_header(single)
+    files = sorted(os.listdir(folder))
+    pickles = [f for f in files if f.endswith(_PICKLE_SUFFIXES) or f == "pytorch_model.bin.index.json"]
+    if pickles:
+        raise CheckpointError(
+            f"{folder} has only pickled PyTorch weights ({', '.join(pickles)}); this package loads "
+            f"safetensors only, because unpickling a file runs whatever code it contains. If you trust "
+            f"the source, convert it once with transformers in a separate environment: "
+            f"AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(OUT) writes model.safetensors; "
+            f"or download the repo's safetensors revision if it has one")
+    raise CheckpointError(f"{folder} has no weights: expected model.safetensors or "
+                          f"model.safetensors.index.json (found: {', '.join(files) or 'nothing'})")
+
+
+def _check_entries(config: ModelConfig, entries: dict[str, _Entry]) -> dict[str, _Slot]:
+    layout = _layout(config)
+    missing = [n for n in layout if n not in entries]
+    unexpected = [n for n in entries if n not in layout and not _IGNORED.fullmatch(n)
+                  and not (n == "lm_head.weight" and config.tie_word_embeddings)]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {_names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {_names(unexpected)}")
+    misshaped = [f"{n} is {list(entries[n].shape)}, expected {list(s.hf_shape)}"
+                 for n, s in layout.items() if n in entries and entries[n].shape != s.hf_shape]
+    if misshaped:
+        problems.append(f"misshaped tensors: {_names(misshaped)}")
+    not_float = [f"{n} ({entries[n].dtype})" for n in layout if n in entries
+                 and entries[n].dtype not in SAFETENSORS_DTYPES]
+    if not_float:
+        problems.append(f"tensors whose dtype is not a float type ({'/'.join(SAFETENSORS_DTYPES)}): "
+                        f"{_names(not_float)}")
+    if problems:
+        raise CheckpointError(f"the checkpoint does not match its config ({config.model_type}, "
+                              f"{config.num_hidden_layers} layers): " + "; ".join(problems))
+    return layout
+
+
+def _names(items: list[str], limit: int = 8) -> str:
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def _load_dtype(dtype) -> jnp.dtype:
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in LOAD_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(LOAD_DTYPES)}, got {dtype!r}")
+    return jnp.dtype(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# The entry points
+
+def _set(stacked, x, layer):
+    return stacked.at[layer].set(x)
+
+
+_set_layer = jax.jit(_set, donate_argnums=0)
+
+
+def load_weights(folder: str, config: ModelConfig, dtype="float32") -> llama.Weights:
+    """The folder's safetensors weights as llama.Weights in `dtype`, read one tensor at a time.
+
+    Each stacked layer field is allocated once on the device and filled in place (a donated update),
+    so host memory holds one tensor at a time (in two or three forms) and the device one copy of
+    the weights.
+    """
+    dtype = _load_dtype(dtype)
+    entries = _weight_entries(folder)
+    layout = _check_entries(config, entries)
+    shapes = llama.weight_shapes(config)
+    flat = {f: jnp.zeros((config.num_hidden_layers, *s), dtype) for f, s in shapes.items()
+            if f.startswith("layers.")}
+    for name, slot in tqdm(layout.items(), desc="loading weights", unit="tensor", leave=False):
+        x = _read(entries[name])
+        x = (x.T if slot.transposed else x).reshape(shapes[slot.field]).astype(dtype, copy=False)
+        if slot.layer is None:
+            flat[slot.field] = jax.device_put(x)
+        else:
+            flat[slot.field] = _set_layer(flat[slot.field], x, slot.layer)
+        del x
+    return llama.weights_from_flat(flat)
+
+
+def _generation_defaults(folder: str, config: ModelConfig) -> tuple[tuple[int, ...], Optional[int]]:
+    """(eos ids, pad id) from generation_config.json where it has them, else config.json."""
+    eos, pad = config.eos_token_id, config.pad_token_id
+    path = os.path.join(folder, "generation_config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            gen = json.load(f)
+        if gen.get("eos_token_id") is not None:
+            e = gen["eos_token_id"]
+            eos = tuple(e) if isinstance(e, list) else (e,)
+        if gen.get("pad_token_id") is not None:
+            pad = gen["pad_token_id"]
+    return eos, pad
+
+
+def from_pretrained(path_or_repo_id, dtype="float32", mesh=None) -> LanguageModel:
+    """Load a LlamaForCausalLM / MistralForCausalLM checkpoint (safetensors) as a LanguageModel.
+
+    path_or_repo_id: a local folder (config.json + model.safetensors or a sharded
+        model.safetensors.index.json, optionally tokenizer files and generation_config.json), or a
+        Hugging Face repo id fetched through huggingface_hub.
+    dtype: the weights' dtype on the device ("float32", "bfloat16" or "float16"), whatever the file's.
+    mesh: sharded loading belongs to the scale-out work; only None is accepted for now.
+    Raises CheckpointError / ConfigError (both ValueError) before any weight is read if the folder,
+    its config or its tensors (names, shapes, dtypes) are wrong.
+    """
+    if mesh is not None:
+        raise NotImplementedError("from_pretrained(mesh=...): sharded loading is not implemented yet "
+                                  "(issue 7, scale-out); pass mesh=None")
+    _load_dtype(dtype)
+    folder = _resolve(path_or_repo_id)
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        raise CheckpointError(f"{folder} has no config.json; is it a Hugging Face checkpoint folder?")
+    config = ModelConfig.from_json(config_path)
+    params = load_weights(folder, config, dtype)
+    eos, pad = _generation_defaults(folder, config)
+    return LanguageModel(config, params, tokenizer=_tokenizer(folder), eos_token_id=eos, pad_token_id=pad)
+
+
+def _tokenizer(folder: str):
+    if not any(os.path.exists(os.path.join(folder, f))
+               for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.padding_side = "left"   # generate expects left padding, as transformers' decoder-only models
+    return tokenizer
+
+
+def save_pretrained(params: llama.Weights, config: ModelConfig, path: str) -> None:
+    """Write config.json and model.safetensors (Hugging Face names and layout, the params' dtype) into
+    folder `path`, loadable by from_pretrained and by transformers' Llama/MistralForCausalLM."""
+    os.makedirs(path, exist_ok=True)
+    flat = {"embed": params.embed, "norm": params.norm, "lm_head": params.lm_head}
+    flat.update({"layers." + f.name: getattr(params.layers, f.name) for f in dataclasses.fields(params.layers)})
+    tensors = {}
+    for name, slot in _layout(config).items():
+        x = flat[slot.field] if slot.layer is None else flat[slot.field][slot.layer]
+        tensors[name] = _to_hf(np.asarray(x), slot)
+    write_safetensors(os.path.join(path, "model.safetensors"), tensors, {"format": "pt"})
+    d = config.to_dict()
+    d["dtype"] = str(next(iter(tensors.values())).dtype)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(d, f, indent=2)

@@ -1,0 +1,241 @@
+"""LanguageModel: logits, prefill, decode_step and generate with Hugging Face conventions.
+
+Conventions kept from transformers: left padding in input_ids, position ids from the attention mask
+(cumsum - 1), eos / pad from the generation config, eos possibly a list, rows that finished filled
+with pad, output always T + max_new_tokens wide.
+
+generate is a jitted prefill, then one jitted lax.while_loop of decode steps (the cache donated) that
+stops once every row is done, sampling on device: no host round trip per token. Prompt widths are
+left-padded to buckets so nearby lengths share one compile.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+import sparq_jax as sq
+
+from . import llama
+from .config import ModelConfig
+
+_METHODS = (sq.Dense, sq.SparQ, sq.H2O, sq.Streaming, sq.FlexGen)
+# prefill's default cache capacity beyond the prompt: generate's default max_new_tokens
+DEFAULT_NEW_TOKENS = 32
+
+
+def bucket_length(t: int) -> int:
+    """The padded prompt width for t tokens: 16 at least, then 4 buckets per octave (<= 25% padding)."""
+    if t <= 16:
+        return 16
+    unit = 1 << ((t - 1).bit_length() - 3)
+    return -(-t // unit) * unit
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, temperature, top_p) -> jax.Array:
+    """Sample [B] token ids from fp32 logits [B, V] with temperature then nucleus (top-p) filtering,
+    as transformers' TemperatureLogitsWarper + TopPLogitsWarper: keep the most likely tokens whose
+    mass, before each one, is below top_p (so at least one)."""
+    logits = logits / temperature
+    ranked = -jnp.sort(-logits, axis=-1)
+    probs = jax.nn.softmax(ranked, axis=-1)
+    kept = jnp.sum((jnp.cumsum(probs, axis=-1) - probs) < top_p, axis=-1)            # [B] >= 1
+    threshold = jnp.take_along_axis(ranked, kept[:, None] - 1, axis=-1)
+    return jax.random.categorical(key, jnp.where(logits >= threshold, logits, -jnp.inf), axis=-1)
+
+
+def _decode_loop(weights, logits, cache, key, temperature, top_p, eos, pad, *, config: ModelConfig, method,
+                 max_new_tokens: int, do_sample: bool):
+    """From the prefill's logits [B, V] and cache, pick and feed tokens until every row is done.
+
+    Returns new tokens int32 [B, max_new_tokens] (pad after a row's eos), the number of decode steps
+    run, and the final cache (returned so that the donated input buffers carry the loop's cache in
+    place). eos int32 [E] (E may be 0); pad int32 scalar. One lax.while_loop, no host round trip.
+    """
+    b = logits.shape[0]
+
+    def pick(logits, step, done):
+        if do_sample:
+            token = sample_logits(logits, jax.random.fold_in(key, step), temperature, top_p)
+        else:
+            token = jnp.argmax(logits, axis=-1)
+        token = jnp.where(done, pad, token.astype(jnp.int32))
+        return token, done | jnp.any(token[:, None] == eos[None, :], axis=-1)
+
+    token, done = pick(logits, 0, jnp.zeros((b,), bool))
+    out = jnp.full((b, max_new_tokens), pad, jnp.int32).at[:, 0].set(token)
+
+    def cond(state):
+        step, _, done, _, _ = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        step, token, done, out, cache = state
+        logits, cache = llama.decode_step(weights, token, cache, config=config, method=method)
+        token, done = pick(logits, step, done)
+        return step + 1, token, done, lax.dynamic_update_slice(out, token[:, None], (0, step)), cache
+
+    steps, _, _, out, cache = lax.while_loop(cond, body, (jnp.int32(1), token, done, out, cache))
+    return out, steps - 1, cache
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateStats:
+    """What a generate call did: wall times (compilation included on a first call), the number of
+    decode steps (every row runs each one) and each row's prompt length."""
+
+    prefill_s: float
+    decode_s: float
+    decode_steps: int
+    prompt_lengths: np.ndarray
+
+
+_logits_jit = jax.jit(llama.logits, static_argnames=("config",))
+_prefill_jit = jax.jit(llama.prefill, static_argnames=("config", "max_len", "transposed_keys", "h2o"))
+_decode_step_jit = jax.jit(llama.decode_step, static_argnames=("config", "method"), donate_argnames=("cache",))
+decode_loop_jit = jax.jit(_decode_loop, static_argnames=("config", "method", "max_new_tokens", "do_sample"),
+                          donate_argnames=("cache",))
+
+
+class LanguageModel:
+    """A loaded Llama / Mistral: config, params (llama.Weights), tokenizer (or None) and the
+    generation defaults (eos_token_id: a tuple, possibly empty; pad_token_id)."""
+
+    def __init__(self, config: ModelConfig, params: llama.Weights, tokenizer=None,
+                 eos_token_id: Optional[Sequence[int]] = None, pad_token_id: Optional[int] = None):
+        self.config = config
+        self.params = params
+        self.tokenizer = tokenizer
+        self.eos_token_id = tuple(config.eos_token_id if eos_token_id is None else eos_token_id)
+        self.pad_token_id = pad_token_id
+
+    def __repr__(self):
+        c = self.config
+        return (f"LanguageModel({c.model_type}, layers={c.num_hidden_layers}, hidden={c.hidden_size}, "
+                f"heads={c.num_attention_heads}/{c.num_key_value_heads}, vocab={c.vocab_size})")
+
+    # -----------------------------------------------------------------------------------------
+    def logits(self, input_ids, attention_mask=None) -> jax.Array:
+        """fp32 logits [B, T, V]. input_ids, attention_mask [B, T] (left padding as transformers)."""
+        ids, mask = self._batch(input_ids, attention_mask)
+        return _logits_jit(self.params, ids, mask, config=self.config)
+
+    def prefill(self, input_ids, attention_mask=None, max_len: Optional[int] = None, method=sq.Dense(),
+                transposed_keys: Optional[bool] = None):
+        """Dense prefill of a prompt batch [B, T] -> (fp32 logits [B, V] of each row's last prompt
+        token, state). state is the layer-stacked sq.KVCache ([L, B, Hkv, max_len, D]), each row
+        left-aligned; max_len is its capacity (default T + 32); K^T is kept when `method` reads it
+        unless transposed_keys says otherwise; H2O's scores are seeded when method is stateful."""
+        _check_method(method)
+        ids, mask = self._batch(input_ids, attention_mask)
+        t = ids.shape[1]
+        max_len = t + DEFAULT_NEW_TOKENS if max_len is None else max_len
+        if isinstance(max_len, bool) or not isinstance(max_len, (int, np.integer)) or max_len < t:
+            raise ValueError(f"max_len must be an integer >= the prompt width {t}, got {max_len!r}")
+        if transposed_keys is None:
+            transposed_keys = method.reads_transposed_keys
+        return _prefill_jit(self.params, ids, mask, config=self.config, max_len=int(max_len),
+                            transposed_keys=bool(transposed_keys), h2o=method.stateful)
+
+    def decode_step(self, tokens, state: sq.KVCache, method=sq.Dense()):
+        """tokens [B] (each row's next token) -> (fp32 logits [B, V], state). The state passed in is
+        donated (its buffers are reused): keep only the returned one."""
+        _check_method(method)
+        if not isinstance(state, sq.KVCache) or state.k.ndim != 5:
+            raise ValueError("state must be the layer-stacked KVCache that prefill returns")
+        tokens = np.asarray(tokens)
+        if tokens.shape != (state.batch,) or not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"tokens must be integers of shape ({state.batch},), got {tokens.dtype} {tokens.shape}")
+        self._check_ids(tokens, "tokens")
+        longest = int(jnp.max(state.lengths))
+        if longest >= state.max_len:
+            raise ValueError(f"the cache is full ({longest} of max_len={state.max_len} positions); "
+                             f"prefill with a larger max_len")
+        if method.stateful and state.h2o_scores is None:
+            raise ValueError(f"{method!r} keeps state in the cache: prefill with that method")
+        return _decode_step_jit(self.params, jnp.asarray(tokens, jnp.int32), state, config=self.config,
+                                method=method)
+
+    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32, method=sq.Dense(),
+                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                 eos_token_id=None, pad_token_id: Optional[int] = None, return_stats: bool = False):
+        """Greedy or sampled continuation: int32 [B, T + max_new_tokens], input_ids then new tokens.
+
+        eos_token_id (an id or a list) and pad_token_id default to the model's generation config;
+        pad falls back to the first eos, then 0. A row that emitted eos continues with pad.
+        return_stats: also return a GenerateStats (prefill and decode times, decode steps).
+        """
+        _check_method(method)
+        ids, mask = self._batch(input_ids, attention_mask)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        if not isinstance(do_sample, bool):
+            raise ValueError(f"do_sample must be True or False, got {do_sample!r}")
+        if do_sample and not (isinstance(temperature, (int, float)) and temperature > 0):
+            raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+        if do_sample and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        eos = self.eos_token_id if eos_token_id is None else eos_token_id
+        eos = np.atleast_1d(np.asarray(eos, dtype=np.int64)).reshape(-1)
+        self._check_ids(eos, "eos_token_id")
+        if pad_token_id is None:
+            pad_token_id = self.pad_token_id if self.pad_token_id is not None else (int(eos[0]) if eos.size else 0)
+        self._check_ids(np.asarray([pad_token_id]), "pad_token_id")
+
+        b, t = ids.shape
+        width = bucket_length(t)
+        ids_p = np.pad(ids, ((0, 0), (width - t, 0)), constant_values=pad_token_id)
+        mask_p = np.pad(mask, ((0, 0), (width - t, 0)))
+        start = time.perf_counter()
+        logits, cache = _prefill_jit(self.params, ids_p, mask_p, config=self.config,
+                                     max_len=width + int(max_new_tokens),
+                                     transposed_keys=method.reads_transposed_keys, h2o=method.stateful)
+        if return_stats:
+            jax.block_until_ready(logits)
+        middle = time.perf_counter()
+        new, steps, _ = decode_loop_jit(self.params, logits, cache, jax.random.key(int(seed)),
+                                     jnp.float32(temperature), jnp.float32(top_p), jnp.asarray(eos, jnp.int32),
+                                     jnp.int32(pad_token_id), config=self.config, method=method,
+                                     max_new_tokens=int(max_new_tokens), do_sample=do_sample)
+        out = np.concatenate([ids, np.asarray(new)], axis=1).astype(np.int32)
+        if not return_stats:
+            return out
+        stats = GenerateStats(prefill_s=middle - start, decode_s=time.perf_counter() - middle,
+                              decode_steps=int(steps), prompt_lengths=mask.sum(axis=1))
+        return out, stats
+
+    # -----------------------------------------------------------------------------------------
+    def _batch(self, input_ids, attention_mask):
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"input_ids must be an integer array [B, T] with T >= 1, got {ids.dtype} {ids.shape}")
+        self._check_ids(ids, "input_ids")
+        if attention_mask is None:
+            mask = np.ones_like(ids, dtype=np.int32)
+        else:
+            mask = np.asarray(attention_mask)
+            if mask.shape != ids.shape:
+                raise ValueError(f"attention_mask must have input_ids' shape {ids.shape}, got {mask.shape}")
+            if not np.isin(mask, (0, 1)).all():
+                raise ValueError("attention_mask must hold only 0 and 1")
+            if not mask.any(axis=1).all():
+                raise ValueError(f"every row needs at least one token with attention_mask 1; rows "
+                                 f"{np.flatnonzero(~mask.any(axis=1)).tolist()} have none")
+        return ids.astype(np.int32), mask.astype(np.int32)
+
+    def _check_ids(self, ids: np.ndarray, name: str) -> None:
+        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+            raise ValueError(f"{name} must lie in [0, vocab_size={self.config.vocab_size}), got values "
+                             f"from {ids.min()} to {ids.max()}")
+
+
+def _check_method(method) -> None:
+    if not isinstance(method, _METHODS):
+        raise ValueError(f"method must be one of sq.Dense, SparQ, H2O, Streaming, FlexGen, got {method!r}")
