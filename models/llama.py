@@ -348,10 +348,11 @@ def logits(weights: Weights, input_ids, attention_mask, *, config: ModelConfig) 
 
 def prefill(weights: Weights, input_ids, attention_mask, *, config: ModelConfig, max_len: int,
             transposed_keys: bool, h2o: bool, chunk: int = PREFILL_CHUNK):
-    """Dense prefill that fills a layer-stacked KVCache, each row left-aligned.
+    """Dense prefill that fills one KVCache per layer, each row left-aligned.
 
-    Returns fp32 logits [B, V] of each row's last valid token and the cache ([L, B, Hkv, max_len, D]
-    fields, lengths [L, B] = each row's number of valid tokens). h2o: seed H2O's scores.
+    Returns fp32 logits [B, V] of each row's last valid token and the caches: a tuple of L KVCaches
+    ([B, Hkv, max_len, D] fields, lengths [B] = each row's number of valid tokens). h2o: seed H2O's
+    scores.
     """
     valid = attention_mask.astype(bool)
     x, (k, v), sums = forward_prompt(weights, input_ids, attention_mask, config=config, keep_kv=True,
@@ -367,60 +368,46 @@ def prefill(weights: Weights, input_ids, attention_mask, *, config: ModelConfig,
     if h2o:
         sums = jnp.take_along_axis(sums, order[None, :, None, :], axis=3)
 
-    def build(k, v, s):
-        return sq.KVCache.from_kv(k, v, lengths, max_len=max_len, transposed_keys=transposed_keys, h2o_scores=s)
-
-    cache = jax.vmap(build)(k, v, sums) if h2o else jax.vmap(lambda k, v: build(k, v, None))(k, v)
-    return out, cache
+    # One cache per layer, not a stacked one: XLA:CPU copies a layer sliced out of a stacked buffer
+    # (for a dot or a gather) on every decode step, which costs more than SparQ saves.
+    return out, tuple(
+        sq.KVCache.from_kv(k[i], v[i], lengths, max_len=max_len, transposed_keys=transposed_keys,
+                           h2o_scores=sums[i] if h2o else None)
+        for i in range(config.num_hidden_layers))
 
 
 # ---------------------------------------------------------------------------------------------
 # Decode: one token per row, attention through sq.attend with any method
 
-def append_layer(cache: sq.KVCache, layer: jax.Array, k_new: jax.Array, v_new: jax.Array) -> sq.KVCache:
-    """KVCache.append of one position into layer `layer` of a layer-stacked cache, written in place.
+def unstack_layers(weights: Weights) -> Weights:
+    """The same weights with `layers` as a tuple of per-layer LayerWeights, for decode_step.
 
-    cache fields [L, B, ...]; k_new, v_new [B, Hkv, D]. Same result as appending to the layer's slice
-    (tests check it), but it scatters into the stacked buffers directly: slicing a layer out, appending
-    and writing it back copies the whole layer every step, which XLA does not elide and which would
-    cost more than the attention SparQ saves.
+    Decoding reads every weight once per token; XLA:CPU would copy a layer sliced out of the stacked
+    arrays first (three times the traffic), so decode runs over separate per-layer arrays.
     """
-    b = jnp.arange(k_new.shape[0])
-    pos = cache.lengths[layer]                                                   # [B]
-    k_new, v_new = k_new.astype(cache.dtype), v_new.astype(cache.dtype)
-    return dataclasses.replace(
-        cache,
-        k=cache.k.at[layer, b, :, pos].set(k_new),
-        kt=None if cache.kt is None else cache.kt.at[layer, b, :, :, pos].set(k_new),
-        v=cache.v.at[layer, b, :, pos].set(v_new),
-        v_sum=cache.v_sum.at[layer].add(v_new.astype(_F32)),
-        lengths=cache.lengths.at[layer].add(1),
-    )
+    n = weights.layers.input_norm.shape[0]
+    layers = tuple(jax.tree.map(lambda a, i=i: a[i], weights.layers) for i in range(n))
+    return dataclasses.replace(weights, layers=layers)
 
 
-def decode_step(weights: Weights, tokens: jax.Array, cache: sq.KVCache, *, config: ModelConfig, method):
-    """tokens [B] (each row's newest token) -> fp32 logits [B, V] of the next token, and the cache.
+def decode_step(weights: Weights, tokens: jax.Array, cache: tuple, *, config: ModelConfig, method):
+    """tokens [B] (each row's newest token) -> fp32 logits [B, V] of the next token, and the caches.
 
-    Each layer appends the token's k, v at its row's length, then attends with `method`.
+    weights: with per-layer `layers` (unstack_layers); cache: prefill's tuple of per-layer KVCaches.
+    Each layer appends the token's k, v at its row's length, then attends with `method`. The layers
+    run as a Python loop over separate buffers (see unstack_layers), so compile time grows with depth.
     """
-    positions = cache.lengths[0]                                                 # [B]
+    positions = cache[0].lengths                                                 # [B]
     cos, sin = rope_tables(config, positions)                                    # [B, D/2]
     x = weights.embed[tokens]
-
-    def layer(carry, xs):
-        x, cache = carry
-        w, i = xs
+    new_cache = []
+    for w, layer_cache in zip(weights.layers, cache):
         h = rms_norm(x, w.input_norm, config.rms_norm_eps)
         q, k, v = _qkv(w, h)                                                     # [B, heads, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        cache = append_layer(cache, i, k, v)
-        layer_cache = jax.tree.map(lambda a: a[i], cache)
+        layer_cache = layer_cache.append(k[:, :, None], v[:, :, None])
         out, layer_cache = sq.attend(q, layer_cache, method, window=config.sliding_window)
-        if method.stateful:
-            cache = dataclasses.replace(cache, h2o_scores=cache.h2o_scores.at[i].set(layer_cache.h2o_scores))
+        new_cache.append(layer_cache)
         x = x + _bias(jnp.einsum("bnd,ndh->bh", out, w.o), w.o_bias)
         x = x + _mlp(w, rms_norm(x, w.post_norm, config.rms_norm_eps))
-        return (x, cache), None
-
-    (x, cache), _ = lax.scan(layer, (x, cache), (weights.layers, jnp.arange(config.num_hidden_layers)))
-    return _lm_head(weights, rms_norm(x, weights.norm, config.rms_norm_eps)), cache
+    return _lm_head(weights, rms_norm(x, weights.norm, config.rms_norm_eps)), tuple(new_cache)

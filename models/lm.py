@@ -110,6 +110,7 @@ class LanguageModel:
                  eos_token_id: Optional[Sequence[int]] = None, pad_token_id: Optional[int] = None):
         self.config = config
         self.params = params
+        self._decode_params = None
         self.tokenizer = tokenizer
         self.eos_token_id = tuple(config.eos_token_id if eos_token_id is None else eos_token_id)
         self.pad_token_id = pad_token_id
@@ -128,7 +129,7 @@ class LanguageModel:
     def prefill(self, input_ids, attention_mask=None, max_len: Optional[int] = None, method=sq.Dense(),
                 transposed_keys: Optional[bool] = None):
         """Dense prefill of a prompt batch [B, T] -> (fp32 logits [B, V] of each row's last prompt
-        token, state). state is the layer-stacked sq.KVCache ([L, B, Hkv, max_len, D]), each row
+        token, state). state is a tuple of L per-layer sq.KVCaches ([B, Hkv, max_len, D]), each row
         left-aligned; max_len is its capacity (default T + 32); K^T is kept when `method` reads it
         unless transposed_keys says otherwise; H2O's scores are seeded when method is stateful."""
         _check_method(method)
@@ -142,23 +143,33 @@ class LanguageModel:
         return _prefill_jit(self.params, ids, mask, config=self.config, max_len=int(max_len),
                             transposed_keys=bool(transposed_keys), h2o=method.stateful)
 
-    def decode_step(self, tokens, state: sq.KVCache, method=sq.Dense()):
+    @property
+    def decode_params(self) -> llama.Weights:
+        """params with per-layer layer weights (llama.unstack_layers), made on first use. It holds a
+        second copy of the layer weights: on CPU, decoding from stacked arrays is several times slower."""
+        if self._decode_params is None:
+            self._decode_params = jax.jit(llama.unstack_layers)(self.params)
+        return self._decode_params
+
+    def decode_step(self, tokens, state: tuple, method=sq.Dense()):
         """tokens [B] (each row's next token) -> (fp32 logits [B, V], state). The state passed in is
         donated (its buffers are reused): keep only the returned one."""
         _check_method(method)
-        if not isinstance(state, sq.KVCache) or state.k.ndim != 5:
-            raise ValueError("state must be the layer-stacked KVCache that prefill returns")
+        if (not isinstance(state, tuple) or len(state) != self.config.num_hidden_layers
+                or not all(isinstance(c, sq.KVCache) for c in state)):
+            raise ValueError("state must be the tuple of per-layer KVCaches that prefill returns")
+        first = state[0]
         tokens = np.asarray(tokens)
-        if tokens.shape != (state.batch,) or not np.issubdtype(tokens.dtype, np.integer):
-            raise ValueError(f"tokens must be integers of shape ({state.batch},), got {tokens.dtype} {tokens.shape}")
+        if tokens.shape != (first.batch,) or not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"tokens must be integers of shape ({first.batch},), got {tokens.dtype} {tokens.shape}")
         self._check_ids(tokens, "tokens")
-        longest = int(jnp.max(state.lengths))
-        if longest >= state.max_len:
-            raise ValueError(f"the cache is full ({longest} of max_len={state.max_len} positions); "
+        longest = int(jnp.max(first.lengths))
+        if longest >= first.max_len:
+            raise ValueError(f"the cache is full ({longest} of max_len={first.max_len} positions); "
                              f"prefill with a larger max_len")
-        if method.stateful and state.h2o_scores is None:
+        if method.stateful and first.h2o_scores is None:
             raise ValueError(f"{method!r} keeps state in the cache: prefill with that method")
-        return _decode_step_jit(self.params, jnp.asarray(tokens, jnp.int32), state, config=self.config,
+        return _decode_step_jit(self.decode_params, jnp.asarray(tokens, jnp.int32), state, config=self.config,
                                 method=method)
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32, method=sq.Dense(),
@@ -200,7 +211,7 @@ class LanguageModel:
         if return_stats:
             jax.block_until_ready(logits)
         middle = time.perf_counter()
-        new, steps, _ = decode_loop_jit(self.params, logits, cache, jax.random.key(int(seed)),
+        new, steps, _ = decode_loop_jit(self.decode_params, logits, cache, jax.random.key(int(seed)),
                                      jnp.float32(temperature), jnp.float32(top_p), jnp.asarray(eos, jnp.int32),
                                      jnp.int32(pad_token_id), config=self.config, method=method,
                                      max_new_tokens=int(max_new_tokens), do_sample=do_sample)

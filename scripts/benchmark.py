@@ -212,21 +212,23 @@ def cmd_attention(args) -> None:
         plot_sweep(results, args.plot)
 
 
-def _random_stacked_cache(key, layers, batch, kv_heads, length, capacity, head_dim, transposed):
-    """A layer-stacked cache [L, B, Hkv, capacity, D] holding `length` random positions per row."""
-    kk, kv = jax.random.split(key)
-    shape = (layers, batch, kv_heads, capacity, head_dim)
-    valid = (jnp.arange(capacity) < length)[:, None]
-    k = jnp.where(valid, jax.random.normal(kk, shape, jnp.float32), 0)
-    v = jnp.where(valid, jax.random.normal(kv, shape, jnp.float32), 0)
-    return sq.KVCache(k=k, kt=jnp.swapaxes(k, -1, -2) if transposed else None, v=v,
-                      v_sum=jnp.sum(v, axis=3), lengths=jnp.full((layers, batch), length, jnp.int32))
+def _random_caches(key, layers, batch, kv_heads, length, capacity, head_dim, transposed):
+    """One cache per layer ([B, Hkv, capacity, D]) holding `length` random positions per row."""
+    caches = []
+    for i in range(layers):
+        kk, kv = jax.random.split(jax.random.fold_in(key, i))
+        shape = (batch, kv_heads, capacity, head_dim)
+        valid = (jnp.arange(capacity) < length)[:, None]
+        k = jnp.where(valid, jax.random.normal(kk, shape, jnp.float32), 0)
+        v = jnp.where(valid, jax.random.normal(kv, shape, jnp.float32), 0)
+        caches.append(sq.KVCache(k=k, kt=jnp.swapaxes(k, -1, -2) if transposed else None, v=v,
+                                 v_sum=jnp.sum(v, axis=2), lengths=jnp.full((batch,), length, jnp.int32)))
+    return tuple(caches)
 
 
 def cmd_decode(args) -> None:
     """Decode-step throughput of a Llama-shaped random model on random caches (no prefill)."""
     import models
-    from models import llama
 
     if args.hidden % args.q_heads or args.q_heads % args.kv_heads:
         raise SystemExit(f"--hidden={args.hidden} must be a multiple of --q-heads={args.q_heads}, "
@@ -243,21 +245,23 @@ def cmd_decode(args) -> None:
     for s in args.seq_lens:
         sparq = sq.SparQ.for_compression(args.compression, d, s, reallocate_mean=False)
         methods = {"dense": sq.Dense(), "sparq": sparq}
-        states = {name: _random_stacked_cache(jax.random.PRNGKey(s), args.layers, 1, args.kv_heads, s,
+        states = {name: _random_caches(jax.random.PRNGKey(s), args.layers, 1, args.kv_heads, s,
                                               s + steps + 1, d, m.reads_transposed_keys)
                   for name, m in methods.items()}
         token = np.zeros((1,), np.int32)
         q = jax.random.normal(jax.random.PRNGKey(1), (args.layers, 1, args.q_heads, d), jnp.float32)
         kv_new = jax.random.normal(jax.random.PRNGKey(2), (2, 1, args.kv_heads, d), jnp.float32)
 
-        def attention_only(cache, method):
+        def attention_only(caches, method):
             # What a decode step spends in attention: the same appends and attends, no projections.
-            def layer(cache, i):
-                cache = llama.append_layer(cache, i, kv_new[0], kv_new[1])
-                out, _ = sq.attend(q[i], jax.tree.map(lambda a: a[i], cache), method)
-                return cache, out
-            return jax.lax.scan(layer, cache, jnp.arange(args.layers))
+            outs, new = [], []
+            for i, cache in enumerate(caches):
+                out, cache = sq.attend(q[i], cache.append(kv_new[0][:, :, None], kv_new[1][:, :, None]), method)
+                outs.append(out)
+                new.append(cache)
+            return tuple(new), jnp.stack(outs)
 
+        rewind = lambda caches: tuple(dataclasses.replace(c, lengths=c.lengths - 1) for c in caches)
         attn = {name: jax.jit(attention_only, static_argnames="method", donate_argnums=0) for name in methods}
         step_ms = {name: [] for name in methods}
         attn_ms = {name: [] for name in methods}
@@ -269,12 +273,12 @@ def cmd_decode(args) -> None:
                 step_ms[name].append((time.perf_counter() - start) * 1e3)
             for name, method in methods.items():
                 # Rewind the lengths so the cache never fills; the timings do not depend on contents.
-                states[name] = dataclasses.replace(states[name], lengths=states[name].lengths - 1)
+                states[name] = rewind(states[name])
                 start = time.perf_counter()
                 states[name], out = attn[name](states[name], method=method)
                 jax.block_until_ready(out)
                 attn_ms[name].append((time.perf_counter() - start) * 1e3)
-                states[name] = dataclasses.replace(states[name], lengths=states[name].lengths - 1)
+                states[name] = rewind(states[name])
         row = {"seq_len": s, "sparq": {"rank": sparq.rank, "top_k": sparq.top_k, "local_window": sparq.local_window}}
         for name in methods:
             ms = statistics.median(step_ms[name][args.warmup:])

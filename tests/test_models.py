@@ -29,6 +29,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LENGTHS = [20, 13, 5]      # a left-padded batch; longer than Mistral's window of 7
 
 
+def stacked(state):
+    """prefill's tuple of per-layer caches as one cache with a leading layer axis, for inspection."""
+    return jax.tree.map(lambda *layers: jnp.stack(layers), *state)
+
+
 @pytest.fixture(autouse=True)
 def _fp32_matmuls():
     """Full-precision fp32 matmuls where the backend would otherwise use TF32 (GPUs), as torch on CPU."""
@@ -140,7 +145,7 @@ def test_prefill_h2o_scores_match_transformers_attention(checkpoint):
         mask_t = torch.tensor(mask)
         attn = ref(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=mask_t,
                    position_ids=(mask_t.cumsum(-1) - 1).clamp(min=0), output_attentions=True).attentions
-    _, cache = lm.prefill(ids, mask, method=sq.H2O(top_k=8, local_window=2))
+    cache = stacked(lm.prefill(ids, mask, method=sq.H2O(top_k=8, local_window=2))[1])
     cfg = lm.config
     g = cfg.num_attention_heads // cfg.num_key_value_heads
     for layer, probs in enumerate(attn):
@@ -185,32 +190,17 @@ def test_prefill_in_blocks_equals_one_block(loaded):
 def test_prefill_cache_is_left_aligned(loaded):
     lm, _ = loaded("llama_gqa_llama3")
     ids, mask = left_padded_batch(LENGTHS, seed=6)
-    _, cache = lm.prefill(ids, mask, max_len=40, method=sq.SparQ(rank=4, top_k=8))
+    cache = stacked(lm.prefill(ids, mask, max_len=40, method=sq.SparQ(rank=4, top_k=8))[1])
     assert cache.k.shape == (lm.config.num_hidden_layers, 3, lm.config.num_key_value_heads, 40, lm.config.head_dim)
     np.testing.assert_array_equal(np.asarray(cache.lengths), np.tile(LENGTHS, (lm.config.num_hidden_layers, 1)))
     np.testing.assert_array_equal(np.asarray(cache.kt), np.swapaxes(np.asarray(cache.k), -1, -2))
     for b, n in enumerate(LENGTHS):
-        _, alone = lm.prefill(ids[b:b + 1, -n:], max_len=40)
+        alone = stacked(lm.prefill(ids[b:b + 1, -n:], max_len=40)[1])
         np.testing.assert_allclose(np.asarray(cache.k[:, b]), np.asarray(alone.k[:, 0]), rtol=1e-5, atol=1e-5)
         assert not np.asarray(cache.v[:, b, :, n:]).any()
     # K^T only where the method reads it, unless overridden.
-    assert lm.prefill(ids, mask)[1].kt is None
-    assert lm.prefill(ids, mask, method=sq.SparQ(rank=4, top_k=8), transposed_keys=False)[1].kt is None
-
-
-def test_append_layer_equals_kvcache_append():
-    rng = np.random.default_rng(0)
-    L, B, H, S, D = 3, 2, 2, 8, 4
-    k, v = rng.normal(size=(2, L, B, H, S, D)).astype(np.float32)
-    lengths = np.array([3, 5], np.int32)
-    stacked = jax.vmap(lambda k, v: sq.KVCache.from_kv(k, v, lengths, h2o_scores=jnp.ones((B, H, S))))(k, v)
-    k_new, v_new = rng.normal(size=(2, B, H, D)).astype(np.float32)
-    got = llama.append_layer(stacked, 1, k_new, v_new)
-    for layer in range(L):
-        sliced = jax.tree.map(lambda a: a[layer], stacked)
-        want = sliced.append(k_new[:, :, None], v_new[:, :, None]) if layer == 1 else sliced
-        jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-                     jax.tree.map(lambda a: a[layer], got), want)
+    assert all(c.kt is None for c in lm.prefill(ids, mask)[1])
+    assert all(c.kt is None for c in lm.prefill(ids, mask, method=sq.SparQ(rank=4, top_k=8), transposed_keys=False)[1])
 
 
 @pytest.fixture(scope="module")
