@@ -160,18 +160,21 @@ class KVCache:
         k_new = k_new.astype(self.dtype)
         v_new = v_new.astype(self.dtype)
 
-        def write(buf, new, axis):
-            def row(buf_b, new_b, start):
-                index = [0, 0]
-                index.insert(axis - 1, start)
-                return jax.lax.dynamic_update_slice(buf_b, new_b, tuple(index))
-            return jax.vmap(row)(buf, new, self.lengths)
-
+        # One scatter of whole rows into the [B*Hkv, S, D] view: a vmapped dynamic_update_slice (or a
+        # scatter XLA turns into one) makes XLA:CPU copy the buffer when a dot also reads it in the
+        # same program, as a decode step does.
+        b, h, s, d = self.k.shape
+        rows = jnp.arange(b * h)[:, None]                                              # [B*Hkv, 1]
+        cols = jnp.repeat(self.lengths, h)[:, None] + jnp.arange(t)[None, :]            # [B*Hkv, T]
+        flat_k = k_new.reshape(b * h, t, d)
+        kt = None
+        if self.kt is not None:
+            kt = self.kt.reshape(b * h, d, s).at[rows, :, cols].set(flat_k).reshape(b, h, d, s)
         return dataclasses.replace(
             self,
-            k=write(self.k, k_new, 2),
-            kt=None if self.kt is None else write(self.kt, jnp.swapaxes(k_new, -1, -2), 3),
-            v=write(self.v, v_new, 2),
+            k=self.k.reshape(b * h, s, d).at[rows, cols].set(flat_k).reshape(b, h, s, d),
+            kt=kt,
+            v=self.v.reshape(b * h, s, d).at[rows, cols].set(v_new.reshape(b * h, t, d)).reshape(b, h, s, d),
             v_sum=self.v_sum + jnp.sum(v_new, axis=2, dtype=jnp.float32),
             lengths=self.lengths + t,
         )

@@ -478,3 +478,24 @@ def test_step1_blocks_cover_every_position(monkeypatch, transposed):
     got = attention.approx_logits_xla(jnp.asarray(q1), jnp.asarray(keys), jnp.asarray(i1), transposed=transposed)
     want = np.einsum("bhgr,bhsr->bhgs", q1, np.take_along_axis(k, i1[:, :, None, :], axis=3))
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("method", [sq.Dense(), sq.SparQ(4, 16, 4)], ids=["dense", "sparq"])
+def test_decode_step_updates_the_cache_in_place(batch, method):
+    """append + attend in one donated program must not copy the cache (XLA:CPU did, for a
+    dynamic_update_slice whose buffer a dot also reads): a copy costs more than SparQ saves."""
+    import re
+    S, H, D = 512, 2, 16
+    k = jnp.zeros((batch, H, S, D))
+    cache = sq.KVCache.from_kv(k, k, jnp.full((batch,), 100), transposed_keys=method.reads_transposed_keys)
+    q = jnp.ones((batch, 4, D))
+    new = jnp.ones((batch, H, 1, D))
+
+    def step(cache, q):
+        cache = cache.append(new, new)
+        return cache, sq.attend(q, cache, method, impl="xla")[0]
+
+    hlo = jax.jit(step, donate_argnums=0).lower(cache, q).compile().as_text()
+    copies = re.findall(rf"f32\[{batch},{H},({S},{D}|{D},{S})\]\{{[0-9,]+\}} copy\(", hlo)
+    assert not copies, f"{len(copies)} copies of cache buffers in the decode step"
