@@ -230,10 +230,9 @@ def cmd_decode(args) -> None:
     """Decode-step throughput of a Llama-shaped random model on random caches (no prefill)."""
     import models
 
-    if args.hidden % args.q_heads or args.q_heads % args.kv_heads:
-        raise SystemExit(f"--hidden={args.hidden} must be a multiple of --q-heads={args.q_heads}, "
-                         f"which must be a multiple of --kv-heads={args.kv_heads}")
-    d = args.hidden // args.q_heads
+    if args.q_heads % args.kv_heads:
+        raise SystemExit(f"--q-heads={args.q_heads} must be a multiple of --kv-heads={args.kv_heads}")
+    d = args.head_dim
     config = models.ModelConfig(
         model_type="llama", vocab_size=args.vocab, hidden_size=args.hidden,
         intermediate_size=args.intermediate, num_hidden_layers=args.layers,
@@ -329,6 +328,7 @@ def main(argv=None) -> None:
     d.add_argument("--hidden", type=positive, default=2048)
     d.add_argument("--q-heads", type=positive, default=32)
     d.add_argument("--kv-heads", type=positive, default=8)
+    d.add_argument("--head-dim", type=positive, default=128)
     d.add_argument("--intermediate", type=positive, default=5632, help="MLP width (TinyLlama's by default)")
     d.add_argument("--vocab", type=positive, default=32000)
     d.add_argument("--compression", type=parse_ratio, default=0.125)
