@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from sparq_jax import sharding
+
 from . import llama
 from .config import ModelConfig
 from .lm import LanguageModel
@@ -273,28 +275,74 @@ def _set(stacked, x, layer):
 
 
 _set_layer = jax.jit(_set, donate_argnums=0)
+# The K / V fields and their head axis (without L): the fields a replicated KV head is copied in.
+_KV_HEAD_AXES = {"layers.k": 1, "layers.v": 1, "layers.k_bias": 0, "layers.v_bias": 0}
 
 
-def load_weights(folder: str, config: ModelConfig, dtype="float32") -> llama.Weights:
+def _placed(x: np.ndarray, target) -> jax.Array:
+    """x on the devices: whole on the default device, or with target a NamedSharding, each device
+    given only its own slice (a host only ever sends the slices its own devices hold)."""
+    if target is None:
+        return jax.device_put(x)
+    return jax.make_array_from_callback(x.shape, target, lambda index: x[index])
+
+
+def _zeros(shape, dtype, target) -> jax.Array:
+    if target is None:
+        return jnp.zeros(shape, dtype)
+    return jax.jit(jnp.zeros, static_argnums=(0, 1), out_shardings=target)(shape, dtype)
+
+
+def _flatten(weights: llama.Weights) -> dict:
+    """{"embed": ..., "layers.q": ..., ...}: the keys of llama.weight_shapes (absent fields None)."""
+    flat = {"embed": weights.embed, "norm": weights.norm, "lm_head": weights.lm_head}
+    flat.update({"layers." + f.name: getattr(weights.layers, f.name) for f in dataclasses.fields(weights.layers)})
+    return flat
+
+
+def mesh_config(config: ModelConfig, mesh) -> tuple[ModelConfig, int]:
+    """(the config as laid out on mesh, the copies of each KV head): num_key_value_heads counts the
+    copies (sharding.kv_replicas). ValueError if the mesh cannot split the heads or the MLP."""
+    model = mesh.shape[sharding.MODEL]
+    replicas = sharding.kv_replicas(config.num_key_value_heads, model)
+    config = dataclasses.replace(config, num_key_value_heads=config.num_key_value_heads * replicas)
+    llama.weight_specs(config, model)
+    return config, replicas
+
+
+def load_weights(folder: str, config: ModelConfig, dtype="float32", mesh=None) -> llama.Weights:
     """The folder's safetensors weights as llama.Weights in `dtype`, read one tensor at a time.
 
     Each stacked layer field is allocated once on the device and filled in place (a donated update),
     so host memory holds one tensor at a time (in two or three forms) and the device one copy of
-    the weights.
+    the weights. With a mesh, every tensor goes straight to its shards (llama.weight_shardings), and
+    when the "model" axis outnumbers the KV heads, each KV head's K and V projections are copied
+    sharding.kv_replicas times (adjacent copies, so each query group's heads stay with a copy of
+    their KV head): the weights then match mesh_config(config, mesh)[0].
     """
     dtype = _load_dtype(dtype)
     entries = _weight_entries(folder)
     layout = _check_entries(config, entries)
+    file_shapes = llama.weight_shapes(config)
+    replicas, stacked, per_layer = 1, {}, {}
+    if mesh is not None:
+        config, replicas = mesh_config(config, mesh)
+        stacked = _flatten(llama.weight_shardings(config, mesh))
+        unstacked = llama.weight_shardings(config, mesh, per_layer=True)
+        per_layer = _flatten(dataclasses.replace(unstacked, layers=unstacked.layers[0]))
     shapes = llama.weight_shapes(config)
-    flat = {f: jnp.zeros((config.num_hidden_layers, *s), dtype) for f, s in shapes.items()
+    flat = {f: _zeros((config.num_hidden_layers, *s), dtype, stacked.get(f)) for f, s in shapes.items()
             if f.startswith("layers.")}
     for name, slot in tqdm(layout.items(), desc="loading weights", unit="tensor", leave=False):
         x = _read(entries[name])
-        x = (x.T if slot.transposed else x).reshape(shapes[slot.field]).astype(dtype, copy=False)
+        x = (x.T if slot.transposed else x).reshape(file_shapes[slot.field])
+        if replicas > 1 and slot.field in _KV_HEAD_AXES:
+            x = np.repeat(x, replicas, axis=_KV_HEAD_AXES[slot.field])
+        x = x.astype(dtype, copy=False)
         if slot.layer is None:
-            flat[slot.field] = jax.device_put(x)
+            flat[slot.field] = _placed(x, stacked.get(slot.field))
         else:
-            flat[slot.field] = _set_layer(flat[slot.field], x, slot.layer)
+            flat[slot.field] = _set_layer(flat[slot.field], _placed(x, per_layer.get(slot.field)), slot.layer)
         del x
     return llama.weights_from_flat(flat)
 
@@ -321,22 +369,32 @@ def from_pretrained(path_or_repo_id, dtype="float32", mesh=None) -> LanguageMode
         model.safetensors.index.json, optionally tokenizer files and generation_config.json), or a
         Hugging Face repo id fetched through huggingface_hub.
     dtype: the weights' dtype on the device ("float32", "bfloat16" or "float16"), whatever the file's.
-    mesh: sharded loading belongs to the scale-out work; only None is accepted for now.
+    mesh: a jax.sharding.Mesh with axes ("data", "model") (sparq_jax.sharding.make_mesh), or None for
+        one device. Each tensor is read once and placed straight on its shards (no full copy on one
+        device): attention and MLP weights split Megatron-style over "model" (llama.weight_specs),
+        every later batch and KV cache split over "data" (rows) and "model" (KV heads). A "model"
+        axis larger than the number of KV heads must be a multiple of it: KV heads are then
+        replicated, and the returned lm.config counts the copies in num_key_value_heads.
+        SparQ and H2O then select positions per copy, for its share of the query group.
     Raises CheckpointError / ConfigError (both ValueError) before any weight is read if the folder,
-    its config or its tensors (names, shapes, dtypes) are wrong.
+    its config or its tensors (names, shapes, dtypes) are wrong, and ValueError if the mesh cannot
+    split the model's heads or MLP evenly.
     """
-    if mesh is not None:
-        raise NotImplementedError("from_pretrained(mesh=...): sharded loading is not implemented yet "
-                                  "(issue 7, scale-out); pass mesh=None")
+    if mesh is not None and not (isinstance(mesh, jax.sharding.Mesh)
+                                 and set(mesh.axis_names) == {sharding.DATA, sharding.MODEL}):
+        raise ValueError(f"mesh must be a jax.sharding.Mesh with axes ('data', 'model') "
+                         f"(sparq_jax.sharding.make_mesh), got {mesh!r}")
     _load_dtype(dtype)
     folder = _resolve(path_or_repo_id)
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path):
         raise CheckpointError(f"{folder} has no config.json; is it a Hugging Face checkpoint folder?")
     config = ModelConfig.from_json(config_path)
-    params = load_weights(folder, config, dtype)
+    placed = config if mesh is None else mesh_config(config, mesh)[0]  # mesh errors before any read
+    params = load_weights(folder, config, dtype, mesh)
     eos, pad = _generation_defaults(folder, config)
-    return LanguageModel(config, params, tokenizer=_tokenizer(folder), eos_token_id=eos, pad_token_id=pad)
+    return LanguageModel(placed, params, tokenizer=_tokenizer(folder), eos_token_id=eos, pad_token_id=pad,
+                         mesh=mesh)
 
 
 def _tokenizer(folder: str):
@@ -353,8 +411,7 @@ def save_pretrained(params: llama.Weights, config: ModelConfig, path: str) -> No
     """Write config.json and model.safetensors (Hugging Face names and layout, the params' dtype) into
     folder `path`, loadable by from_pretrained and by transformers' Llama/MistralForCausalLM."""
     os.makedirs(path, exist_ok=True)
-    flat = {"embed": params.embed, "norm": params.norm, "lm_head": params.lm_head}
-    flat.update({"layers." + f.name: getattr(params.layers, f.name) for f in dataclasses.fields(params.layers)})
+    flat = _flatten(params)
     tensors = {}
     for name, slot in _layout(config).items():
         x = flat[slot.field] if slot.layer is None else flat[slot.field][slot.layer]

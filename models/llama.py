@@ -17,8 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import sparq_jax as sq
+from sparq_jax import sharding
+from sparq_jax.sharding import DATA, MODEL
 
 from .config import ModelConfig, RopeParameters
 
@@ -91,6 +94,57 @@ def weights_from_flat(flat: dict[str, jax.Array]) -> Weights:
     layers = {k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith("layers.")}
     return Weights(embed=flat["embed"], layers=LayerWeights(**layers), norm=flat["norm"],
                    lm_head=flat.get("lm_head"))
+
+
+def weight_specs(config: ModelConfig, model: int) -> dict[str, P]:
+    """PartitionSpecs (Megatron-style tensor parallelism over a "model" axis of this size) for each
+    key of weight_shapes, layer fields without their L axis.
+
+    q, k, v, gate and up are split by output (heads, MLP width) and o, down by input, so each layer
+    needs one all-reduce after attention and one after the MLP. The embedding and the lm head are
+    split over the vocabulary (else the hidden size, else kept whole); norms and the biases added
+    after an all-reduce are replicated. Every device of the "data" axis holds the same weights.
+    Raises ValueError when the query heads or the MLP width do not split evenly, or when the KV
+    heads are neither a multiple nor a divisor of model (kv_replicas: pass the replicated config).
+    """
+    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    for name in ("num_attention_heads", "intermediate_size"):
+        if getattr(config, name) % model:
+            raise ValueError(f"{name}={getattr(config, name)} must be a multiple of the mesh's 'model' "
+                             f"axis size ({model})")
+    if sharding.kv_replicas(config.num_key_value_heads, model) != 1:
+        raise ValueError(f"num_key_value_heads={config.num_key_value_heads} must be a multiple of the mesh's "
+                         f"'model' axis size ({model}): replicate the KV heads first")
+    heads_in = P(None, MODEL, None)                     # [H, heads, D]
+    if v % model == 0:
+        embed, head = P(MODEL, None), P(None, MODEL)
+    elif h % model == 0:
+        embed, head = P(None, MODEL), P(MODEL, None)
+    else:
+        embed, head = P(), P()
+    specs = {
+        "embed": embed, "norm": P(), "lm_head": head,
+        "layers.input_norm": P(), "layers.q": heads_in, "layers.k": heads_in, "layers.v": heads_in,
+        "layers.o": P(MODEL, None, None), "layers.post_norm": P(),
+        "layers.gate": P(None, MODEL), "layers.up": P(None, MODEL), "layers.down": P(MODEL, None),
+        "layers.q_bias": P(MODEL, None), "layers.k_bias": P(MODEL, None), "layers.v_bias": P(MODEL, None),
+        "layers.o_bias": P(), "layers.gate_bias": P(MODEL), "layers.up_bias": P(MODEL), "layers.down_bias": P(),
+    }
+    return {name: specs[name] for name in weight_shapes(config)}
+
+
+def weight_shardings(config: ModelConfig, mesh, per_layer: bool = False) -> Weights:
+    """NamedShardings of Weights on mesh: layer fields stacked on L, or per_layer as unstack_layers
+    lays them out."""
+    flat = {}
+    for name, spec in weight_specs(config, mesh.shape[MODEL]).items():
+        if name.startswith("layers.") and not per_layer:
+            spec = P(None, *spec)
+        flat[name] = NamedSharding(mesh, spec)
+    weights = weights_from_flat(flat)
+    if per_layer:
+        weights = dataclasses.replace(weights, layers=(weights.layers,) * config.num_hidden_layers)
+    return weights
 
 
 def init_weights(config: ModelConfig, seed: int = 0, dtype=jnp.float32, std: float = 0.02) -> Weights:
@@ -314,18 +368,27 @@ def causal_attention(q, k, v, valid, positions, window: Optional[int], chunk: in
     return out, (sums[:, :, :t] if column_sums else None)
 
 
+def _rows(x: jax.Array, mesh) -> jax.Array:
+    """x [B, ...] pinned to batch-over-"data" (the embedding lookup from a vocabulary-split table
+    would otherwise leave the partitioner to guess)."""
+    if mesh is None:
+        return x
+    return lax.with_sharding_constraint(x, NamedSharding(mesh, P(DATA, *(None,) * (x.ndim - 1))))
+
+
 def forward_prompt(weights: Weights, input_ids, attention_mask, *, config: ModelConfig,
-                   keep_kv: bool = False, column_sums: bool = False, chunk: int = PREFILL_CHUNK):
+                   keep_kv: bool = False, column_sums: bool = False, chunk: int = PREFILL_CHUNK, mesh=None):
     """Run the layers over a padded prompt.
 
     input_ids, attention_mask [B, T] (any padding; position ids are cumsum(mask) - 1, as transformers'
     generate). Returns hidden states [B, T, H] after the final norm, and per layer (stacked on L), if
     keep_kv: k, v [L, B, T, Hkv, D] after RoPE; if column_sums: H2O's prefill scores [L, B, Hkv, T].
+    mesh: weights placed by weight_shardings; the partitioner splits the rest from them.
     """
     valid = attention_mask.astype(bool)
     positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
     cos, sin = rope_tables(config, positions)                                 # [B, T, D/2]
-    x = weights.embed[input_ids]
+    x = _rows(weights.embed[input_ids], mesh)
 
     def layer(x, w: LayerWeights):
         h = rms_norm(x, w.input_norm, config.rms_norm_eps)
@@ -340,23 +403,23 @@ def forward_prompt(weights: Weights, input_ids, attention_mask, *, config: Model
     return rms_norm(x, weights.norm, config.rms_norm_eps), kv, sums
 
 
-def logits(weights: Weights, input_ids, attention_mask, *, config: ModelConfig) -> jax.Array:
+def logits(weights: Weights, input_ids, attention_mask, *, config: ModelConfig, mesh=None) -> jax.Array:
     """fp32 logits [B, T, V] of every position."""
-    x, _, _ = forward_prompt(weights, input_ids, attention_mask, config=config)
+    x, _, _ = forward_prompt(weights, input_ids, attention_mask, config=config, mesh=mesh)
     return _lm_head(weights, x)
 
 
 def prefill(weights: Weights, input_ids, attention_mask, *, config: ModelConfig, max_len: int,
-            transposed_keys: bool, h2o: bool, chunk: int = PREFILL_CHUNK):
+            transposed_keys: bool, h2o: bool, chunk: int = PREFILL_CHUNK, mesh=None):
     """Dense prefill that fills one KVCache per layer, each row left-aligned.
 
     Returns fp32 logits [B, V] of each row's last valid token and the caches: a tuple of L KVCaches
     ([B, Hkv, max_len, D] fields, lengths [B] = each row's number of valid tokens). h2o: seed H2O's
-    scores.
+    scores. mesh: the caches come out split as sharding.cache_specs.
     """
     valid = attention_mask.astype(bool)
     x, (k, v), sums = forward_prompt(weights, input_ids, attention_mask, config=config, keep_kv=True,
-                                     column_sums=h2o, chunk=chunk)
+                                     column_sums=h2o, chunk=chunk, mesh=mesh)
     t = input_ids.shape[1]
     lengths = jnp.sum(valid, axis=1).astype(jnp.int32)
     last = jnp.max(jnp.where(valid, jnp.arange(t)[None, :], 0), axis=1)
@@ -370,10 +433,13 @@ def prefill(weights: Weights, input_ids, attention_mask, *, config: ModelConfig,
 
     # One cache per layer, not a stacked one: XLA:CPU copies a layer sliced out of a stacked buffer
     # (for a dot or a gather) on every decode step, which costs more than SparQ saves.
-    return out, tuple(
+    caches = tuple(
         sq.KVCache.from_kv(k[i], v[i], lengths, max_len=max_len, transposed_keys=transposed_keys,
                            h2o_scores=sums[i] if h2o else None)
         for i in range(config.num_hidden_layers))
+    if mesh is not None:
+        caches = tuple(sharding.constrain_cache(c, mesh) for c in caches)
+    return out, caches
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,23 +456,26 @@ def unstack_layers(weights: Weights) -> Weights:
     return dataclasses.replace(weights, layers=layers)
 
 
-def decode_step(weights: Weights, tokens: jax.Array, cache: tuple, *, config: ModelConfig, method):
+def decode_step(weights: Weights, tokens: jax.Array, cache: tuple, *, config: ModelConfig, method, mesh=None):
     """tokens [B] (each row's newest token) -> fp32 logits [B, V] of the next token, and the caches.
 
     weights: with per-layer `layers` (unstack_layers); cache: prefill's tuple of per-layer KVCaches.
     Each layer appends the token's k, v at its row's length, then attends with `method`. The layers
     run as a Python loop over separate buffers (see unstack_layers), so compile time grows with depth.
+    mesh: weights placed by weight_shardings(per_layer=True), caches by sharding.cache_specs; each
+    layer's append and attention run per shard (sharding.append_and_attend), and the caches keep
+    their sharding.
     """
     positions = cache[0].lengths                                                 # [B]
     cos, sin = rope_tables(config, positions)                                    # [B, D/2]
-    x = weights.embed[tokens]
+    x = _rows(weights.embed[tokens], mesh)
     new_cache = []
     for w, layer_cache in zip(weights.layers, cache):
         h = rms_norm(x, w.input_norm, config.rms_norm_eps)
         q, k, v = _qkv(w, h)                                                     # [B, heads, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        layer_cache = layer_cache.append(k[:, :, None], v[:, :, None])
-        out, layer_cache = sq.attend(q, layer_cache, method, window=config.sliding_window)
+        out, layer_cache = sharding.append_and_attend(q, k[:, :, None], v[:, :, None], layer_cache, method,
+                                                      mesh=mesh, window=config.sliding_window)
         new_cache.append(layer_cache)
         x = x + _bias(jnp.einsum("bnd,ndh->bh", out, w.o), w.o_bias)
         x = x + _mlp(w, rms_norm(x, w.post_norm, config.rms_norm_eps))

@@ -7,6 +7,10 @@ with pad, output always T + max_new_tokens wide.
 generate is a jitted prefill, then one jitted lax.while_loop of decode steps (the cache donated) that
 stops once every row is done, sampling on device: no host round trip per token. Prompt widths are
 left-padded to buckets so nearby lengths share one compile.
+
+On a device mesh (from_pretrained(..., mesh=...)) the same jitted functions run SPMD: inputs are split
+by rows over "data", the weights as llama.weight_specs, the caches as sparq_jax.sharding.cache_specs,
+and each layer's cache update and attention run per shard under shard_map.
 """
 from __future__ import annotations
 
@@ -18,8 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import sparq_jax as sq
+from sparq_jax.sharding import DATA
 
 from . import llama
 from .config import ModelConfig
@@ -50,7 +56,7 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature, top_p) -> jax.
 
 
 def _decode_loop(weights, logits, cache, key, temperature, top_p, eos, pad, *, config: ModelConfig, method,
-                 max_new_tokens: int, do_sample: bool):
+                 max_new_tokens: int, do_sample: bool, mesh=None):
     """From the prefill's logits [B, V] and cache, pick and feed tokens until every row is done.
 
     Returns new tokens int32 [B, max_new_tokens] (pad after a row's eos), the number of decode steps
@@ -76,7 +82,7 @@ def _decode_loop(weights, logits, cache, key, temperature, top_p, eos, pad, *, c
 
     def body(state):
         step, token, done, out, cache = state
-        logits, cache = llama.decode_step(weights, token, cache, config=config, method=method)
+        logits, cache = llama.decode_step(weights, token, cache, config=config, method=method, mesh=mesh)
         token, done = pick(logits, step, done)
         return step + 1, token, done, lax.dynamic_update_slice(out, token[:, None], (0, step)), cache
 
@@ -95,21 +101,26 @@ class GenerateStats:
     prompt_lengths: np.ndarray
 
 
-_logits_jit = jax.jit(llama.logits, static_argnames=("config",))
-_prefill_jit = jax.jit(llama.prefill, static_argnames=("config", "max_len", "transposed_keys", "h2o"))
-_decode_step_jit = jax.jit(llama.decode_step, static_argnames=("config", "method"), donate_argnames=("cache",))
-decode_loop_jit = jax.jit(_decode_loop, static_argnames=("config", "method", "max_new_tokens", "do_sample"),
+_logits_jit = jax.jit(llama.logits, static_argnames=("config", "mesh"))
+_prefill_jit = jax.jit(llama.prefill, static_argnames=("config", "max_len", "transposed_keys", "h2o", "mesh"))
+_decode_step_jit = jax.jit(llama.decode_step, static_argnames=("config", "method", "mesh"),
+                           donate_argnames=("cache",))
+decode_loop_jit = jax.jit(_decode_loop, static_argnames=("config", "method", "max_new_tokens", "do_sample", "mesh"),
                           donate_argnames=("cache",))
 
 
 class LanguageModel:
-    """A loaded Llama / Mistral: config, params (llama.Weights), tokenizer (or None) and the
-    generation defaults (eos_token_id: a tuple, possibly empty; pad_token_id)."""
+    """A loaded Llama / Mistral: config, params (llama.Weights), tokenizer (or None), the
+    generation defaults (eos_token_id: a tuple, possibly empty; pad_token_id) and the device mesh
+    (None: one device). With a mesh, params are placed as llama.weight_shardings (from_pretrained
+    does it) and every batch is split over its "data" axis, so B must be a multiple of that size."""
 
     def __init__(self, config: ModelConfig, params: llama.Weights, tokenizer=None,
-                 eos_token_id: Optional[Sequence[int]] = None, pad_token_id: Optional[int] = None):
+                 eos_token_id: Optional[Sequence[int]] = None, pad_token_id: Optional[int] = None,
+                 mesh: Optional[jax.sharding.Mesh] = None):
         self.config = config
         self.params = params
+        self.mesh = mesh
         self._decode_params = None
         self.tokenizer = tokenizer
         self.eos_token_id = tuple(config.eos_token_id if eos_token_id is None else eos_token_id)
@@ -124,7 +135,7 @@ class LanguageModel:
     def logits(self, input_ids, attention_mask=None) -> jax.Array:
         """fp32 logits [B, T, V]. input_ids, attention_mask [B, T] (left padding as transformers)."""
         ids, mask = self._batch(input_ids, attention_mask)
-        return _logits_jit(self.params, ids, mask, config=self.config)
+        return _logits_jit(self.params, *self._place(ids, mask), config=self.config, mesh=self.mesh)
 
     def prefill(self, input_ids, attention_mask=None, max_len: Optional[int] = None, method=sq.Dense(),
                 transposed_keys: Optional[bool] = None):
@@ -140,15 +151,16 @@ class LanguageModel:
             raise ValueError(f"max_len must be an integer >= the prompt width {t}, got {max_len!r}")
         if transposed_keys is None:
             transposed_keys = method.reads_transposed_keys
-        return _prefill_jit(self.params, ids, mask, config=self.config, max_len=int(max_len),
-                            transposed_keys=bool(transposed_keys), h2o=method.stateful)
+        return _prefill_jit(self.params, *self._place(ids, mask), config=self.config, max_len=int(max_len),
+                            transposed_keys=bool(transposed_keys), h2o=method.stateful, mesh=self.mesh)
 
     @property
     def decode_params(self) -> llama.Weights:
         """params with per-layer layer weights (llama.unstack_layers), made on first use. It holds a
         second copy of the layer weights: on CPU, decoding from stacked arrays is several times slower."""
         if self._decode_params is None:
-            self._decode_params = jax.jit(llama.unstack_layers)(self.params)
+            out = None if self.mesh is None else llama.weight_shardings(self.config, self.mesh, per_layer=True)
+            self._decode_params = jax.jit(llama.unstack_layers, out_shardings=out)(self.params)
         return self._decode_params
 
     def decode_step(self, tokens, state: tuple, method=sq.Dense()):
@@ -169,8 +181,8 @@ class LanguageModel:
                              f"prefill with a larger max_len")
         if method.stateful and first.h2o_scores is None:
             raise ValueError(f"{method!r} keeps state in the cache: prefill with that method")
-        return _decode_step_jit(self.decode_params, jnp.asarray(tokens, jnp.int32), state, config=self.config,
-                                method=method)
+        return _decode_step_jit(self.decode_params, self._place(tokens.astype(np.int32))[0], state,
+                                config=self.config, method=method, mesh=self.mesh)
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32, method=sq.Dense(),
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
@@ -205,17 +217,18 @@ class LanguageModel:
         ids_p = np.pad(ids, ((0, 0), (width - t, 0)), constant_values=pad_token_id)
         mask_p = np.pad(mask, ((0, 0), (width - t, 0)))
         start = time.perf_counter()
-        logits, cache = _prefill_jit(self.params, ids_p, mask_p, config=self.config,
+        logits, cache = _prefill_jit(self.params, *self._place(ids_p, mask_p), config=self.config,
                                      max_len=width + int(max_new_tokens),
-                                     transposed_keys=method.reads_transposed_keys, h2o=method.stateful)
+                                     transposed_keys=method.reads_transposed_keys, h2o=method.stateful,
+                                     mesh=self.mesh)
         if return_stats:
             jax.block_until_ready(logits)
         middle = time.perf_counter()
         new, steps, _ = decode_loop_jit(self.decode_params, logits, cache, jax.random.key(int(seed)),
                                      jnp.float32(temperature), jnp.float32(top_p), jnp.asarray(eos, jnp.int32),
                                      jnp.int32(pad_token_id), config=self.config, method=method,
-                                     max_new_tokens=int(max_new_tokens), do_sample=do_sample)
-        out = np.concatenate([ids, np.asarray(new)], axis=1).astype(np.int32)
+                                     max_new_tokens=int(max_new_tokens), do_sample=do_sample, mesh=self.mesh)
+        out = np.concatenate([ids, self._on_host(new)], axis=1).astype(np.int32)
         if not return_stats:
             return out
         stats = GenerateStats(prefill_s=middle - start, decode_s=time.perf_counter() - middle,
@@ -239,7 +252,25 @@ class LanguageModel:
             if not mask.any(axis=1).all():
                 raise ValueError(f"every row needs at least one token with attention_mask 1; rows "
                                  f"{np.flatnonzero(~mask.any(axis=1)).tolist()} have none")
+        if self.mesh is not None and ids.shape[0] % self.mesh.shape[DATA]:
+            raise ValueError(f"the batch ({ids.shape[0]} rows) must be a multiple of the mesh's 'data' axis "
+                             f"size ({self.mesh.shape[DATA]})")
         return ids.astype(np.int32), mask.astype(np.int32)
+
+    def _place(self, *arrays: np.ndarray) -> tuple:
+        """Host arrays [B, ...] (the same on every host) onto the devices, rows split over the mesh's
+        "data" axis; each host sends only the rows its own devices hold."""
+        if self.mesh is None:
+            return arrays
+        rows = [NamedSharding(self.mesh, P(DATA, *(None,) * (a.ndim - 1))) for a in arrays]
+        return tuple(jax.make_array_from_callback(a.shape, sharding, lambda index, a=a: a[index])
+                     for a, sharding in zip(arrays, rows))
+
+    def _on_host(self, x: jax.Array) -> np.ndarray:
+        """x as numpy on every host: with a mesh its rows may lie on several hosts' devices."""
+        if self.mesh is not None:
+            x = jax.jit(lambda a: a, out_shardings=NamedSharding(self.mesh, P()))(x)
+        return np.asarray(x)
 
     def _check_ids(self, ids: np.ndarray, name: str) -> None:
         if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):

@@ -445,7 +445,7 @@ def test_bad_load_arguments(checkpoint, monkeypatch):
     folder, _ = checkpoint("llama_gqa_llama3")
     with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, float16, got 'int8'"):
         models.from_pretrained(folder, dtype="int8")
-    with pytest.raises(NotImplementedError, match="mesh"):
+    with pytest.raises(ValueError, match=r"mesh must be a jax.sharding.Mesh with axes \('data', 'model'\)"):
         models.from_pretrained(folder, mesh=object())
     import huggingface_hub.constants
 
