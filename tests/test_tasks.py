@@ -1,0 +1,164 @@
+"""The evaluation tasks and harness, on the bundled model (CPU, well under two minutes in all)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+import models
+import sparq_jax as sq
+from sparq_jax import tasks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAVE_BUNDLED = os.path.exists(os.path.join(models.BUNDLED, "model.safetensors"))
+needs_bundled = pytest.mark.skipif(not HAVE_BUNDLED, reason="models/bundled has no trained checkpoint")
+
+
+def _load_evaluate():
+    spec = importlib.util.spec_from_file_location("evaluate_script", os.path.join(ROOT, "scripts", "evaluate.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def evaluate():
+    return _load_evaluate()
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return models.from_pretrained(models.BUNDLED)
+
+
+# ---------------------------------------------------------------------------------------------
+# Builders and scorers (no model)
+
+TEXT = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(200))
+
+
+def test_passkey_builder_deterministic_and_well_formed():
+    a = tasks.passkey_samples(6, 1000, seed=3)
+    assert a == tasks.passkey_samples(6, 1000, seed=3)
+    assert [s.answer for s in a] != [s.answer for s in tasks.passkey_samples(6, 1000, seed=4)]
+    for s in a:
+        total = len(s.context) + len(s.question) + len(s.answer)
+        assert 1000 - len(tasks.PASSKEY_FILLER) < total <= 1000
+        assert len(s.answer) == 5 and s.answer.isdigit() and s.answer[0] != "0"
+        assert s.context.count(s.answer) == 2 and s.answer not in s.question
+    depths = [s.context.index(s.answer) for s in a]
+    assert depths == sorted(depths) and depths[0] < depths[-1]
+
+
+def test_repetition_builder_deterministic_and_copies_from_context():
+    a = tasks.repetition_samples(TEXT, 5, 900, seed=1)
+    assert a == tasks.repetition_samples(TEXT, 5, 900, seed=1)
+    assert a != tasks.repetition_samples(TEXT, 5, 900, seed=2)
+    for s in a:
+        context, span = s.prompt.rsplit("\n", 1)[0], s.prompt[-tasks.REPETITION_SPAN:]
+        assert len(s.prompt) + len(s.target) == 900 and len(s.target) == tasks.REPETITION_CONTINUATION
+        assert span + s.target in context
+
+
+def test_bpc_windows_deterministic():
+    a = tasks.bpc_windows(TEXT, 4, 300, seed=0)
+    assert a == tasks.bpc_windows(TEXT, 4, 300, seed=0)
+    assert a != tasks.bpc_windows(TEXT, 4, 300, seed=1)
+    assert all(len(w) == 300 and w in TEXT for w in a)
+
+
+def test_scorers():
+    assert tasks.score_passkey("53821.", "53821") == 1.0
+    assert tasks.score_passkey("5382", "53821") == 0.0
+    assert tasks.score_passkey("53812", "53821") == 0.0
+    assert tasks.score_repetition("abcxe", "abcde") == 3
+    assert tasks.score_repetition("abcde", "abcde") == 5
+    assert tasks.score_repetition("xbcde", "abcde") == 0
+    assert tasks.bits_per_char(10 * np.log(2), 5) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: tasks.passkey_samples(0, 1000, 0), "n must be"),
+    (lambda: tasks.passkey_samples(2, 100, 0), "length=100"),
+    (lambda: tasks.repetition_samples(TEXT, 2, 500, 0), "length=500"),
+    (lambda: tasks.bpc_windows("short", 2, 300, 0), "needs at least 300"),
+    (lambda: tasks.passkey_samples(2, 1000, "0"), "seed must be"),
+])
+def test_builders_reject_bad_input(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_transfer_meter(evaluate):
+    method = sq.SparQ(rank=8, top_k=32)
+    meter = evaluate.Transfers(method, 64)
+    meter.step(np.array([100, 200]))
+    want = (method.transfers(100, 64) + method.transfers(200, 64)) / (
+        sq.Dense().transfers(100, 64) + sq.Dense().transfers(200, 64))
+    assert meter.ratio == pytest.approx(want)
+
+
+# ---------------------------------------------------------------------------------------------
+# The bundled model
+
+@needs_bundled
+@pytest.mark.xfail(strict=True, reason="issue 5 is open: the bundled model is undertrained and does not "
+                   "retrieve yet (dense passkey 0/8; see models/bundled/README.md). strict: a retrained "
+                   "model that passes turns this into a failure, so the mark gets removed")
+def test_bundled_passkey_dense_and_sparq(lm, evaluate):
+    samples = tasks.passkey_samples(8, 1023, seed=0)   # 1k context with <s>
+    prefilled = evaluate.prefill_passkey(lm, samples)
+    d = lm.config.head_dim
+    dense, _ = evaluate.run_passkey(lm, samples, lambda s: sq.Dense(), prefilled)
+    sparq, meter = evaluate.run_passkey(
+        lm, samples, lambda s: sq.SparQ.for_compression(0.25, d, s, reallocate_mean=False), prefilled)
+    assert dense.mean() >= 0.9, dense
+    assert abs(sparq.sum() - dense.sum()) <= 1, (sparq, dense)
+    assert meter.ratio <= 0.25 * 1.05   # sized at the full prompt; the first steps see a shorter cache
+
+
+@needs_bundled
+def test_bundled_logits_match_transformers(lm):
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(models.BUNDLED)
+    ids = tokenizer(["O, wonder! How many goodly creatures are there here!"], return_tensors="np")["input_ids"]
+    ref = AutoModelForCausalLM.from_pretrained(models.BUNDLED, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = ref(torch.from_numpy(ids.astype(np.int64))).logits.numpy()
+    got = np.asarray(lm.logits(ids))
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+@needs_bundled
+def test_evaluate_main_json_schema(evaluate, tmp_path):
+    out = tmp_path / "r.json"
+    plot = tmp_path / "r.png"
+    evaluate.main(["--tasks", "passkey,repetition,bpc", "--methods", "dense,sparq,flexgen", "--compression",
+                   "1/4", "--limit", "2", "--context-length", "800", "--json", str(out), "--plot", str(plot)])
+    data = json.loads(out.read_text())
+    assert set(data) == {"model", "results"} and data["model"] == models.BUNDLED
+    rows = data["results"]
+    # flexgen cannot reach 1/4, so it is skipped: dense + sparq for each of three tasks
+    assert [(r["task"], r["method"]) for r in rows] == [
+        (t, m) for t in ("passkey", "repetition", "bpc") for m in ("dense", "sparq")]
+    for r in rows:
+        assert set(r) == {"task", "method", "compression", "transfer_ratio", "score", "n"}
+        assert r["n"] == 2
+        assert r["compression"] == (1.0 if r["method"] == "dense" else 0.25)
+        # Budgets are sized at one length while the cache grows over the decode steps, so the measured
+        # ratio drifts a little from the target; dense is exact.
+        assert 0.9 * r["compression"] <= r["transfer_ratio"] <= 1.05 * r["compression"]
+        if r["method"] == "dense":
+            assert r["transfer_ratio"] == 1.0
+    assert plot.stat().st_size > 0
+
+
+def test_evaluate_rejects_bad_flags(evaluate):
+    for argv in (["--compression", "2"], ["--methods", "magic"], ["--tasks", "qa"], ["--limit", "0"]):
+        with pytest.raises(SystemExit):
+            evaluate.parse_args(argv)
