@@ -120,14 +120,16 @@ def passkey_prompts(tokenizer, n_tokens: int, seed: int) -> list[str]:
     return prompts
 
 
-def make_method(name: str, ratio: float, head_dim: int, seq_len: int):
+def make_method(name: str, ratio: float, head_dim: int, seq_len: int, grouped: bool = False):
     import sparq_jax as sq
 
     if name == "dense":
         return sq.Dense()
     cls = {"sparq": sq.SparQ, "h2o": sq.H2O, "streaming": sq.Streaming, "flexgen": sq.FlexGen}[name]
+    # The paper turns SparQ's mean reallocation off on grouped-query models, where it hurt.
+    options = {"reallocate_mean": not grouped} if name == "sparq" else {}
     try:
-        return cls.for_compression(ratio, head_dim, seq_len)
+        return cls.for_compression(ratio, head_dim, seq_len, **options)
     except ValueError as err:
         raise SystemExit(f"error: --method {name} at --compression {ratio:g}: {err}")
 
@@ -177,7 +179,8 @@ def main(argv=None) -> int:
 
     results = {}
     for name in args.method:
-        method = make_method(name, args.compression, config.head_dim, int(lengths.max()))
+        method = make_method(name, args.compression, config.head_dim, int(lengths.max()),
+                             grouped=config.num_key_value_heads < config.num_attention_heads)
         bar.set_description(f"compiling {name}")
         lm.generate(ids, mask, max_new_tokens=args.max_new_tokens, method=method)
         bar.update()
