@@ -246,14 +246,16 @@ def _sparq(qg, cache: KVCache, mask, method: SparQ, window, impl, interpret):
     score = jnp.where(_always_kept(cache.lengths, s, method.local_window)[:, None, :], jnp.inf, score)
     score = jnp.where(mask[:, None, :], score, _NEG_INF)
     i2 = top_k_positions(score, min(method.top_k, s))                                  # [B, Hkv, k]
-    valid = jnp.take_along_axis(score, i2, axis=-1) > _NEG_INF
+    valid = jnp.take_along_axis(jnp.broadcast_to(mask[:, None, :], score.shape), i2, axis=-1)
     # Step 3: alpha is the approximate attention mass that the k positions cover, per query head.
+    covered = jnp.take_along_axis(s_hat, i2[:, :, None, :], axis=-1)
+    alpha = jnp.sum(jnp.where(valid[:, :, None, :], covered, 0), axis=-1)
     if method.reallocate_mean:
-        covered = jnp.take_along_axis(s_hat, i2[:, :, None, :], axis=-1)
-        alpha = jnp.sum(jnp.where(valid[:, :, None, :], covered, 0), axis=-1)
         v_bar = _mean_value(cache, window)
     else:
-        alpha = jnp.ones(qg.shape[:3], _F32)
+        # alpha = 1, but kept data-dependent on purpose: with a constant alpha XLA:CPU schedules this
+        # program about 2x slower (measured: 19 ms vs 9 ms at B=1, 32/8 heads, S=32k).
+        alpha = alpha * 0 + 1
         v_bar = jnp.zeros(qg.shape[:2] + (d,), _F32)
     return gather_attend(qf, cache.k, cache.v, i2, valid, alpha, v_bar)
 
