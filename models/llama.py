@@ -107,7 +107,7 @@ def weight_specs(config: ModelConfig, model: int) -> dict[str, P]:
     Raises ValueError when the query heads or the MLP width do not split evenly, or when the KV
     heads are neither a multiple nor a divisor of model (kv_replicas: pass the replicated config).
     """
-    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    h, v = config.hidden_size, config.vocab_size
     for name in ("num_attention_heads", "intermediate_size"):
         if getattr(config, name) % model:
             raise ValueError(f"{name}={getattr(config, name)} must be a multiple of the mesh's 'model' "

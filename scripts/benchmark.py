@@ -13,49 +13,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import statistics
 import sys
 import time
-from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import sparq_jax as sq
+from cli_args import int_list, positive_int, ratio
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def parse_ratio(text: str) -> float:
-    try:
-        value = float(Fraction(text))
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"--compression must be a number like 0.125 or 1/8, got {text!r}")
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"--compression must be in (0, 1], got {text!r}")
-    return value
-
-
-def parse_int_list(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of integers, got {text!r}")
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def time_interleaved(fns: dict, args: dict, reps: int, warmup: int) -> dict[str, float]:
@@ -75,8 +44,6 @@ def time_interleaved(fns: dict, args: dict, reps: int, warmup: int) -> dict[str,
 def _pallas_dense(q, cache):
     """jax's own Pallas decode attention (GPU), if it imports: the best dense kernel we can field."""
     from jax.experimental.pallas.ops.gpu import decode_attention as da
-    b, hq, d = q.shape
-    hkv = cache.num_kv_heads
     k = jnp.swapaxes(cache.k, 1, 2)                     # [B, S, Hkv, D]
     v = jnp.swapaxes(cache.v, 1, 2)
     return da.gqa(q, k, v)
@@ -301,39 +268,39 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     a = sub.add_parser("attention", help="one decode step of attention: Dense vs SparQ")
-    a.add_argument("--batch", type=positive, default=4)
-    a.add_argument("--q-heads", type=positive, default=8)
-    a.add_argument("--kv-heads", type=positive, default=8)
-    a.add_argument("--seq-len", type=positive, default=32768)
-    a.add_argument("--head-dim", type=positive, default=128)
-    a.add_argument("--compression", type=parse_ratio, default=0.125,
+    a.add_argument("--batch", type=positive_int, default=4)
+    a.add_argument("--q-heads", type=positive_int, default=8)
+    a.add_argument("--kv-heads", type=positive_int, default=8)
+    a.add_argument("--seq-len", type=positive_int, default=32768)
+    a.add_argument("--head-dim", type=positive_int, default=128)
+    a.add_argument("--compression", type=ratio, default=0.125,
                    help="target transfer ratio for SparQ.for_compression (0.125 or 1/8)")
-    a.add_argument("--rank", type=positive, help="SparQ r (with --top-k, instead of --compression)")
-    a.add_argument("--top-k", type=positive, help="SparQ k")
+    a.add_argument("--rank", type=positive_int, help="SparQ r (with --top-k, instead of --compression)")
+    a.add_argument("--top-k", type=positive_int, help="SparQ k")
     a.add_argument("--local-window", type=int, default=0)
     a.add_argument("--no-reallocate", action="store_true", help="SparQ without mean reallocation")
     a.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     a.add_argument("--impl", choices=["xla", "pallas_gpu", "pallas_tpu", "all"], default="xla")
     a.add_argument("--single-copy", action="store_true", help="also time SparQ with K stored once")
-    a.add_argument("--reps", type=positive, default=7)
-    a.add_argument("--warmup", type=positive, default=2)
+    a.add_argument("--reps", type=positive_int, default=7)
+    a.add_argument("--warmup", type=positive_int, default=2)
     a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--sweep", type=parse_int_list, help="comma-separated sequence lengths (overrides --seq-len)")
+    a.add_argument("--sweep", type=int_list, help="comma-separated sequence lengths (overrides --seq-len)")
     a.add_argument("--plot", help="PNG of time and speedup vs S (with --sweep)")
     a.add_argument("--json", help="write the results as JSON")
     a.set_defaults(func=cmd_attention)
     d = sub.add_parser("decode", help="decode-step throughput of a Llama-shaped random model")
-    d.add_argument("--seq-lens", type=parse_int_list, default=[8192, 32768, 65536])
-    d.add_argument("--layers", type=positive, default=8)
-    d.add_argument("--hidden", type=positive, default=2048)
-    d.add_argument("--q-heads", type=positive, default=32)
-    d.add_argument("--kv-heads", type=positive, default=8)
-    d.add_argument("--head-dim", type=positive, default=128)
-    d.add_argument("--intermediate", type=positive, default=5632, help="MLP width (TinyLlama's by default)")
-    d.add_argument("--vocab", type=positive, default=32000)
-    d.add_argument("--compression", type=parse_ratio, default=0.125)
-    d.add_argument("--reps", type=positive, default=7)
-    d.add_argument("--warmup", type=positive, default=2)
+    d.add_argument("--seq-lens", type=int_list, default=[8192, 32768, 65536])
+    d.add_argument("--layers", type=positive_int, default=8)
+    d.add_argument("--hidden", type=positive_int, default=2048)
+    d.add_argument("--q-heads", type=positive_int, default=32)
+    d.add_argument("--kv-heads", type=positive_int, default=8)
+    d.add_argument("--head-dim", type=positive_int, default=128)
+    d.add_argument("--intermediate", type=positive_int, default=5632, help="MLP width (TinyLlama's by default)")
+    d.add_argument("--vocab", type=positive_int, default=32000)
+    d.add_argument("--compression", type=ratio, default=0.125)
+    d.add_argument("--reps", type=positive_int, default=7)
+    d.add_argument("--warmup", type=positive_int, default=2)
     d.add_argument("--json", help="write the results as JSON")
     d.set_defaults(func=cmd_decode)
     args = parser.parse_args(argv)

@@ -26,11 +26,9 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import math
 import os
 import sys
 import time
-from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
@@ -38,9 +36,11 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import models  # noqa: E402
 import sparq_jax as sq  # noqa: E402
 from sparq_jax import tasks  # noqa: E402
+from cli_args import positive_int, ratio_list  # noqa: E402
 
 TASKS = ("passkey", "repetition", "bpc")
 METHODS = ("dense", "sparq", "sparq-mean", "h2o", "streaming", "flexgen")
@@ -364,42 +364,19 @@ def _list(choices, what):
     return parse
 
 
-def _ratios(text):
-    out = []
-    for item in text.split(","):
-        try:
-            value = float(Fraction(item.strip()))
-        except (ValueError, ZeroDivisionError):
-            raise argparse.ArgumentTypeError(f"--compression must be a comma list like 0.125 or 1/8, got {text!r}")
-        if not 0 < value <= 1:
-            raise argparse.ArgumentTypeError(f"--compression values must be in (0, 1], got {item!r}")
-        out.append(value)
-    return out
-
-
-def _positive(text):
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=models.BUNDLED, help="checkpoint folder (default: the bundled model)")
     p.add_argument("--tasks", type=_list(TASKS, "tasks"), default=list(TASKS), help=f"comma list of {TASKS}")
     p.add_argument("--methods", type=_list(METHODS, "methods"), default=list(METHODS),
                    help=f"comma list of {METHODS}")
-    p.add_argument("--compression", type=_ratios, default=list(COMPRESSION),
+    p.add_argument("--compression", type=ratio_list, default=list(COMPRESSION),
                    help="target transfer ratios, comma list (0.125 or 1/8); default 1/2,1/4,1/8,1/16")
-    p.add_argument("--limit", type=_positive, help=f"samples per task (default {DEFAULT_N})")
-    p.add_argument("--context-length", type=_positive,
+    p.add_argument("--limit", type=positive_int, help=f"samples per task (default {DEFAULT_N})")
+    p.add_argument("--context-length", type=positive_int,
                    help="prompt tokens per sample (default: the model's max_position_embeddings)")
     p.add_argument("--seed", type=int, default=0, help="seed of the task builders")
-    p.add_argument("--batch", type=_positive, default=64, help="rows per prefill / decode batch")
+    p.add_argument("--batch", type=positive_int, default=64, help="rows per prefill / decode batch")
     p.add_argument("--json", help="write the results here as JSON")
     p.add_argument("--plot", help="write a PNG of score vs measured transfer ratio here")
     return p, p.parse_args(argv)

@@ -28,7 +28,6 @@ import glob
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -42,9 +41,11 @@ import optax
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import models  # noqa: E402
 from models import llama  # noqa: E402
 from models.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, byte_tokenizer  # noqa: E402
+from cli_args import positive_float, positive_int  # noqa: E402
 
 # Works kept out of training: the evaluation tasks read them from models/bundled/heldout/.
 HELDOUT = ("julius_caesar", "tempest", "twelfth_night")
@@ -251,26 +252,6 @@ def load_checkpoint(path, params, opt_state):
         leaves = [jnp.asarray(f[f"leaf{i}"]) for i in range(n)]
         params, opt_state = jax.tree.unflatten(treedef, leaves)
         return int(f["step"]), params, opt_state, f["losses"].tolist()
-
-
-def positive_int(text):
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
-
-
-def positive_float(text):
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    if not v > 0 or not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return v
 
 
 def parse_mix(text):
