@@ -59,13 +59,62 @@ def _gather_positions(x: jax.Array, idx: jax.Array) -> jax.Array:
     return out.reshape(b, h, n, w)
 
 
+# Rows at least this long start the k-th largest search from a bracket read off a strided sample.
+_SAMPLE_MIN = 8192
+_SAMPLE_STRIDE = 32
+
+
+def _kth_largest_key(key: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """key uint32 [..., n] -> (t, count(key >= t)), [...] each: a threshold t with count(key >= t)
+    >= k and count(key > t) < k (the k-th largest key, or any t that keeps exactly the k largest);
+    {key > t} plus the first k - count(key > t) keys equal to t are then the k largest.
+
+    Bisection on integers with counting passes, stopped per row as soon as the count is exactly k
+    (for spread-out values, long before all 32 bits are resolved). Long rows first bracket the
+    answer with the same search on every 32nd key, with a margin of 4 standard deviations of the
+    sample's rank; the bracket is verified by counting, and a row whose bracket fails searches the
+    full range, so the result never depends on the sample.
+    """
+    n = key.shape[-1]
+    lead = key.shape[:-1]
+    count_at_least = lambda t: jnp.sum(jnp.where(key >= t[..., None], 1.0, 0.0), axis=-1)  # exact fp32
+    lo = jnp.zeros(lead, jnp.uint32)                # count(key >= lo) >= k (= c_lo)
+    c_lo = jnp.full(lead, n, _F32)
+    hi = jnp.full(lead, 0xFFFFFFFF, jnp.uint32)     # count(key > hi) < k
+    if n >= _SAMPLE_MIN and k < n:
+        sample = key[..., ::_SAMPLE_STRIDE]
+        expected = k * sample.shape[-1] / n
+        margin = int(4 * math.sqrt(expected)) + 2
+        guess_lo, _ = _kth_largest_key(sample, min(sample.shape[-1], math.ceil(expected) + margin))
+        guess_hi, _ = _kth_largest_key(sample, max(1, math.floor(expected) - margin))
+        c_guess = count_at_least(guess_lo)
+        ok = c_guess >= k
+        lo, c_lo = jnp.where(ok, guess_lo, lo), jnp.where(ok, c_guess, c_lo)
+        above_hi = jnp.sum(jnp.where(key > guess_hi[..., None], 1.0, 0.0), axis=-1)
+        hi = jnp.where(above_hi < k, guess_hi, hi)
+
+    def active(lo, hi, c_lo):
+        return (lo < hi) & (c_lo != k)
+
+    def narrow(state):
+        lo, hi, c_lo = state
+        go = active(lo, hi, c_lo)
+        mid = lo + (hi - lo) // 2 + 1                  # in (lo, hi]; no uint32 overflow
+        c_mid = count_at_least(mid)
+        up = go & (c_mid >= k)
+        return (jnp.where(up, mid, lo), jnp.where(go & ~up, mid - 1, hi), jnp.where(up, c_mid, c_lo))
+
+    lo, _, c_lo = jax.lax.while_loop(lambda state: jnp.any(active(*state)), narrow, (lo, hi, c_lo))
+    return lo, c_lo
+
+
 def top_k_positions(score: jax.Array, k: int) -> jax.Array:
     """The positions of the k largest entries of each row of score [..., S] (ties: lowest positions
     first), in increasing position order: the same set as lax.top_k's, without its partial sort.
 
-    The k-th largest value is found by bisection on the order-preserving integer image of the floats
-    (32 counting passes over score, which stays in cache), then the chosen positions are compacted
-    with 32-bit masks and population counts rather than a cumulative sum over S.
+    The k-th largest value is found by counting bisection on the order-preserving integer image of
+    the floats (_kth_largest_key), then the chosen positions are compacted with 32-bit masks and
+    population counts rather than a cumulative sum over S.
     """
     *lead, s = score.shape
     if not 1 <= k <= s or s >= 2**24:
@@ -77,28 +126,26 @@ def top_k_positions(score: jax.Array, k: int) -> jax.Array:
     key = jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits)          # monotone in the float's value
     key = jax.lax.bitcast_convert_type(key, jnp.uint32) ^ jnp.uint32(0x80000000)
 
-    def narrow(i, threshold):  # the largest t with count(key >= t) >= k, one bit at a time
-        trial = threshold | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
-        # Counting in fp32 (exact below 2**24) vectorises better than int32 on XLA:CPU.
-        count = jnp.sum(jnp.where(key >= trial[..., None], 1.0, 0.0), axis=-1)
-        return jnp.where(count >= k, trial, threshold)
-
-    kth = jax.lax.fori_loop(0, 32, narrow, jnp.zeros(lead, jnp.uint32))[..., None]
-    above = key > kth
-    tie = key == kth
-    room = k - jnp.sum(above, axis=-1, keepdims=True, dtype=jnp.int32)
+    kth, c_kth = _kth_largest_key(key, k)
+    kth = kth[..., None]
     words_of = lambda m: jnp.sum(m.reshape(*lead, -1, 32).astype(jnp.uint32)
                                  << jnp.arange(32, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
-    tie_words = words_of(tie)
-    # Ties fill the room left, lowest positions first: keep a tie if fewer than `room` ties precede it.
-    tie_counts = jax.lax.population_count(tie_words).astype(jnp.int32)
-    ties_before_word = jnp.cumsum(tie_counts, axis=-1) - tie_counts
-    within = jnp.arange(32, dtype=jnp.uint32)
-    below = (jnp.uint32(1) << within) - 1                                                   # bits < i
-    ties_before = (ties_before_word[..., None]
-                   + jax.lax.population_count(tie_words[..., None] & below).astype(jnp.int32))
-    keep_tie = tie & (ties_before.reshape(tie.shape) < room)
-    words = words_of(above | keep_tie)                                                      # k bits set
+
+    def with_ties():
+        # Ties fill the room left, lowest positions first: keep a tie if fewer than `room` ties precede it.
+        above = key > kth
+        tie = key == kth
+        room = k - jnp.sum(above, axis=-1, keepdims=True, dtype=jnp.int32)
+        tie_words = words_of(tie)
+        tie_counts = jax.lax.population_count(tie_words).astype(jnp.int32)
+        ties_before_word = jnp.cumsum(tie_counts, axis=-1) - tie_counts
+        below = (jnp.uint32(1) << jnp.arange(32, dtype=jnp.uint32)) - 1                     # bits < i
+        ties_before = (ties_before_word[..., None]
+                       + jax.lax.population_count(tie_words[..., None] & below).astype(jnp.int32))
+        return words_of(above | (tie & (ties_before.reshape(tie.shape) < room)))
+
+    # Usually no row has more keys >= kth than k (spread-out values), and the tie pass is skipped.
+    words = jax.lax.cond(jnp.all(c_kth == k), lambda: words_of(key >= kth), with_ties)    # k bits set
     counts = jax.lax.population_count(words).astype(jnp.int32)
     ends = jnp.cumsum(counts, axis=-1)                                                      # inclusive
     want = jnp.arange(1, k + 1, dtype=jnp.int32)
@@ -118,8 +165,8 @@ def approx_logits_xla(q1: jax.Array, keys: jax.Array, i1: jax.Array, *, transpos
 
     keys is K^T [B, Hkv, D, S] or, transposed=False, K [B, Hkv, S, D]. Returns the raw dot
     products, fp32 [B, Hkv, G, S].
-    With K^T, one contiguous S-long row per component is read and accumulated (a loop over r), so
-    no [B, Hkv, r, S] copy is made. With K alone, the r components of a row share its cache lines:
+    With K^T, one contiguous S-long row per component is read and accumulated, so no [B, Hkv, r, S]
+    copy is made. With K alone, the r components of a row share its cache lines:
     a CPU reads the whole row either way, so a dense product with q zeroed outside i1 is the cheapest
     strided read (and exact: the other terms are zeros).
     """
@@ -131,27 +178,24 @@ def approx_logits_xla(q1: jax.Array, keys: jax.Array, i1: jax.Array, *, transpos
             jnp.arange(g)[None, None, :, None], i1[:, :, None, :]].set(q1.astype(_F32))
         return jnp.einsum("bhgd,bhsd->bhgs", sparse_q, keys, preferred_element_type=_F32)
 
-    # Block over S, so each block's r rows and logits stay in cache and the logits are written once.
+    # One (batch row, KV head) at a time: its r rows of K^T are read with dynamic slices (a scalar
+    # offset each, so XLA:CPU copies them as contiguous vectors; a gather would move them element by
+    # element, about 2x slower) and accumulated into the logits in a single fused pass over S.
     d, s = keys.shape[-2], keys.shape[-1]
-    block = min(_STEP1_BLOCK, s)
-    flat = keys.reshape(b * h * d, s)
-    rows = (i1 + (jnp.arange(b * h, dtype=i1.dtype) * d).reshape(b, h, 1)).reshape(-1)    # [B*Hkv*r]
-    dims = jax.lax.GatherDimensionNumbers(offset_dims=(1,), collapsed_slice_dims=(0,), start_index_map=(0, 1))
+    flat = keys.reshape(b * h, d, s)
+    q1f = q1.reshape(b * h, g, r).astype(_F32)
+    i1f = i1.reshape(b * h, r)
 
-    def visit(i, out):
-        # The last block starts at S - block (overlapping its neighbour), so S need not divide evenly.
-        start = jnp.minimum(i * block, s - block)
-        starts = jnp.stack([rows, jnp.broadcast_to(start, rows.shape).astype(rows.dtype)], axis=-1)
-        tile = jax.lax.gather(flat, starts, dims, (1, block),
-                              mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS).reshape(b, h, r, block)
-        logits = jnp.einsum("bhgr,bhrs->bhgs", q1, tile, preferred_element_type=_F32)
-        return jax.lax.dynamic_update_slice_in_dim(out, logits, start, axis=3)
+    def visit(j, out):
+        acc = jnp.zeros((g, s), _F32)
+        for c in range(r):
+            row = jax.lax.dynamic_slice(flat, (j, i1f[j, c], 0), (1, 1, s))[0].astype(_F32)   # [1, S]
+            acc = acc + q1f[j, :, c, None] * row
+        return jax.lax.dynamic_update_slice(out, acc[None], (j, 0, 0))
 
-    return jax.lax.fori_loop(0, -(-s // block), visit, jnp.zeros((b, h, g, s), _F32))
+    return jax.lax.fori_loop(0, b * h, visit, jnp.zeros((b * h, g, s), _F32)).reshape(b, h, g, s)
 
 
-# SparQ step 1 reads K^T in blocks of this many positions.
-_STEP1_BLOCK = 4096
 # Step 2 visits the gathered rows in chunks of this many, so that its temporaries stay in cache.
 _CHUNK = 128
 

@@ -450,7 +450,7 @@ def test_for_compression_lands_at_most_one_percent_above(S, D, ratio):
     assert sq.SparQ.for_compression(0.125, 128, 32768, reallocate_mean=False).reallocate_mean is False
 
 
-@pytest.mark.parametrize("S,k", [(37, 5), (64, 64), (1000, 63), (4096, 256)])
+@pytest.mark.parametrize("S,k", [(37, 5), (64, 64), (1000, 63), (4096, 256), (9000, 700)])
 def test_top_k_positions_is_lax_top_k_as_a_set(S, k):
     from sparq_jax.attention import top_k_positions
     rng = np.random.default_rng(S)
@@ -465,11 +465,25 @@ def test_top_k_positions_is_lax_top_k_as_a_set(S, k):
     np.testing.assert_array_equal(got, np.sort(np.asarray(want), axis=-1))
 
 
+@pytest.mark.parametrize("k", [1, 100, 2048, 8191, 16384])
+def test_top_k_positions_long_rows_whatever_the_sample_says(k):
+    """Rows of 2**14 take the sampled bracket: continuous values, values whose every 32nd entry (the
+    sample) is misleading, and a row of one value must all give lax.top_k's set."""
+    from sparq_jax.attention import top_k_positions
+    rng = np.random.default_rng(k)
+    S = 2**14
+    score = rng.random((4, S)).astype(np.float32) ** 4
+    score[1, ::32] = 10.0                         # the sample sees only large values
+    score[2, ::32] = -1.0                         # ... or only small ones
+    score[3] = 0.5                                # all tied
+    got = np.asarray(top_k_positions(jnp.asarray(score), k))
+    _, want = jax.lax.top_k(jnp.asarray(score), k)
+    np.testing.assert_array_equal(got, np.sort(np.asarray(want), axis=-1))
+
+
 @pytest.mark.parametrize("transposed", [True, False])
-def test_step1_blocks_cover_every_position(monkeypatch, transposed):
-    # Several blocks, the last one overlapping its neighbour (40 is not a multiple of 16).
+def test_step1_is_the_partial_dot_product(transposed):
     from sparq_jax import attention
-    monkeypatch.setattr(attention, "_STEP1_BLOCK", 16)
     rng = np.random.default_rng(15)
     k = rng.standard_normal((2, 3, 40, 8)).astype(np.float32)
     q1 = rng.standard_normal((2, 3, 4, 5)).astype(np.float32)
