@@ -220,9 +220,13 @@ def cmd_decode(args) -> None:
 
         def attention_only(caches, method):
             # What a decode step spends in attention: the same appends and attends, no projections.
+            # Each layer's query depends on the previous layer's output, as in the model, so that
+            # XLA cannot run the layers' attention side by side (it would on independent inputs).
             outs, new = [], []
+            out = jnp.zeros_like(q[0])
             for i, cache in enumerate(caches):
-                out, cache = sq.attend(q[i], cache.append(kv_new[0][:, :, None], kv_new[1][:, :, None]), method)
+                qi = q[i] + 0 * out
+                out, cache = sq.attend(qi, cache.append(kv_new[0][:, :, None], kv_new[1][:, :, None]), method)
                 outs.append(out)
                 new.append(cache)
             return tuple(new), jnp.stack(outs)
