@@ -228,6 +228,23 @@ def loss_fn(params, rows, config):
     return jnp.mean(nll)
 
 
+def copy_probe(seed: int = 1, n: int = 8, piece: int = 64, repeats: int = 4) -> np.ndarray:
+    """[n, 1 + piece * repeats] rows: <s> and a random string repeated. Its teacher-forced loss on
+    the repeats against the first occurrence shows whether the model copies from its context yet."""
+    rng = np.random.default_rng(seed)
+    rows = [np.concatenate([[BOS_ID], np.tile(INDUCT_CHARS[rng.integers(0, len(INDUCT_CHARS), piece)], repeats)])
+            for _ in range(n)]
+    return np.stack(rows).astype(np.int32)
+
+
+def probe_losses(params, rows, config, piece: int = 64):
+    """(mean loss on the first occurrence, mean loss on the repeats) of copy_probe rows, nats/token."""
+    x = forward(params, rows[:, :-1], config)
+    logits = jnp.einsum("bth,hv->btv", x, params.lm_head, preferred_element_type=jnp.float32)
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), rows[:, 1:, None], axis=-1)[..., 0]
+    return jnp.mean(nll[:, :piece - 1]), jnp.mean(nll[:, piece:])
+
+
 def make_optimizer(args):
     warmup = max(1, min(args.warmup, args.steps // 10))
     schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, warmup, max(args.steps, warmup + 1),
@@ -236,11 +253,11 @@ def make_optimizer(args):
                        optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=0.1))
 
 
-def save_checkpoint(path, step, params, opt_state, losses):
+def save_checkpoint(path, step, params, opt_state, losses, tokens):
     leaves = jax.tree.leaves((params, opt_state))
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp.npz"
-    np.savez(tmp, step=step, losses=np.asarray(losses, np.float32),
+    np.savez(tmp, step=step, losses=np.asarray(losses, np.float32), tokens=tokens,
              **{f"leaf{i}": np.asarray(x) for i, x in enumerate(leaves)})
     os.replace(tmp, path)
 
@@ -251,7 +268,10 @@ def load_checkpoint(path, params, opt_state):
         n = treedef.num_leaves
         leaves = [jnp.asarray(f[f"leaf{i}"]) for i in range(n)]
         params, opt_state = jax.tree.unflatten(treedef, leaves)
-        return int(f["step"]), params, opt_state, f["losses"].tolist()
+        step = int(f["step"])
+        # Checkpoints from before --row-len existed trained 4 x 1024 tokens per step.
+        tokens = int(f["tokens"]) if "tokens" in f else step * 4 * 1024
+        return step, params, opt_state, f["losses"].tolist(), tokens
 
 
 def parse_mix(text):
@@ -276,7 +296,11 @@ def parse_args(argv=None):
     p.add_argument("--out", default=models.BUNDLED, help="output folder (default: models/bundled)")
     p.add_argument("--steps", type=positive_int, default=1200)
     p.add_argument("--batch", type=positive_int, default=8)
-    p.add_argument("--seq-len", type=positive_int, default=1024, help="training context in tokens (bytes)")
+    p.add_argument("--seq-len", type=positive_int, default=1024,
+                   help="the model's context in tokens (bytes): max_position_embeddings")
+    p.add_argument("--row-len", type=positive_int,
+                   help="tokens per training row (default --seq-len); shorter rows make cheaper steps, "
+                        "e.g. a first phase at 256 while the model learns to copy")
     p.add_argument("--lr", type=positive_float, default=2e-3, help="peak learning rate")
     p.add_argument("--warmup", type=positive_int, default=100, help="warm-up steps (at most steps/10)")
     p.add_argument("--seed", type=int, default=0)
@@ -287,6 +311,9 @@ def parse_args(argv=None):
     p.add_argument("--kv-heads", type=positive_int, default=2)
     p.add_argument("--head-dim", type=positive_int, default=64)
     p.add_argument("--save-every", type=positive_int, default=50, help="checkpoint interval in steps")
+    p.add_argument("--probe-every", type=positive_int, default=50,
+                   help="interval in steps of the copy probe (loss on a repeated random string: first "
+                        "occurrence vs repeats), shown with the loss")
     p.add_argument("--checkpoint", help="checkpoint file (default: OUT/../<out name>.ckpt.npz)")
     p.add_argument("--mix", type=parse_mix, default=MIX,
                    help="document mixture, e.g. text=0.25,passkey=0.2,kv=0.15,repeat=0.2,induct=0.2 (default)")
@@ -298,8 +325,12 @@ def parse_args(argv=None):
         p.error(f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads}")
     if args.head_dim % 2:
         p.error(f"--head-dim must be even for RoPE, got {args.head_dim}")
-    if args.seq_len < 256:
-        p.error(f"--seq-len must be >= 256 (the synthetic documents need room), got {args.seq_len}")
+    if args.row_len is None:
+        args.row_len = args.seq_len
+    if args.row_len < 256:
+        p.error(f"--row-len must be >= 256 (the synthetic documents need room), got {args.row_len}")
+    if args.row_len > args.seq_len:
+        p.error(f"--row-len {args.row_len} must be <= --seq-len {args.seq_len} (the model's context)")
     if args.data is not None and not os.path.isdir(args.data):
         p.error(f"--data {args.data!r} is not a folder")
     return args
@@ -322,12 +353,12 @@ def main(argv=None):
     params = llama.init_weights(config, seed=args.seed)
     optimizer = make_optimizer(args)
     opt_state = optimizer.init(params)
-    step, losses = 0, []
+    step, losses, tokens = 0, [], 0
     if args.resume:
-        step, params, opt_state, losses = load_checkpoint(ckpt, params, opt_state)
+        step, params, opt_state, losses, tokens = load_checkpoint(ckpt, params, opt_state)
         print(f"resumed at step {step} from {ckpt}")
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    print(f"{n_params:,} parameters; {args.batch} x {args.seq_len} tokens per step")
+    print(f"{n_params:,} parameters; {args.batch} x {args.row_len} tokens per step")
 
     @jax.jit
     def train_step(params, opt_state, rows):
@@ -335,16 +366,25 @@ def main(argv=None):
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    stream = Stream(train_text, args.seq_len, args.seed, args.mix)
+    probe_rows = jnp.asarray(copy_probe())
+    probe = jax.jit(lambda p: probe_losses(p, probe_rows, config))
+    probes = []
+    stream = Stream(train_text, args.row_len, args.seed, args.mix)
     start = time.time()
     bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="train", dynamic_ncols=True)
     for step in bar:
         params, opt_state, loss = train_step(params, opt_state, jnp.asarray(stream.batch(step, args.batch)))
         losses.append(float(loss))
+        tokens += args.batch * args.row_len
+        if (step + 1) % args.probe_every == 0:
+            fresh, copied = (float(x) for x in probe(params))
+            probes.append({"step": step + 1, "fresh": fresh, "repeat": copied})
+            tqdm.write(f"step {step + 1}: loss {np.mean(losses[-args.probe_every:]):.3f}, copy probe "
+                       f"{fresh:.3f} first occurrence / {copied:.3f} repeats (nats/token)")
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         out_of_time = args.time_limit is not None and time.time() - start > args.time_limit * 60
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps or out_of_time:
-            save_checkpoint(ckpt, step + 1, params, opt_state, losses)
+            save_checkpoint(ckpt, step + 1, params, opt_state, losses, tokens)
         if out_of_time:
             print(f"\n--time-limit reached: stopping after step {step + 1} of {args.steps}")
             break
@@ -362,7 +402,7 @@ def main(argv=None):
         with open(os.path.join(heldout_dir, w + ".txt"), "w") as f:
             f.write(works[w])
     done = len(losses)
-    summary = {"steps": done, "tokens": done * args.batch * args.seq_len, "parameters": n_params,
+    summary = {"steps": done, "tokens": tokens, "parameters": n_params, "probes": probes,
                "final_loss_last50": float(np.mean(losses[-50:])), "wall_s_this_run": wall,
                "command": " ".join(["python", "scripts/train_tiny.py", *(argv if argv is not None else sys.argv[1:])])}
     print(json.dumps(summary, indent=2))
