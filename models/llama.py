@@ -273,6 +273,13 @@ def _qkv(w: LayerWeights, h: jax.Array):
     return q, k, v
 
 
+def _out_proj(w: LayerWeights, attn: jax.Array) -> jax.Array:
+    """attn [..., Hq, D] -> [..., H]. One [Hq*D, H] matrix product: with the heads contracted as two
+    axes, XLA:CPU transposed the whole o weight every decode step rather than the small activation."""
+    o = w.o.reshape(-1, w.o.shape[-1])
+    return _bias(attn.reshape(*attn.shape[:-2], o.shape[0]) @ o, w.o_bias)
+
+
 def _mlp(w: LayerWeights, h: jax.Array) -> jax.Array:
     """SwiGLU: down(silu(gate(h)) * up(h))."""
     gate = _bias(jnp.einsum("...h,hi->...i", h, w.gate), w.gate_bias)
@@ -395,7 +402,7 @@ def forward_prompt(weights: Weights, input_ids, attention_mask, *, config: Model
         q, k, v = _qkv(w, h)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         attn, sums = causal_attention(q, k, v, valid, positions, config.sliding_window, chunk, column_sums)
-        x = x + _bias(jnp.einsum("btnd,ndh->bth", attn, w.o), w.o_bias)
+        x = x + _out_proj(w, attn)
         x = x + _mlp(w, rms_norm(x, w.post_norm, config.rms_norm_eps))
         return x, ((k, v) if keep_kv else None, sums)
 
@@ -477,6 +484,6 @@ def decode_step(weights: Weights, tokens: jax.Array, cache: tuple, *, config: Mo
         out, layer_cache = sharding.append_and_attend(q, k[:, :, None], v[:, :, None], layer_cache, method,
                                                       mesh=mesh, window=config.sliding_window)
         new_cache.append(layer_cache)
-        x = x + _bias(jnp.einsum("bnd,ndh->bh", out, w.o), w.o_bias)
+        x = x + _out_proj(w, out)
         x = x + _mlp(w, rms_norm(x, w.post_norm, config.rms_norm_eps))
     return _lm_head(weights, rms_norm(x, weights.norm, config.rms_norm_eps)), tuple(new_cache)
