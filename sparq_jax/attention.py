@@ -59,21 +59,14 @@ def _gather_positions(x: jax.Array, idx: jax.Array) -> jax.Array:
     return out.reshape(b, h, n, w)
 
 
-# Rows at least this long start the k-th largest search from a bracket read off a strided sample.
-_SAMPLE_MIN = 8192
-_SAMPLE_STRIDE = 32
-
-
 def _kth_largest_key(key: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """key uint32 [..., n] -> (t, count(key >= t)), [...] each: a threshold t with count(key >= t)
     >= k and count(key > t) < k (the k-th largest key, or any t that keeps exactly the k largest);
     {key > t} plus the first k - count(key > t) keys equal to t are then the k largest.
 
     Bisection on integers with counting passes, stopped per row as soon as the count is exactly k
-    (for spread-out values, long before all 32 bits are resolved). Long rows first bracket the
-    answer with the same search on every 32nd key, with a margin of 4 standard deviations of the
-    sample's rank; the bracket is verified by counting, and a row whose bracket fails searches the
-    full range, so the result never depends on the sample.
+    (for spread-out values, long before all 32 bits are resolved: about 16-24 passes instead of 32).
+    (Bracketing the answer first from a strided sample of the keys measured slower on XLA:CPU.)
     """
     n = key.shape[-1]
     lead = key.shape[:-1]
@@ -81,17 +74,6 @@ def _kth_largest_key(key: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     lo = jnp.zeros(lead, jnp.uint32)                # count(key >= lo) >= k (= c_lo)
     c_lo = jnp.full(lead, n, _F32)
     hi = jnp.full(lead, 0xFFFFFFFF, jnp.uint32)     # count(key > hi) < k
-    if n >= _SAMPLE_MIN and k < n:
-        sample = key[..., ::_SAMPLE_STRIDE]
-        expected = k * sample.shape[-1] / n
-        margin = int(4 * math.sqrt(expected)) + 2
-        guess_lo, _ = _kth_largest_key(sample, min(sample.shape[-1], math.ceil(expected) + margin))
-        guess_hi, _ = _kth_largest_key(sample, max(1, math.floor(expected) - margin))
-        c_guess = count_at_least(guess_lo)
-        ok = c_guess >= k
-        lo, c_lo = jnp.where(ok, guess_lo, lo), jnp.where(ok, c_guess, c_lo)
-        above_hi = jnp.sum(jnp.where(key > guess_hi[..., None], 1.0, 0.0), axis=-1)
-        hi = jnp.where(above_hi < k, guess_hi, hi)
 
     def active(lo, hi, c_lo):
         return (lo < hi) & (c_lo != k)
