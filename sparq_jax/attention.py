@@ -169,13 +169,16 @@ def approx_logits_xla(q1: jax.Array, keys: jax.Array, i1: jax.Array, *, transpos
     i1f = i1.reshape(b * h, r)
 
     def visit(j, out):
-        acc = jnp.zeros((g, s), _F32)
+        # Accumulated as [S, G] (the group minor): each row element is loaded once for all G query
+        # heads; with [G, S] XLA:CPU streamed the r rows once per query head (1.6x slower at G=4).
+        acc = jnp.zeros((s, g), _F32)
         for c in range(r):
-            row = jax.lax.dynamic_slice(flat, (j, i1f[j, c], 0), (1, 1, s))[0].astype(_F32)   # [1, S]
-            acc = acc + q1f[j, :, c, None] * row
+            row = jax.lax.dynamic_slice(flat, (j, i1f[j, c], 0), (1, 1, s))[0, 0].astype(_F32)  # [S]
+            acc = acc + row[:, None] * q1f[j, None, :, c]
         return jax.lax.dynamic_update_slice(out, acc[None], (j, 0, 0))
 
-    return jax.lax.fori_loop(0, b * h, visit, jnp.zeros((b * h, g, s), _F32)).reshape(b, h, g, s)
+    out = jax.lax.fori_loop(0, b * h, visit, jnp.zeros((b * h, s, g), _F32))
+    return jnp.swapaxes(out, 1, 2).reshape(b, h, g, s)
 
 
 # Step 2 visits the gathered rows in chunks of this many, so that its temporaries stay in cache.
