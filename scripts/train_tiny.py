@@ -222,13 +222,16 @@ def forward(params, ids, config):
     return llama.rms_norm(x, params.norm, eps)
 
 
-def loss_fn(params, rows, config):
-    ids, targets = rows[:, :-1], rows[:, 1:]
-    x = forward(params, ids, config)
+def token_nll(params, rows, config):
+    """Teacher-forced loss [B, T] of rows [B, T + 1]: nats of each next token."""
+    x = forward(params, rows[:, :-1], config)
     logits = jnp.einsum("bth,hv->btv", x, params.lm_head, preferred_element_type=jnp.float32)
     logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    return jnp.mean(nll)
+    return -jnp.take_along_axis(logp, rows[:, 1:, None], axis=-1)[..., 0]
+
+
+def loss_fn(params, rows, config):
+    return jnp.mean(token_nll(params, rows, config))
 
 
 def copy_probe(seed: int = 1, n: int = 8, piece: int = 64, repeats: int = 4) -> np.ndarray:
@@ -242,9 +245,7 @@ def copy_probe(seed: int = 1, n: int = 8, piece: int = 64, repeats: int = 4) -> 
 
 def probe_losses(params, rows, config, piece: int = 64):
     """(mean loss on the first occurrence, mean loss on the repeats) of copy_probe rows, nats/token."""
-    x = forward(params, rows[:, :-1], config)
-    logits = jnp.einsum("bth,hv->btv", x, params.lm_head, preferred_element_type=jnp.float32)
-    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), rows[:, 1:, None], axis=-1)[..., 0]
+    nll = token_nll(params, rows, config)
     return jnp.mean(nll[:, :piece - 1]), jnp.mean(nll[:, piece:])
 
 
