@@ -90,13 +90,41 @@ def _kth_largest_key(key: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return lo, c_lo
 
 
+def _first_at_least(ends: jax.Array, want: jax.Array) -> jax.Array:
+    """ends [..., W] non-decreasing int32, want [k] int32, each at most every row's last entry ->
+    [..., k]: for each wanted value the first index w with ends[w] >= want (searchsorted, 'left').
+
+    Two levels: the block of `block` entries is found by comparing with every block's last entry
+    (vectorised, no gathers), then log2(block) gather-and-compare steps inside the block, instead
+    of the log2(W) dependent gathers of a plain binary search.
+    """
+    *lead, w = ends.shape
+    block = 32
+    while w > 64 * block:
+        block *= 2
+    pad = -w % block
+    if pad:
+        big = jnp.iinfo(ends.dtype).max
+        ends = jnp.pad(ends, [(0, 0)] * len(lead) + [(0, pad)], constant_values=big)
+    last = ends[..., block - 1::block]                                                     # [..., nblocks]
+    blocks_before = jnp.sum((last[..., None, :] < want[:, None]).astype(jnp.int32), axis=-1)  # [..., k]
+    pos = blocks_before * block
+    step = block // 2
+    while step >= 1:
+        probe = jnp.take_along_axis(ends, pos + step - 1, axis=-1)
+        pos = jnp.where(probe < want, pos + step, pos)
+        step //= 2
+    return pos
+
+
 def top_k_positions(score: jax.Array, k: int) -> jax.Array:
     """The positions of the k largest entries of each row of score [..., S] (ties: lowest positions
     first), in increasing position order: the same set as lax.top_k's, without its partial sort.
 
     The k-th largest value is found by counting bisection on the order-preserving integer image of
     the floats (_kth_largest_key), then the chosen positions are compacted with 32-bit masks and
-    population counts rather than a cumulative sum over S.
+    population counts rather than a cumulative sum over S, the word of each output found by a
+    two-level search of the words' running counts (_first_at_least).
     """
     *lead, s = score.shape
     if not 1 <= k <= s or s >= 2**24:
@@ -131,8 +159,7 @@ def top_k_positions(score: jax.Array, k: int) -> jax.Array:
     counts = jax.lax.population_count(words).astype(jnp.int32)
     ends = jnp.cumsum(counts, axis=-1)                                                      # inclusive
     want = jnp.arange(1, k + 1, dtype=jnp.int32)
-    flat_ends = ends.reshape(-1, ends.shape[-1])
-    word = jax.vmap(lambda e: jnp.searchsorted(e, want))(flat_ends).reshape(*lead, k)
+    word = _first_at_least(ends, want)                                                    # [..., k]
     rank = want - (jnp.take_along_axis(ends, word, axis=-1) - jnp.take_along_axis(counts, word, axis=-1))
     bitsword = jnp.take_along_axis(words, word, axis=-1)
     pos = jnp.zeros_like(rank)

@@ -514,3 +514,16 @@ def test_decode_step_updates_the_cache_in_place(batch, method):
     hlo = jax.jit(step, donate_argnums=0).lower(cache, q).compile().as_text()
     copies = re.findall(rf"f32\[{batch},{H},({S},{D}|{D},{S})\]\{{[0-9,]+\}} copy\(", hlo)
     assert not copies, f"{len(copies)} copies of cache buffers in the decode step"
+
+
+@pytest.mark.parametrize("W", [1, 31, 33, 1024, 2049, 5000])
+def test_first_at_least_is_searchsorted(W):
+    """The two-level search top_k_positions compacts with, against NumPy's searchsorted (side
+    'left'), including row lengths that need padding and more than 64 blocks of 32."""
+    from sparq_jax.attention import _first_at_least
+    rng = np.random.default_rng(W)
+    ends = np.cumsum(rng.integers(0, 4, (3, W)), axis=-1).astype(np.int32)
+    ends[:, -1] = ends[:, -1].max()                     # every wanted value is reached in every row
+    want = np.arange(0, ends[0, -1] + 1, dtype=np.int32)
+    got = np.asarray(_first_at_least(jnp.asarray(ends), jnp.asarray(want)))
+    np.testing.assert_array_equal(got, np.stack([np.searchsorted(e, want, side="left") for e in ends]))
