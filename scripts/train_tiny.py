@@ -374,7 +374,7 @@ def parse_args(argv=None):
     p.add_argument("--probe-every", type=positive_int, default=50,
                    help="interval in steps of the probes shown with the loss: a repeated random string "
                         "(first occurrence vs repeats), a string seen once 600 characters back, and "
-                        "the answer digits of passkey documents")
+                        "the answer digits of passkey documents (the first, found by its cue, and the rest)")
     p.add_argument("--checkpoint", help="checkpoint file (default: OUT/../<out name>.ckpt.npz)")
     p.add_argument("--mix", type=parse_mix, default=MIX,
                    help="document mixture, e.g. text=0.25,passkey=0.2,kv=0.15,repeat=0.2,induct=0.2 (default); 'copy' (random strings that each occur twice, far apart) is 0 by default")
@@ -431,12 +431,14 @@ def main(argv=None):
     probe_rows = jnp.asarray(copy_probe())
     recall_rows, recall_mask = recall_probe()
     passkey_rows, passkey_mask = passkey_probe(Stream(train_text, args.seq_len, args.seed))
+    first_digit = passkey_mask & (np.cumsum(passkey_mask, axis=1) == 1)
 
     @jax.jit
     def probe(params):
         fresh, copied = probe_losses(params, probe_rows, config)
         return (fresh, copied, masked_loss(params, recall_rows, recall_mask, config),
-                masked_loss(params, passkey_rows, passkey_mask, config))
+                masked_loss(params, passkey_rows, first_digit, config),
+                masked_loss(params, passkey_rows, passkey_mask & ~first_digit, config))
 
     probes = []
     start = time.time()
@@ -446,12 +448,13 @@ def main(argv=None):
         losses.append(float(loss))
         tokens += args.batch * args.row_len
         if (step + 1) % args.probe_every == 0:
-            fresh, copied, recall, digits = (float(x) for x in probe(params))
+            fresh, copied, recall, first, rest = (float(x) for x in probe(params))
             probes.append({"step": step + 1, "fresh": fresh, "repeat": copied, "recall": recall,
-                           "passkey_digits": digits})
+                           "passkey_first_digit": first, "passkey_other_digits": rest})
             tqdm.write(f"step {step + 1}: loss {np.mean(losses[-args.probe_every:]):.3f}, copy probe "
                        f"{fresh:.3f} first occurrence / {copied:.3f} repeats; recall at 600 chars "
-                       f"{recall:.3f}; passkey digits {digits:.3f} (nats/token; chance 3.61, 3.61, 2.30)")
+                       f"{recall:.3f}; passkey first digit {first:.3f}, others {rest:.3f} (nats/token; "
+                       f"chance 3.61, 3.61, 2.30)")
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         out_of_time = args.time_limit is not None and time.time() - start > args.time_limit * 60
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps or out_of_time:

@@ -74,7 +74,7 @@ def test_two_step_run_writes_a_loadable_checkpoint(tmp_path):
     assert lm.config.max_position_embeddings == 256 and lm.config.num_hidden_layers == 1
     summary = json.loads((tmp_path / "model.ckpt.summary.json").read_text())
     assert summary["steps"] == 2 and len(summary["probes"]) == 2
-    assert {"fresh", "repeat", "recall", "passkey_digits"} <= set(summary["probes"][0])
+    assert {"fresh", "repeat", "recall", "passkey_first_digit", "passkey_other_digits"} <= set(summary["probes"][0])
     assert sorted(os.listdir(out / "heldout")) == sorted(f"{w}.txt" for w in tt.HELDOUT)
 
 
