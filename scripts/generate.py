@@ -103,21 +103,23 @@ def random_model_path() -> str:
     return path
 
 
-def passkey_prompts(tokenizer, n_tokens: int, seed: int) -> list[str]:
-    """Three prompts with a 5-digit pass key buried at 25%, 50% and 75% depth of filler text."""
+def passkey_prompts(tokenizer, n_tokens: int, seed: int) -> tuple[list[str], list[str]]:
+    """Three prompts with a 5-digit pass key buried at 25%, 50% and 75% depth of filler text, and
+    their keys."""
     rng = np.random.default_rng(seed)
     head = "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it.\n"
     tail = "\nWhat is the pass key? The pass key is"
     per_filler = len(tokenizer(FILLER, add_special_tokens=False)["input_ids"])
     fixed = len(tokenizer(head + tail + " The pass key is 00000. Remember it. 00000 is the pass key. ")["input_ids"])
     repeats = max(1, (n_tokens - fixed) // per_filler)
-    prompts = []
+    prompts, keys = [], []
     for depth in (0.25, 0.5, 0.75):
         key = int(rng.integers(10000, 100000))
         before = round(repeats * depth)
         needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
         prompts.append(head + FILLER * before + needle + FILLER * (repeats - before) + tail)
-    return prompts
+        keys.append(str(key))
+    return prompts, keys
 
 
 def make_method(name: str, ratio: float, head_dim: int, seq_len: int, grouped: bool = False):
@@ -166,10 +168,10 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: --model {path} has no tokenizer files (tokenizer.json / tokenizer_config.json)")
     bar.update()
     config = lm.config
-    prompts = args.prompt
+    prompts, keys = args.prompt, None
     if prompts is None:
         budget = min(PROMPT_TOKENS, config.max_position_embeddings - args.max_new_tokens)
-        prompts = passkey_prompts(lm.tokenizer, budget, args.seed)
+        prompts, keys = passkey_prompts(lm.tokenizer, budget, args.seed)
     batch = lm.tokenizer(prompts, padding=True, return_tensors="np")
     ids, mask = batch["input_ids"], batch["attention_mask"]
     lengths = mask.sum(axis=1)
@@ -207,15 +209,18 @@ def main(argv=None) -> int:
           f"{args.max_new_tokens} new tokens each")
     for i, prompt in enumerate(prompts):
         shown = prompt if len(prompt) < 160 else f"{prompt[:70]} ... {prompt[-70:]}"
-        print(f"\n[prompt {i}] {shown!r}")
+        print(f"\n[prompt {i}] {shown!r}" + (f" (hidden key: {keys[i]})" if keys else ""))
         for name, r in results.items():
-            print(f"  {name:>9}: {r['text'][i]!r}")
+            verdict = ""
+            if keys:
+                verdict = "  found" if r["text"][i].strip().startswith(keys[i]) else "  missed"
+            print(f"  {name:>9}: {r['text'][i]!r}{verdict}")
     print(f"\n{'method':<10} {'transfer ratio':>15} {'decode tokens/s':>16} {'prefill s':>10}  budget")
     for name, r in results.items():
         print(f"{name:<10} {r['transfer_ratio']:>15.4f} {r['tokens_per_s']:>16.1f} {r['prefill_s']:>10.2f}  {r['method']}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": path, "prompt_tokens": [int(n) for n in lengths],
+            json.dump({"model": path, "prompt_tokens": [int(n) for n in lengths], "pass_keys": keys,
                        "max_new_tokens": args.max_new_tokens, "results": results}, f, indent=2)
     return 0
 
