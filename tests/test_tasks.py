@@ -105,9 +105,6 @@ def test_transfer_meter(evaluate):
 # The bundled model
 
 @needs_bundled
-@pytest.mark.xfail(strict=True, reason="issue 5 is open: the bundled model copies but does not retrieve "
-                   "yet (dense passkey 1 of 40 in the card's run; see models/bundled/README.md). strict: "
-                   "a retrained model that passes turns this into a failure, so the mark gets removed")
 def test_bundled_passkey_dense_and_sparq(lm, evaluate):
     samples = tasks.passkey_samples(8, 1023, seed=0)   # 1k context with <s>
     prefilled = evaluate.prefill_passkey(lm, samples)
