@@ -179,6 +179,8 @@ def main(argv=None) -> int:
         print(f"note: prompt ({lengths.max()} tokens) + --max-new-tokens exceeds the model's "
               f"max_position_embeddings={config.max_position_embeddings}", file=sys.stderr)
 
+    from sparq_jax.tasks import score_passkey
+
     results = {}
     for name in args.method:
         method = make_method(name, args.compression, config.head_dim, int(lengths.max()),
@@ -212,8 +214,8 @@ def main(argv=None) -> int:
         print(f"\n[prompt {i}] {shown!r}" + (f" (hidden key: {keys[i]})" if keys else ""))
         for name, r in results.items():
             verdict = ""
-            if keys:
-                verdict = "  found" if r["text"][i].strip().startswith(keys[i]) else "  missed"
+            if keys:   # the prompt ends at "is": the answer comes after a space
+                verdict = "  found" if score_passkey(r["text"][i].lstrip(), keys[i]) else "  missed"
             print(f"  {name:>9}: {r['text'][i]!r}{verdict}")
     print(f"\n{'method':<10} {'transfer ratio':>15} {'decode tokens/s':>16} {'prefill s':>10}  budget")
     for name, r in results.items():

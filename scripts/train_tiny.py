@@ -299,9 +299,8 @@ def passkey_probe(stream: "Stream", seed: int = 3, n: int = 8, length: int = 100
     return rows, mask
 
 
-def masked_loss(params, rows, mask, config):
-    """Mean teacher-forced loss (nats/token) over the predictions where mask is True."""
-    nll = token_nll(params, rows, config)
+def masked_mean(nll, mask):
+    """Mean of the per-token losses nll [B, T] where mask [B, T] is True."""
     return jnp.sum(jnp.where(mask, nll, 0.0)) / jnp.sum(mask)
 
 
@@ -377,7 +376,8 @@ def parse_args(argv=None):
                         "the answer digits of passkey documents (the first, found by its cue, and the rest)")
     p.add_argument("--checkpoint", help="checkpoint file (default: OUT/../<out name>.ckpt.npz)")
     p.add_argument("--mix", type=parse_mix, default=MIX,
-                   help="document mixture, e.g. text=0.25,passkey=0.2,kv=0.15,repeat=0.2,induct=0.2 (default); 'copy' (random strings that each occur twice, far apart) is 0 by default")
+                   help="document mixture, e.g. text=0.25,passkey=0.2,kv=0.15,repeat=0.2,induct=0.2 "
+                        "(default); 'copy' (random strings that each occur twice, far apart) is 0 by default")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     p.add_argument("--time-limit", type=positive_float,
                    help="minutes: stop early (checkpoint and export) once this much wall time has passed")
@@ -436,9 +436,9 @@ def main(argv=None):
     @jax.jit
     def probe(params):
         fresh, copied = probe_losses(params, probe_rows, config)
-        return (fresh, copied, masked_loss(params, recall_rows, recall_mask, config),
-                masked_loss(params, passkey_rows, first_digit, config),
-                masked_loss(params, passkey_rows, passkey_mask & ~first_digit, config))
+        passkey_nll = token_nll(params, passkey_rows, config)
+        return (fresh, copied, masked_mean(token_nll(params, recall_rows, config), recall_mask),
+                masked_mean(passkey_nll, first_digit), masked_mean(passkey_nll, passkey_mask & ~first_digit))
 
     probes = []
     start = time.time()
