@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import statistics
 import sys
 import time
@@ -27,8 +28,12 @@ from cli_args import int_list, positive_int, ratio
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def time_interleaved(fns: dict, args: dict, reps: int, warmup: int) -> dict[str, float]:
-    """Median milliseconds of each fns[name](*args[name]), run round-robin."""
+def time_interleaved(fns: dict, args: dict, reps: int, warmup: int, inner: int = 1) -> dict[str, float]:
+    """Median milliseconds of each fns[name](*args[name]), run round-robin.
+
+    Each sample dispatches the call `inner` times back to back and waits once, so that on an
+    accelerator the host's dispatch overlaps the device's work (a decode loop is one program there).
+    """
     for name, fn in fns.items():
         for _ in range(warmup):
             jax.block_until_ready(fn(*args[name]))
@@ -36,16 +41,21 @@ def time_interleaved(fns: dict, args: dict, reps: int, warmup: int) -> dict[str,
     for _ in range(reps):
         for name, fn in fns.items():
             start = time.perf_counter()
-            jax.block_until_ready(fn(*args[name]))
-            samples[name].append((time.perf_counter() - start) * 1e3)
+            outs = [fn(*args[name]) for _ in range(inner)]
+            jax.block_until_ready(outs)
+            samples[name].append((time.perf_counter() - start) * 1e3 / inner)
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def _pallas_dense(q, cache):
-    """jax's own Pallas decode attention (GPU), if it imports: the best dense kernel we can field."""
+def kernel_impls(backend: str) -> list[str]:
+    """SparQ implementations that run compiled on a backend (--impl all)."""
+    return {"gpu": ["xla", "pallas_gpu"], "tpu": ["xla", "pallas_tpu"]}.get(backend, ["xla"])
+
+
+def _pallas_dense(q, k, v):
+    """jax's own Pallas decode attention (GPU), if it imports: the best dense kernel we can field.
+    k, v: [B, S, Hkv, D], its layout (transposed before timing, so the timing holds no transpose)."""
     from jax.experimental.pallas.ops.gpu import decode_attention as da
-    k = jnp.swapaxes(cache.k, 1, 2)                     # [B, S, Hkv, D]
-    v = jnp.swapaxes(cache.v, 1, 2)
     return da.gqa(q, k, v)
 
 
@@ -62,10 +72,11 @@ def attention_case(args, seq_len: int) -> dict:
         sparq = sq.SparQ.for_compression(args.compression, d, seq_len, reallocate_mean=not args.no_reallocate)
     if sparq.rank > d:
         raise SystemExit(f"--rank={sparq.rank} must be <= --head-dim={d}")
-    rng = np.random.default_rng(args.seed)
-    k = jnp.asarray(rng.standard_normal((b, hkv, seq_len, d), np.float32), dtype)
-    v = jnp.asarray(rng.standard_normal((b, hkv, seq_len, d), np.float32), dtype)
-    q = jnp.asarray(rng.standard_normal((b, hq, d), np.float32), dtype)
+    # drawn on the device: a host draw of several GB would take longer than the benchmark
+    kk, kv, kq = jax.random.split(jax.random.PRNGKey(args.seed), 3)
+    k = jax.random.normal(kk, (b, hkv, seq_len, d), dtype)
+    v = jax.random.normal(kv, (b, hkv, seq_len, d), dtype)
+    q = jax.random.normal(kq, (b, hq, d), dtype)
     lengths = jnp.full((b,), seq_len, jnp.int32)
     twice = sq.KVCache.from_kv(k, v, lengths, transposed_keys=True)
     once = sq.KVCache.from_kv(k, v, lengths, transposed_keys=False) if args.single_copy else None
@@ -82,12 +93,13 @@ def attention_case(args, seq_len: int) -> dict:
     rows["dense/xla"] = ("dense", "xla", dense_bytes)
     if jax.default_backend() == "gpu":
         try:
-            _pallas_dense(q, twice)
-            fns["dense/pallas"], fargs["dense/pallas"] = jax.jit(_pallas_dense), (q, twice)
+            kv_bshd = (q, jnp.swapaxes(twice.k, 1, 2), jnp.swapaxes(twice.v, 1, 2))
+            jax.block_until_ready(jax.jit(_pallas_dense)(*kv_bshd))
+            fns["dense/pallas"], fargs["dense/pallas"] = jax.jit(_pallas_dense), kv_bshd
             rows["dense/pallas"] = ("dense", "pallas_gpu(jax decode_attention)", dense_bytes)
         except Exception as err:  # noqa: BLE001 - optional comparison only
             print(f"(jax's pallas decode_attention unavailable: {type(err).__name__}: {err})", file=sys.stderr)
-    impls = ["xla", "pallas_gpu", "pallas_tpu"] if args.impl == "all" else [args.impl]
+    impls = kernel_impls(jax.default_backend()) if args.impl == "all" else [args.impl]
     for impl in impls:
         name = f"sparq/{impl}"
         fns[name], fargs[name] = run(sparq, impl), (q, twice)
@@ -95,13 +107,23 @@ def attention_case(args, seq_len: int) -> dict:
         if once is not None:
             fns[name + "/single-copy"], fargs[name + "/single-copy"] = run(sparq, impl), (q, once)
             rows[name + "/single-copy"] = ("sparq (K once)", impl, sparq_bytes)
-    if jax.default_backend() == "cpu":
-        # The floor on this machine: a plain reduction over as many bytes as SparQ reads.
-        stream = jnp.ones((sparq_bytes // itemsize,), dtype)
-        fns["stream"], fargs["stream"] = jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32)), (stream,)
-    ms = time_interleaved(fns, fargs, args.reps, args.warmup)
-    out_rows = [{"method": m, "impl": impl, "ms": ms[name], "bytes": nbytes, "gbps": nbytes / ms[name] / 1e6}
+    # The floor on this device: a plain reduction over as many bytes as SparQ reads; and the device's
+    # copy bandwidth (bytes read + written) on a buffer as large as dense's reads, at most 1 GiB.
+    stream = jnp.ones((sparq_bytes // itemsize,), dtype)
+    fns["stream"], fargs["stream"] = jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32)), (stream,)
+    copy_bytes = min(dense_bytes, 1 << 30)
+    fns["copy"], fargs["copy"] = jax.jit(lambda x: x * 2), (jnp.ones((copy_bytes // itemsize,), dtype),)
+    ms = time_interleaved(fns, fargs, args.reps, args.warmup, args.inner)
+    breakdown = {impl: stage_breakdown(args, sparq, q, twice, impl) for impl in impls} if args.breakdown else None
+    # Every row's output against the XLA row of its method (||out - xla|| / ||xla||, fp32).
+    outs = {name: np.asarray(fns[name](*fargs[name]), np.float32) for name in rows}
+    def rel_err(name):
+        ref = outs[name.split("/")[0] + "/xla"]
+        return float(np.linalg.norm(outs[name].reshape(ref.shape) - ref) / np.linalg.norm(ref))
+    out_rows = [{"method": m, "impl": impl, "ms": ms[name], "bytes": nbytes, "gbps": nbytes / ms[name] / 1e6,
+                 "rel_err_vs_xla": rel_err(name)}
                 for name, (m, impl, nbytes) in rows.items()]
+    del outs
     dense_ms = min(r["ms"] for r in out_rows if r["method"] == "dense")
     sparq_ms = min(r["ms"] for r in out_rows if r["method"] == "sparq")
     return {
@@ -109,30 +131,72 @@ def attention_case(args, seq_len: int) -> dict:
                    "dtype": args.dtype, "rank": sparq.rank, "top_k": sparq.top_k,
                    "local_window": sparq.local_window, "reallocate_mean": sparq.reallocate_mean,
                    "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
-                   "jax": jax.__version__, "reps": args.reps},
+                   "jax": jax.__version__, "reps": args.reps, "inner": args.inner},
         "rows": out_rows,
         "dense_ms": dense_ms,
         "sparq_ms": sparq_ms,
         "speedup": dense_ms / sparq_ms,
         "transfer_ratio": sparq.transfers(seq_len, d) / sq.Dense().transfers(seq_len, d),
-        "stream_ms": ms.get("stream"),
+        "stream_ms": ms["stream"],
+        "copy_gbps": 2 * copy_bytes / ms["copy"] / 1e6,
+        "breakdown": breakdown,
     }
+
+
+def stage_breakdown(args, sparq, q, cache, impl: str) -> dict:
+    """SparQ's stages timed one by one (interleaved), each on the previous stage's real output:
+    step 1 (approximate logits), the softmax and top-k (ours, lax.top_k, lax.approx_max_k), steps 2+3."""
+    from sparq_jax import attention as att
+
+    step1, step2 = att._step_functions(impl, False, transposed=True)
+    b, hq, d = q.shape
+    hkv, s = cache.k.shape[1], cache.max_len
+    qf = q.reshape(b, hkv, hq // hkv, d).astype(jnp.float32)
+    _, i1 = jax.lax.top_k(jnp.sum(jnp.abs(qf), axis=2), sparq.rank)
+    q1 = jnp.take_along_axis(qf, i1[:, :, None, :], axis=-1)
+    logits = jax.jit(step1)(q1, cache.kt, i1)
+    k = min(sparq.top_k, s)
+    score_of = lambda lg: jnp.sum(jax.nn.softmax(lg / math.sqrt(d), axis=-1), axis=2)  # noqa: E731
+    i2 = jax.jit(lambda lg: att.top_k_positions(score_of(lg), k))(logits)
+    valid = jnp.ones(i2.shape, bool)
+    alpha = jnp.full(qf.shape[:3], 0.9, jnp.float32)
+    v_bar = cache.v_sum / s
+    fns = {
+        "step 1": (jax.jit(step1), (q1, cache.kt, i1)),
+        "softmax + top-k (ours)": (jax.jit(lambda lg: att.top_k_positions(score_of(lg), k)), (logits,)),
+        "softmax + lax.top_k": (jax.jit(lambda lg: jax.lax.top_k(score_of(lg), k)[1]), (logits,)),
+        "softmax + approx_max_k": (jax.jit(lambda lg: jax.lax.approx_max_k(score_of(lg), k)[1]), (logits,)),
+        "steps 2+3": (jax.jit(step2), (qf, cache.k, cache.v, i2, valid, alpha, v_bar)),
+    }
+    ms = time_interleaved({n: f for n, (f, _) in fns.items()}, {n: a for n, (_, a) in fns.items()},
+                          args.reps, args.warmup, args.inner)
+    item = cache.k.dtype.itemsize
+    nbytes = {"step 1": b * hkv * sparq.rank * s * item, "steps 2+3": 2 * b * hkv * k * d * item}
+    for name in fns:
+        if name.startswith("softmax"):
+            nbytes[name] = logits.size * 4
+    return {name: {"ms": ms[name], "bytes": nbytes[name], "gbps": nbytes[name] / ms[name] / 1e6} for name in fns}
 
 
 def print_case(result: dict) -> None:
     c = result["config"]
     print(f"\nB={c['batch']} Hq={c['q_heads']} Hkv={c['kv_heads']} S={c['seq_len']} D={c['head_dim']} "
           f"{c['dtype']} SparQ(r={c['rank']}, k={c['top_k']}, l={c['local_window']}) on {c['device']}")
-    print(f"{'method':<16}{'impl':<34}{'ms':>10}{'MB read':>10}{'GB/s':>8}")
+    print(f"{'method':<16}{'impl':<34}{'ms':>10}{'MB read':>10}{'GB/s':>8}{'err vs xla':>12}")
     for r in result["rows"]:
-        print(f"{r['method']:<16}{r['impl']:<34}{r['ms']:>10.3f}{r['bytes'] / 1e6:>10.1f}{r['gbps']:>8.1f}")
+        print(f"{r['method']:<16}{r['impl']:<34}{r['ms']:>10.3f}{r['bytes'] / 1e6:>10.1f}{r['gbps']:>8.1f}"
+              f"{r['rel_err_vs_xla']:>12.1e}")
     line = (f"speedup {result['speedup']:.2f}x (dense {result['dense_ms']:.3f} ms / sparq "
             f"{result['sparq_ms']:.3f} ms), transfer ratio {result['transfer_ratio']:.4f} "
             f"(at most {1 / result['transfer_ratio']:.2f}x)")
-    if result["stream_ms"] is not None:
-        line += f"; streaming SparQ's bytes takes {result['stream_ms']:.3f} ms " \
-                f"(sparq = {result['sparq_ms'] / result['stream_ms']:.2f}x of that)"
+    line += (f"; streaming SparQ's bytes takes {result['stream_ms']:.3f} ms "
+             f"(sparq = {result['sparq_ms'] / result['stream_ms']:.2f}x of that); "
+             f"copy bandwidth {result['copy_gbps']:.0f} GB/s")
     print(line)
+    for impl, stages in (result.get("breakdown") or {}).items():
+        print(f"  stages of sparq/{impl}:")
+        for name, st in stages.items():
+            print(f"    {name:<26}{st['ms']:>10.3f} ms{st['bytes'] / 1e6:>10.1f} MB{st['gbps']:>8.1f} GB/s")
 
 
 def plot_sweep(results: list[dict], path: str) -> None:
@@ -146,7 +210,7 @@ def plot_sweep(results: list[dict], path: str) -> None:
         ms = [next((row["ms"] for row in r["rows"] if (row["method"], row["impl"]) == (method, impl)), np.nan)
               for r in results]
         ax1.plot(s, ms, marker="o", label=f"{method} ({impl})")
-    if all(r["stream_ms"] is not None for r in results):
+    if all(r.get("stream_ms") is not None for r in results):
         ax1.plot(s, [r["stream_ms"] for r in results], ls="--", color="gray", label="stream SparQ's bytes")
     ax1.set(xscale="log", yscale="log", xlabel="sequence length S", ylabel="ms per decode step",
             title="attention time")
@@ -288,6 +352,10 @@ def main(argv=None) -> None:
     a.add_argument("--single-copy", action="store_true", help="also time SparQ with K stored once")
     a.add_argument("--reps", type=positive_int, default=7)
     a.add_argument("--warmup", type=positive_int, default=2)
+    a.add_argument("--inner", type=positive_int, default=None,
+                   help="calls per timed sample, dispatched back to back (default 1 on CPU, 20 elsewhere)")
+    a.add_argument("--breakdown", action="store_true",
+                   help="also time SparQ's stages one by one (step 1, softmax + top-k variants, steps 2+3)")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--sweep", type=int_list, help="comma-separated sequence lengths (overrides --seq-len)")
     a.add_argument("--plot", help="PNG of time and speedup vs S (with --sweep)")
@@ -308,6 +376,8 @@ def main(argv=None) -> None:
     d.add_argument("--json", help="write the results as JSON")
     d.set_defaults(func=cmd_decode)
     args = parser.parse_args(argv)
+    if getattr(args, "inner", 0) is None:
+        args.inner = 1 if jax.default_backend() == "cpu" else 20
     if getattr(args, "plot", None) and not getattr(args, "sweep", None):
         parser.error("--plot needs --sweep")
     args.func(args)

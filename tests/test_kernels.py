@@ -193,9 +193,10 @@ def sq():
     return sparq_jax
 
 
-@pytest.mark.parametrize("impl", [pytest.param("pallas_gpu", marks=needs_triton), "pallas_tpu"])
-@pytest.mark.parametrize("case", E2E_CASES, ids=["G1-kt-f32", "G4-k-bf16", "G8-window-f32"])
-def test_attend_sparq_matches_xla(sq, impl, case):
+E2E_IDS = ["G1-kt-f32", "G4-k-bf16", "G8-window-f32"]
+
+
+def _check_attend_against_xla(sq, case, impl, interpret):
     B, Hq, Hkv, S, D, lengths, transposed, dtype, kwargs, window = case
     rng = np.random.default_rng(3)
     k = jnp.asarray(rng.standard_normal((B, Hkv, S, D)), dtype)
@@ -203,10 +204,17 @@ def test_attend_sparq_matches_xla(sq, impl, case):
     q = jnp.asarray(rng.standard_normal((B, Hq, D)), dtype)
     cache = sq.KVCache.from_kv(k, v, jnp.asarray(lengths, jnp.int32), transposed_keys=transposed)
     method = sq.SparQ(**kwargs)
-    want, _ = sq.attend(q, cache, method, window=window, impl="xla")
-    got, _ = sq.attend(q, cache, method, window=window, impl=impl, interpret=True)
+    with jax.default_matmul_precision("highest"):  # fp32 products on a GPU too (not tf32)
+        want, _ = sq.attend(q, cache, method, window=window, impl="xla")
+    got, _ = sq.attend(q, cache, method, window=window, impl=impl, interpret=interpret)
     assert got.shape == (B, Hq, D) and got.dtype == dtype
     assert_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("impl", [pytest.param("pallas_gpu", marks=needs_triton), "pallas_tpu"])
+@pytest.mark.parametrize("case", E2E_CASES, ids=E2E_IDS)
+def test_attend_sparq_matches_xla(sq, impl, case):
+    _check_attend_against_xla(sq, case, impl, interpret=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -335,6 +343,12 @@ def test_compiled_gpu_split_k():
     args = step2_inputs(7, 2, 1, 4, 512, 64, 300, jnp.bfloat16, [[3], [290]], False)
     assert_close(sparq_gpu._gather_attend(*args, block_k=32, num_splits=4, interpret=False),
                  ref_gather_attend(*args), jnp.bfloat16)
+
+
+@on_gpu
+@pytest.mark.parametrize("case", E2E_CASES, ids=E2E_IDS)
+def test_compiled_gpu_attend_matches_xla(sq, case):
+    _check_attend_against_xla(sq, case, "pallas_gpu", interpret=False)
 
 
 @on_tpu

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The GPU checks, as one prepared run (about 5 minutes on an H100), from the repository root:
+#   OUT=/tmp/gpu bash scripts/device_check.sh
+# 1. the compiled kernel tests; 2. benchmark.py attention in bf16 at the paper's shape (a) and a long
+# GQA shape (b), with the stage breakdown and the card's copy bandwidth; 3. the rest of the kernel
+# tests (interpret mode, lowering) under this jax; 4. a decode-step benchmark at 32k positions.
+# Logs and JSON go to $OUT; each part has its own time limit, so one hang does not cost the others.
+set -u
+OUT=${OUT:-/tmp/sparq_device_check}
+mkdir -p "$OUT"
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+part() { echo; echo "=== $1 ($(date +%T))"; }
+
+part environment
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,temperature.gpu --format=csv 2>&1
+$PY -c "import jax, pallas_kernels; print('jax', jax.__version__, jax.devices()); \
+print('triton backend', pallas_kernels.gpu_kernels_available())" 2>&1
+
+part "compiled kernel tests"
+timeout 180 $PY -m pytest tests/test_kernels.py -k compiled -v -p no:cacheprovider -W ignore::DeprecationWarning \
+  >"$OUT/test_compiled.log" 2>&1
+echo "rc=$?"; grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed" "$OUT/test_compiled.log" | tail -20
+grep -E "^E " "$OUT/test_compiled.log" | head -20
+
+bench() {  # name, args...
+  local name=$1; shift
+  part "benchmark $name"
+  timeout 150 $PY scripts/benchmark.py attention --dtype bfloat16 --impl all --breakdown --reps 15 \
+    --json "$OUT/bench_gpu_$name.json" "$@" >"$OUT/bench_$name.log" 2>&1
+  echo "rc=$?"; grep -v "^\s*$" "$OUT/bench_$name.log" | grep -v Warning | tail -22
+}
+bench a --batch 64 --q-heads 32 --kv-heads 32 --seq-len 4096 --rank 32 --top-k 128 --single-copy
+bench b --batch 8 --q-heads 32 --kv-heads 8 --seq-len 32768 --compression 1/8
+
+part "kernel tests, not compiled (interpret mode, lowering) under this jax"
+timeout 120 $PY -m pytest tests/test_kernels.py -k "not compiled" -q -p no:cacheprovider -x \
+  >"$OUT/test_interpret.log" 2>&1
+echo "rc=$?"; tail -5 "$OUT/test_interpret.log"
+
+part "decode benchmark"
+timeout 120 $PY scripts/benchmark.py decode --seq-lens 32768 --reps 10 --json "$OUT/decode_gpu.json" \
+  >"$OUT/decode.log" 2>&1
+echo "rc=$?"; tail -4 "$OUT/decode.log"
+part done
