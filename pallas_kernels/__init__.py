@@ -7,6 +7,12 @@ Each backend module exposes the same two functions (the wrappers own grid and Bl
   gather_attend(q, k, v, i2, valid, alpha, v_bar, *, interpret=False)
       steps 2 + 3: exact attention over the rows i2, then mean-value reallocation, fp32 [B, Hkv, G, D]
 
+sparq_gpu adds the selection between the steps (on a GPU, lax.top_k and the CPU path's counting
+passes were the slowest part of SparQ):
+
+  top_k_positions(score, k, *, block=None, interpret=False, early_exit=True)
+      the k largest of each row [..., S] (ties: lowest positions), in increasing position order, int32
+
   sparq_gpu   Pallas Triton backend (in-kernel gathers by index vector); interpret=True runs on CPU
   sparq_tpu   Pallas Mosaic TPU backend (scalar-prefetched indices, per-row DMA from HBM);
               interpret=True simulates DMA and semaphores on CPU

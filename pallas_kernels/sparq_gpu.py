@@ -36,7 +36,7 @@ _NUM_STAGES = 2
 # 132 SMs, and B * Hkv alone is small for long contexts at small batch.
 _TARGET_PROGRAMS = 512
 
-__all__ = ["approx_logits", "gather_attend"]
+__all__ = ["approx_logits", "top_k_positions", "gather_attend"]
 
 
 def _pow2(n: int) -> int:
@@ -192,6 +192,118 @@ def approx_logits(q1, keys, i1, *, transposed=True, block_s=None, interpret=Fals
         interpret=interpret,
         name="sparq_approx_logits",
     )(q1, keys, i1.astype(jnp.int32))
+
+
+# ---------------------------------------------------------------------------------------------
+# Between the steps: the positions of the k largest scores of each row.
+
+_INT_MIN = -(1 << 31)
+_TOPK_BLOCK = 8192  # positions a top-k program holds at once; longer rows are visited in chunks
+
+
+def _top_k_kernel(score_ref, out_ref, *, S, k, block, n_chunks, early_exit):
+    """One program: one row. score [S] fp32 -> out int32 [k], the positions of the k largest scores
+    (ties: lowest positions first) in increasing order.
+
+    Scores map to order-preserving int32 keys. A threshold is built bit by bit from the top (counting
+    passes: keep a bit if at least k keys reach the candidate; at most 32, and with early_exit
+    stopping at a count of exactly k), then one pass keeps the keys above it and the first
+    k - count(above) keys equal to it, and writes each kept position at its rank among the kept
+    (a prefix sum).
+    """
+    lane = jnp.arange(block)
+
+    def chunk(c):
+        pos = c * block + lane
+        ok = pos < S
+        x = plgpu.load(score_ref.at[pos], mask=ok, other=0.0)
+        bits = lax.bitcast_convert_type(jnp.where(x == 0, 0.0, x), jnp.int32)  # -0.0 ties with +0.0
+        key = jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # signed order of the floats' values
+        return key, pos, ok
+
+    if n_chunks == 1:
+        resident = chunk(0)  # the whole row stays in registers for all passes
+        get = lambda c: resident  # noqa: E731
+    else:
+        get = chunk
+
+    def count_at_least(t):
+        def add(c, acc):
+            key, _, ok = get(c)
+            return acc + jnp.where(ok & (key >= t), 1, 0)
+        return jnp.sum(lax.fori_loop(0, n_chunks, add, jnp.zeros((block,), jnp.int32)))
+
+    def bit(state):
+        # t holds the answer's bits found so far in the unsigned image (key ^ INT_MIN). Once exactly
+        # k keys reach a candidate, it is a valid threshold: {key >= it} are the k largest, and the
+        # search stops (for spread-out values after about log2(S) + a few of the 32 passes).
+        i, t, _ = state
+        cand = t | lax.shift_left(jnp.int32(1), 31 - i)
+        c = count_at_least(cand ^ _INT_MIN)
+        return i + 1, jnp.where(c >= k, cand, t), (c == k) & early_exit
+
+    _, t, _ = lax.while_loop(lambda state: (state[0] < 32) & ~state[2], bit,
+                             (jnp.int32(0), jnp.int32(0), jnp.bool_(False)))
+    kth = t ^ _INT_MIN
+    room = k - count_at_least(kth + 1)  # ties to keep; kth + 1 cannot overflow for a float's key
+
+    def compact(c, carry):
+        kept_before, ties_before = carry
+        key, pos, ok = get(c)
+        tie = jnp.where(ok & (key == kth), 1, 0)
+        keep = ok & ((key > kth) | ((tie == 1) & (ties_before + jnp.cumsum(tie) - tie < room)))
+        kept = jnp.where(keep, 1, 0)
+        # lanes not kept point past the end, each at its own slot: the store skips them (masked), and
+        # the interpreter, which writes every lane, then drops them instead of overwriting slot 0
+        dest = jnp.where(keep, kept_before + jnp.cumsum(kept) - kept, k + lane)
+        plgpu.store(out_ref.at[dest], pos, mask=keep)
+        return kept_before + jnp.sum(kept), ties_before + jnp.sum(tie)
+
+    lax.fori_loop(0, n_chunks, compact, (jnp.int32(0), jnp.int32(0)))
+
+
+@functools.partial(jax.jit, static_argnames=("k", "block", "interpret", "early_exit"))
+def top_k_positions(score, k, *, block=None, interpret=False, early_exit=True):
+    """The positions of the k largest entries of each row of score [..., S] (ties: lowest positions
+    first), in increasing position order: sparq_jax.attention.top_k_positions as one program per row.
+
+    Args:
+      score: float [..., S] (compared as fp32; NaN is not allowed).
+      k: 1 <= k <= S.
+      block: positions held at once (a power of two >= 16; default min(S rounded up, 8192)).
+      interpret: run in the Pallas interpreter (CPU).
+      early_exit: stop the threshold search at a count of exactly k (False: always 32 passes; the
+        same result, kept for benchmarks).
+
+    Returns int32 [..., k].
+    """
+    _require_triton()
+    _check_interpret(interpret)
+    if score.ndim < 1 or not jnp.issubdtype(score.dtype, jnp.floating):
+        raise ValueError(f"score has shape {tuple(score.shape)} and dtype {score.dtype}; expected a float array [..., S]")
+    *lead, S = score.shape
+    if not isinstance(k, int) or not 1 <= k <= S:
+        raise ValueError(f"k={k!r}; expected an int in [1, S={S}]")
+    if block is None:
+        block = max(_MIN_DOT, min(_TOPK_BLOCK, _pow2(S)))
+    elif not isinstance(block, int) or block < _MIN_DOT or block & (block - 1):
+        raise ValueError(f"block={block!r}; expected a power of two >= {_MIN_DOT} (or None)")
+    rows = math.prod(lead)
+    if not isinstance(early_exit, bool):
+        raise ValueError(f"early_exit={early_exit!r}; expected a bool")
+    kernel = functools.partial(_top_k_kernel, S=S, k=k, block=block, n_chunks=pl.cdiv(S, block),
+                               early_exit=early_exit)
+    out = pl.pallas_call(
+        kernel,
+        grid=(rows,),
+        in_specs=[pl.BlockSpec((None, S), lambda i: (i, 0))],
+        out_specs=pl.BlockSpec((None, k), lambda i: (i, 0)),
+        out_shape=jax.ShapeDtypeStruct((rows, k), jnp.int32),
+        compiler_params=plgpu.CompilerParams(num_warps=8 if block >= 4096 else 4, num_stages=1),
+        interpret=interpret,
+        name="sparq_top_k",
+    )(score.astype(jnp.float32).reshape(rows, S))
+    return out.reshape(*lead, k)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -145,10 +145,11 @@ def attention_case(args, seq_len: int) -> dict:
 
 def stage_breakdown(args, sparq, q, cache, impl: str) -> dict:
     """SparQ's stages timed one by one (interleaved), each on the previous stage's real output:
-    step 1 (approximate logits), the softmax and top-k (ours, lax.top_k, lax.approx_max_k), steps 2+3."""
+    step 1 (approximate logits), the softmax and group sum, the top-k (each implementation at hand),
+    steps 2+3."""
     from sparq_jax import attention as att
 
-    step1, step2 = att._step_functions(impl, False, transposed=True)
+    step1, top_k, step2 = att._step_functions(impl, False, transposed=True)
     b, hq, d = q.shape
     hkv, s = cache.k.shape[1], cache.max_len
     qf = q.reshape(b, hkv, hq // hkv, d).astype(jnp.float32)
@@ -156,25 +157,31 @@ def stage_breakdown(args, sparq, q, cache, impl: str) -> dict:
     q1 = jnp.take_along_axis(qf, i1[:, :, None, :], axis=-1)
     logits = jax.jit(step1)(q1, cache.kt, i1)
     k = min(sparq.top_k, s)
-    score_of = lambda lg: jnp.sum(jax.nn.softmax(lg / math.sqrt(d), axis=-1), axis=2)  # noqa: E731
-    i2 = jax.jit(lambda lg: att.top_k_positions(score_of(lg), k))(logits)
+    softmax = jax.jit(lambda lg: jnp.sum(jax.nn.softmax(lg / math.sqrt(d), axis=-1), axis=2))
+    score = softmax(logits)
+    i2 = jax.jit(top_k, static_argnums=1)(score, k)
     valid = jnp.ones(i2.shape, bool)
     alpha = jnp.full(qf.shape[:3], 0.9, jnp.float32)
     v_bar = cache.v_sum / s
     fns = {
         "step 1": (jax.jit(step1), (q1, cache.kt, i1)),
-        "softmax + top-k (ours)": (jax.jit(lambda lg: att.top_k_positions(score_of(lg), k)), (logits,)),
-        "softmax + lax.top_k": (jax.jit(lambda lg: jax.lax.top_k(score_of(lg), k)[1]), (logits,)),
-        "softmax + approx_max_k": (jax.jit(lambda lg: jax.lax.approx_max_k(score_of(lg), k)[1]), (logits,)),
+        "softmax + group sum": (softmax, (logits,)),
+        "top-k: counting (XLA)": (jax.jit(lambda x: att.top_k_positions(x, k)), (score,)),
+        "top-k: lax.top_k": (jax.jit(lambda x: jax.lax.top_k(x, k)[1]), (score,)),
         "steps 2+3": (jax.jit(step2), (qf, cache.k, cache.v, i2, valid, alpha, v_bar)),
     }
+    if impl == "pallas_gpu":
+        from pallas_kernels import sparq_gpu
+        fns["top-k: Pallas kernel"] = (jax.jit(lambda x: sparq_gpu.top_k_positions(x, k)), (score,))
+        fns["top-k: Pallas, 32 passes"] = (jax.jit(lambda x: sparq_gpu.top_k_positions(x, k, early_exit=False)),
+                                           (score,))
     ms = time_interleaved({n: f for n, (f, _) in fns.items()}, {n: a for n, (_, a) in fns.items()},
                           args.reps, args.warmup, args.inner)
     item = cache.k.dtype.itemsize
-    nbytes = {"step 1": b * hkv * sparq.rank * s * item, "steps 2+3": 2 * b * hkv * k * d * item}
+    nbytes = {"step 1": b * hkv * sparq.rank * s * item, "steps 2+3": 2 * b * hkv * k * d * item,
+              "softmax + group sum": logits.size * 4 + score.size * 4}
     for name in fns:
-        if name.startswith("softmax"):
-            nbytes[name] = logits.size * 4
+        nbytes.setdefault(name, score.size * 4)
     return {name: {"ms": ms[name], "bytes": nbytes[name], "gbps": nbytes[name] / ms[name] / 1e6} for name in fns}
 
 

@@ -527,3 +527,20 @@ def test_first_at_least_is_searchsorted(W):
     want = np.arange(0, ends[0, -1] + 1, dtype=np.int32)
     got = np.asarray(_first_at_least(jnp.asarray(ends), jnp.asarray(want)))
     np.testing.assert_array_equal(got, np.stack([np.searchsorted(e, want, side="left") for e in ends]))
+
+
+@pytest.mark.parametrize("G, dtype", [(1, jnp.float32), (4, jnp.bfloat16)])
+def test_step1_off_cpu_branch_matches_numpy(G, dtype):
+    """approx_logits_xla runs a different formulation off the CPU (one gather of the r rows of K^T);
+    both branches, called directly here, against a NumPy transcription of q[i1] . K[:, i1]^T."""
+    from sparq_jax.attention import _approx_logits_kt_cpu, _approx_logits_kt_gather
+    rng = np.random.default_rng(G)
+    B, H, r, D, S = 2, 3, 5, 16, 70
+    q1 = rng.standard_normal((B, H, G, r)).astype(np.float32)
+    k = np.asarray(jnp.asarray(rng.standard_normal((B, H, S, D)), dtype).astype(jnp.float32))
+    i1 = np.stack([[rng.choice(D, r, replace=False) for _ in range(H)] for _ in range(B)]).astype(np.int32)
+    want = np.einsum("bhgr,bhsr->bhgs", q1, np.take_along_axis(k, i1[:, :, None, :], axis=3))
+    kt = jnp.swapaxes(jnp.asarray(k, dtype), 2, 3)
+    for fn in (_approx_logits_kt_cpu, _approx_logits_kt_gather):
+        got = np.asarray(fn(jnp.asarray(q1), kt, jnp.asarray(i1)))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

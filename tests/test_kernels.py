@@ -16,6 +16,7 @@ import pytest
 
 import pallas_kernels
 from pallas_kernels import UnsupportedShapeError, sparq_gpu, sparq_tpu
+from sparq_jax import attention
 
 BACKENDS = {"gpu": sparq_gpu, "tpu": sparq_tpu}
 # step 1's S block per backend: a power of two for Triton, a multiple of 128 lanes for Mosaic
@@ -146,6 +147,9 @@ def test_gather_attend_interpret(backend, case):
     assert_close(out, ref_gather_attend(*args), dtype)
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu",
+                    reason="interpret mode on an accelerator: XLA's excess-precision rewrite drops the bf16 "
+                           "rounding that the hi + lo split relies on (compiled: test_compiled_gpu_fp32_*)")
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_fp32_queries_against_bf16_cache_keep_fp32_accuracy(backend):
     """sq.attend passes fp32 queries with a bf16 cache: the products must not round the queries (or
@@ -170,6 +174,57 @@ def test_gpu_gather_attend_split_k_interpret(G, num_splits):
     args = step2_inputs(2, 2, 1, G, 128, 32, 70, jnp.float32, [[3], [50]], False, slots={(0, 0): [0, 5, 9]})
     out = sparq_gpu._gather_attend(*args, block_k=16, num_splits=num_splits, interpret=True)
     assert_close(out, ref_gather_attend(*args), jnp.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Top-k between the steps (GPU kernel)
+
+def ref_top_k_positions(x, k):
+    """NumPy: the k largest of each row, ties to the lowest positions, in increasing position order."""
+    x = np.asarray(x, np.float32)
+    return np.sort(np.argsort(-x, axis=-1, kind="stable")[..., :k], axis=-1)
+
+
+def top_k_scores(seed, shape, ties):
+    x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    if ties:  # many equal values, forced (+inf) and excluded (-inf) positions, signed zeros
+        x = np.round(x * 2) / 2
+        x[..., :3] = np.inf
+        x[..., -5:] = -np.inf
+        x[..., 7] = -0.0
+    return x
+
+
+TOP_K_CASES = [
+    # (shape, k, block, ties): block < S visits the row in chunks
+    ((3, 200), 17, None, False),
+    ((2, 2, 1000), 100, 64, False),
+    ((4, 64), 64, None, True),          # k = S
+    ((2, 300), 40, 32, True),           # ties straddle chunks
+    ((1, 12), 1, None, True),
+    ((2, 77), 30, 16, True),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("case", TOP_K_CASES, ids=lambda c: f"S{c[0][-1]}-k{c[1]}-b{c[2]}-{'ties' if c[3] else 'spread'}")
+def test_top_k_positions_interpret(case):
+    shape, k, block, ties = case
+    x = top_k_scores(0, shape, ties)
+    for early_exit in (True, False):
+        got = sparq_gpu.top_k_positions(jnp.asarray(x), k, block=block, interpret=True, early_exit=early_exit)
+        assert got.shape == (*shape[:-1], k) and got.dtype == jnp.int32
+        np.testing.assert_array_equal(np.asarray(got), ref_top_k_positions(x, k))
+
+
+@needs_triton
+def test_top_k_positions_signed_zeros_tie():
+    # the k-th largest is zero: -0.0 and +0.0 are equal, so the lowest positions win (as in NumPy)
+    x = np.array([[-0.0, 1.0, 0.0, -0.0, 0.0, -1.0, 2.0, -0.0]], np.float32)
+    for k in (3, 4, 5):
+        want = ref_top_k_positions(x, k)
+        np.testing.assert_array_equal(np.asarray(sparq_gpu.top_k_positions(jnp.asarray(x), k, interpret=True)), want)
+        np.testing.assert_array_equal(np.asarray(attention.top_k_positions(jnp.asarray(x), k)), want)
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,9 +298,13 @@ def test_kernels_lower(backend, platform, G):
              _shape(B, Hkv, K, dtype=jnp.int32), _shape(B, Hkv, K, dtype=jnp.bool_),
              _shape(B, Hkv, G, dtype=jnp.float32), _shape(B, Hkv, D, dtype=jnp.float32))
     assert "custom_call" in _lower(mod.gather_attend, platform, *step2)
-    if backend == "gpu":  # the split-K variant too
+    if backend == "gpu":  # the split-K variant and the top-k (one block, and in chunks)
         split = lambda *a: sparq_gpu._gather_attend(*a, block_k=16, num_splits=2, interpret=False)  # noqa: E731
         assert "custom_call" in _lower(split, platform, *step2)
+        for block in (None, 256):
+            text = _lower(lambda x: sparq_gpu.top_k_positions(x, K, block=block), platform,
+                          _shape(B, Hkv, S, dtype=jnp.float32))
+            assert "custom_call" in text
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,6 +334,14 @@ def test_bad_arguments_name_the_argument(backend):
         jax.eval_shape(mod.gather_attend, q, kv, kv, i2, valid, alpha, _shape(1, 2, 16, dtype=jnp.float32))
     with pytest.raises(ValueError, match=r"\bv has shape \(1, 2, 63, 32\)"):
         jax.eval_shape(mod.gather_attend, q, kv, _shape(1, 2, 63, 32), i2, valid, alpha, v_bar)
+    if backend == "gpu":
+        score = _shape(2, 50, dtype=jnp.float32)
+        with pytest.raises(ValueError, match=r"k=51; expected an int in \[1, S=50\]"):
+            jax.eval_shape(lambda x: sparq_gpu.top_k_positions(x, 51), score)
+        with pytest.raises(ValueError, match="block=48"):
+            jax.eval_shape(lambda x: sparq_gpu.top_k_positions(x, 5, block=48), score)
+        with pytest.raises(ValueError, match=r"score has shape \(2, 50\) and dtype int32"):
+            jax.eval_shape(lambda x: sparq_gpu.top_k_positions(x, 5), _shape(2, 50, dtype=jnp.int32))
 
 
 @needs_triton
@@ -336,6 +403,28 @@ def _compiled_check(mod, case, block_s):
 @pytest.mark.parametrize("case", COMPILED_SHAPES)
 def test_compiled_gpu(case):
     _compiled_check(sparq_gpu, case, block_s=None)
+
+
+@on_gpu
+@pytest.mark.parametrize("shape, k, ties", [((64, 4096), 128, False), ((8, 32768), 2048, False),
+                                            ((4, 8192), 1000, True), ((3, 40000), 5000, True)])
+def test_compiled_gpu_top_k(shape, k, ties):
+    x = top_k_scores(12, shape, ties)
+    for early_exit in (True, False):
+        np.testing.assert_array_equal(np.asarray(sparq_gpu.top_k_positions(jnp.asarray(x), k, early_exit=early_exit)),
+                                      ref_top_k_positions(x, k))
+
+
+@on_gpu
+def test_compiled_gpu_fp32_queries_against_bf16_cache():
+    """The fp32 query's hi + lo split must survive compilation (see _matmul)."""
+    q1, k, i1 = step1_inputs(8, 2, 2, 4, 16, 1000, 128, jnp.bfloat16)
+    q1 = q1.astype(jnp.float32) + jnp.asarray(np.random.default_rng(9).uniform(-1e-2, 1e-2, q1.shape), jnp.float32)
+    assert_close(sparq_gpu.approx_logits(q1, jnp.swapaxes(k, 2, 3), i1), ref_approx_logits(q1, k, i1), jnp.float32)
+    q, k, v, *rest = step2_inputs(10, 2, 2, 4, 500, 128, 200, jnp.bfloat16, [[200, 13], [77, 150]], False)
+    q = q.astype(jnp.float32) + jnp.asarray(np.random.default_rng(11).uniform(-1e-2, 1e-2, q.shape), jnp.float32)
+    args = (q, k, v, *rest)
+    assert_close(sparq_gpu.gather_attend(*args), ref_gather_attend(*args), jnp.float32)
 
 
 @on_gpu
