@@ -107,13 +107,17 @@ def attention_case(args, seq_len: int) -> dict:
         if once is not None:
             fns[name + "/single-copy"], fargs[name + "/single-copy"] = run(sparq, impl), (q, once)
             rows[name + "/single-copy"] = ("sparq (K once)", impl, sparq_bytes)
-    # The floor on this device: a plain reduction over as many bytes as SparQ reads; and the device's
-    # copy bandwidth (bytes read + written) on a buffer as large as dense's reads, at most 1 GiB.
+    # The floor on this device: a plain reduction over as many bytes as SparQ reads.
     stream = jnp.ones((sparq_bytes // itemsize,), dtype)
     fns["stream"], fargs["stream"] = jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32)), (stream,)
-    copy_bytes = min(dense_bytes, 1 << 30)
-    fns["copy"], fargs["copy"] = jax.jit(lambda x: x * 2), (jnp.ones((copy_bytes // itemsize,), dtype),)
     ms = time_interleaved(fns, fargs, args.reps, args.warmup, args.inner)
+    # The device's copy bandwidth (bytes read + written), on a buffer as large as dense's reads (at
+    # most 1 GiB), timed after the others: interleaved, freeing its output slowed the next call
+    # (dense 56 -> 89 ms on the CPU).
+    copy_bytes = min(dense_bytes, 1 << 30)
+    ms.update(time_interleaved({"copy": jax.jit(lambda x: x * 2)},
+                               {"copy": (jnp.ones((copy_bytes // itemsize,), dtype),)},
+                               args.reps, args.warmup, args.inner))
     breakdown = {impl: stage_breakdown(args, sparq, q, twice, impl) for impl in impls} if args.breakdown else None
     # Every row's output against the XLA row of its method (||out - xla|| / ||xla||, fp32).
     outs = {name: np.asarray(fns[name](*fargs[name]), np.float32) for name in rows}
