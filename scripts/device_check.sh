@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks, as one prepared run (about 5 minutes on an H100), from the repository root:
+# The GPU checks, as one prepared run (3-4 minutes on an H100), from the repository root:
 #   OUT=/tmp/gpu bash scripts/device_check.sh
 # 1. the compiled kernel tests; 2. benchmark.py attention in bf16 at the paper's shape (a) and a long
 # GQA shape (b), with the stage breakdown and the card's copy bandwidth, then a sweep over S with its
@@ -7,6 +7,7 @@
 # skips them).
 # Logs and JSON go to $OUT; each part has its own time limit, so one hang does not cost the others.
 set -u
+if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then sed -n '2,8s/^# \{0,1\}//p' "$0"; exit 0; fi
 OUT=${OUT:-/tmp/sparq_device_check}
 mkdir -p "$OUT"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
