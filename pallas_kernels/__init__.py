@@ -22,7 +22,7 @@ Kernels know nothing of caches or models; sparq_jax imports this package, never 
 
 import functools
 
-__all__ = ["UnsupportedShapeError", "gpu_kernels_available"]
+__all__ = ["UnsupportedShapeError", "gpu_kernels_available", "order_key"]
 
 
 class UnsupportedShapeError(ValueError):
@@ -48,6 +48,16 @@ def gpu_kernels_available() -> tuple[bool, str]:
         return False, (f"the Pallas Triton backend does not import in jax {jax.__version__}: "
                        f"{type(e).__name__}: {e}")
     return True, ""
+
+
+def order_key(x):
+    """fp32 array -> int32 keys in the order of the floats' values (-0.0 equal to +0.0; NaN not
+    allowed): the top-k selections compare these, in XLA (sparq_jax.attention) and in a kernel."""
+    import jax
+    import jax.numpy as jnp
+
+    bits = jax.lax.bitcast_convert_type(jnp.where(x == 0, 0.0, x), jnp.int32)
+    return jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
 # Argument checks shared by both backends. They run at trace time on static shapes and dtypes.

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from . import UnsupportedShapeError, _check_approx_logits, _check_gather_attend, gpu_kernels_available
+from . import UnsupportedShapeError, _check_approx_logits, _check_gather_attend, gpu_kernels_available, order_key
 
 _AVAILABLE, _UNAVAILABLE_REASON = gpu_kernels_available()
 if _AVAILABLE:
@@ -216,10 +216,7 @@ def _top_k_kernel(score_ref, out_ref, *, S, k, block, n_chunks, early_exit):
     def chunk(c):
         pos = c * block + lane
         ok = pos < S
-        x = plgpu.load(score_ref.at[pos], mask=ok, other=0.0)
-        bits = lax.bitcast_convert_type(jnp.where(x == 0, 0.0, x), jnp.int32)  # -0.0 ties with +0.0
-        key = jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # signed order of the floats' values
-        return key, pos, ok
+        return order_key(plgpu.load(score_ref.at[pos], mask=ok, other=0.0)), pos, ok
 
     if n_chunks == 1:
         resident = chunk(0)  # the whole row stays in registers for all passes
@@ -279,6 +276,8 @@ def top_k_positions(score, k, *, block=None, interpret=False, early_exit=True):
     """
     _require_triton()
     _check_interpret(interpret)
+    if not isinstance(early_exit, bool):
+        raise ValueError(f"early_exit={early_exit!r}; expected a bool")
     if score.ndim < 1 or not jnp.issubdtype(score.dtype, jnp.floating):
         raise ValueError(f"score has shape {tuple(score.shape)} and dtype {score.dtype}; expected a float array [..., S]")
     *lead, S = score.shape
@@ -289,8 +288,6 @@ def top_k_positions(score, k, *, block=None, interpret=False, early_exit=True):
     elif not isinstance(block, int) or block < _MIN_DOT or block & (block - 1):
         raise ValueError(f"block={block!r}; expected a power of two >= {_MIN_DOT} (or None)")
     rows = math.prod(lead)
-    if not isinstance(early_exit, bool):
-        raise ValueError(f"early_exit={early_exit!r}; expected a bool")
     kernel = functools.partial(_top_k_kernel, S=S, k=k, block=block, n_chunks=pl.cdiv(S, block),
                                early_exit=early_exit)
     out = pl.pallas_call(

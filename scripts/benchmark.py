@@ -121,13 +121,13 @@ def attention_case(args, seq_len: int) -> dict:
     breakdown = {impl: stage_breakdown(args, sparq, q, twice, impl) for impl in impls} if args.breakdown else None
     # Every row's output against the XLA row of its method (||out - xla|| / ||xla||, fp32).
     outs = {name: np.asarray(fns[name](*fargs[name]), np.float32) for name in rows}
-    def rel_err(name):
-        ref = outs[name.split("/")[0] + "/xla"]
-        return float(np.linalg.norm(outs[name].reshape(ref.shape) - ref) / np.linalg.norm(ref))
+    refs = {name: outs[name.split("/")[0] + "/xla"] for name in rows}
+    outs = {name: out.reshape(refs[name].shape) for name, out in outs.items()}
+    errs = {name: float(np.linalg.norm(outs[name] - refs[name]) / np.linalg.norm(refs[name])) for name in rows}
+    del outs, refs
     out_rows = [{"method": m, "impl": impl, "ms": ms[name], "bytes": nbytes, "gbps": nbytes / ms[name] / 1e6,
-                 "rel_err_vs_xla": rel_err(name)}
+                 "rel_err_vs_xla": errs[name]}
                 for name, (m, impl, nbytes) in rows.items()]
-    del outs
     dense_ms = min(r["ms"] for r in out_rows if r["method"] == "dense")
     sparq_ms = min(r["ms"] for r in out_rows if r["method"] == "sparq")
     return {

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import order_key
+
 from .cache import KVCache, _is_concrete
 from .methods import H2O, Dense, FlexGen, SparQ, Streaming
 
@@ -132,10 +134,7 @@ def top_k_positions(score: jax.Array, k: int) -> jax.Array:
     pad = -s % 32
     if pad:  # -inf padding sorts after every real entry, ties included (higher positions)
         score = jnp.pad(score, [(0, 0)] * len(lead) + [(0, pad)], constant_values=-jnp.inf)
-    score = score.astype(_F32)
-    bits = jax.lax.bitcast_convert_type(jnp.where(score == 0, 0.0, score), jnp.int32)  # -0.0 ties with +0.0
-    key = jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits)          # monotone in the float's value
-    key = jax.lax.bitcast_convert_type(key, jnp.uint32) ^ jnp.uint32(0x80000000)
+    key = jax.lax.bitcast_convert_type(order_key(score.astype(_F32)), jnp.uint32) ^ jnp.uint32(0x80000000)
 
     kth, c_kth = _kth_largest_key(key, k)
     kth = kth[..., None]
