@@ -161,17 +161,21 @@ def stage_breakdown(args, sparq, q, cache, impl: str) -> dict:
     q1 = jnp.take_along_axis(qf, i1[:, :, None, :], axis=-1)
     logits = jax.jit(step1)(q1, cache.kt, i1)
     k = min(sparq.top_k, s)
-    softmax = jax.jit(lambda lg: jnp.sum(jax.nn.softmax(lg / math.sqrt(d), axis=-1), axis=2))
-    score = softmax(logits)
+    # The pipeline's own code for what lies between the steps (the cache is full: every position valid).
+    mask = att.candidate_mask(cache.lengths, s, None)
+    scores = jax.jit(lambda lg: att._approx_scores(qf, q1, lg, mask, cache.lengths, sparq.local_window))
+    s_hat, score = scores(logits)
     i2 = jax.jit(top_k, static_argnums=1)(score, k)
+    covered = jax.jit(lambda sh, i: jnp.sum(jnp.take_along_axis(sh, i[:, :, None, :], axis=-1), axis=-1))
     valid = jnp.ones(i2.shape, bool)
-    alpha = jnp.full(qf.shape[:3], 0.9, jnp.float32)
+    alpha = covered(s_hat, i2)
     v_bar = cache.v_sum / s
     fns = {
         "step 1": (jax.jit(step1), (q1, cache.kt, i1)),
-        "softmax + group sum": (softmax, (logits,)),
+        "softmax + group sum": (scores, (logits,)),
         "top-k: counting (XLA)": (jax.jit(lambda x: att.top_k_positions(x, k)), (score,)),
         "top-k: lax.top_k": (jax.jit(lambda x: jax.lax.top_k(x, k)[1]), (score,)),
+        "alpha (s_hat at top-k)": (covered, (s_hat, i2)),
         "steps 2+3": (jax.jit(step2), (qf, cache.k, cache.v, i2, valid, alpha, v_bar)),
     }
     if impl == "pallas_gpu":
@@ -183,7 +187,8 @@ def stage_breakdown(args, sparq, q, cache, impl: str) -> dict:
                           args.reps, args.warmup, args.inner)
     item = cache.k.dtype.itemsize
     nbytes = {"step 1": b * hkv * sparq.rank * s * item, "steps 2+3": 2 * b * hkv * k * d * item,
-              "softmax + group sum": logits.size * 4 + score.size * 4}
+              "softmax + group sum": logits.size * 4 + s_hat.size * 4 + score.size * 4,
+              "alpha (s_hat at top-k)": s_hat.size * 4 * k // s}
     for name in fns:
         nbytes.setdefault(name, score.size * 4)
     return {name: {"ms": ms[name], "bytes": nbytes[name], "gbps": nbytes[name] / ms[name] / 1e6} for name in fns}

@@ -304,6 +304,20 @@ def _dense(qg, cache: KVCache, mask):
     return jnp.einsum("bhgs,bhsd->bhgd", p, cache.v, preferred_element_type=_F32)
 
 
+def _approx_scores(qf, q1, logits1, mask, lengths, local_window: int):
+    """SparQ between steps 1 and 2: (s_hat fp32 [B, Hkv, G, S], the approximate attention of each
+    query head; score [B, Hkv, S], what the top-k ranks: s_hat summed over the group, +inf on the
+    always-kept window and newest position, -inf where mask [B, S] is False)."""
+    # Eq. 9: the temperature corrects for the part of q left out of the dot product.
+    l1_part = jnp.sum(jnp.abs(q1), axis=-1)
+    l1_full = jnp.sum(jnp.abs(qf), axis=-1)
+    tau = jnp.sqrt(qf.shape[-1] * jnp.where(l1_full > 0, l1_part / jnp.where(l1_full > 0, l1_full, 1), 1))
+    s_hat = _masked_softmax(logits1 / tau[..., None], mask[:, None, None, :])
+    score = jnp.sum(s_hat, axis=2)
+    score = jnp.where(_always_kept(lengths, mask.shape[-1], local_window)[:, None, :], jnp.inf, score)
+    return s_hat, jnp.where(mask[:, None, :], score, _NEG_INF)
+
+
 def _sparq(qg, cache: KVCache, mask, method: SparQ, window, impl, interpret):
     approx_logits, top_k, gather_attend = _step_functions(impl, interpret, transposed=cache.transposed_keys)
     d, s = qg.shape[-1], cache.max_len
@@ -313,15 +327,7 @@ def _sparq(qg, cache: KVCache, mask, method: SparQ, window, impl, interpret):
     q1 = jnp.take_along_axis(qf, i1[:, :, None, :], axis=-1)                           # [B, Hkv, G, r]
     keys = cache.kt if cache.transposed_keys else cache.k
     logits1 = approx_logits(q1, keys, i1)                                              # [B, Hkv, G, S]
-    # Eq. 9: the temperature corrects for the part of q left out of the dot product.
-    l1_part = jnp.sum(jnp.abs(q1), axis=-1)
-    l1_full = jnp.sum(jnp.abs(qf), axis=-1)
-    tau = jnp.sqrt(d * jnp.where(l1_full > 0, l1_part / jnp.where(l1_full > 0, l1_full, 1), 1))
-    s_hat = _masked_softmax(logits1 / tau[..., None], mask[:, None, None, :])         # [B, Hkv, G, S]
-    # Step 2: the top-k positions by group-summed s_hat; window and newest position forced in.
-    score = jnp.sum(s_hat, axis=2)
-    score = jnp.where(_always_kept(cache.lengths, s, method.local_window)[:, None, :], jnp.inf, score)
-    score = jnp.where(mask[:, None, :], score, _NEG_INF)
+    s_hat, score = _approx_scores(qf, q1, logits1, mask, cache.lengths, method.local_window)
     i2 = top_k(score, min(method.top_k, s))                                            # [B, Hkv, k]
     valid = jnp.take_along_axis(jnp.broadcast_to(mask[:, None, :], score.shape), i2, axis=-1)
     # Step 3: alpha is the approximate attention mass that the k positions cover, per query head.
