@@ -152,6 +152,7 @@ def stage_breakdown(args, sparq, q, cache, impl: str) -> dict:
     step 1 (approximate logits), the softmax and group sum, the top-k (each implementation at hand),
     steps 2+3."""
     from sparq_jax import attention as att
+    from sparq_jax import native
 
     step1, top_k, step2 = att._step_functions(impl, False, transposed=True)
     b, hq, d = q.shape
@@ -178,6 +179,8 @@ def stage_breakdown(args, sparq, q, cache, impl: str) -> dict:
         "alpha (s_hat at top-k)": (covered, (s_hat, i2)),
         "steps 2+3": (jax.jit(step2), (qf, cache.k, cache.v, i2, valid, alpha, v_bar)),
     }
+    if jax.default_backend() == "cpu" and native.available()[0]:
+        fns["top-k: native (CPU)"] = (jax.jit(lambda x: native.top_k_positions(x, k)), (score,))
     if impl == "pallas_gpu":
         from pallas_kernels import sparq_gpu
         fns["top-k: Pallas kernel"] = (jax.jit(lambda x: sparq_gpu.top_k_positions(x, k)), (score,))

@@ -20,6 +20,7 @@ import numpy as np
 
 from pallas_kernels import order_key
 
+from . import native
 from .cache import KVCache, _is_concrete
 from .methods import H2O, Dense, FlexGen, SparQ, Streaming
 
@@ -171,10 +172,27 @@ def top_k_positions(score: jax.Array, k: int) -> jax.Array:
 
 def select_top_k(score: jax.Array, k: int) -> jax.Array:
     """The positions of the k largest entries of each row of score [..., S] (ties: lowest positions
-    first): top_k_positions on CPU (increasing position order); lax.top_k elsewhere (the same set,
-    in decreasing score order), which a GPU runs 2-3x faster than top_k_positions' counting passes."""
-    return jax.lax.platform_dependent(score, cpu=lambda x: top_k_positions(x, k),
+    first). On CPU in increasing position order: the native radix select (sparq_jax.native, 2-6x
+    faster there) where it builds, else top_k_positions, which selects the same positions; elsewhere
+    lax.top_k (the same set, in decreasing score order), which a GPU runs 2-3x faster than
+    top_k_positions' counting passes."""
+    return jax.lax.platform_dependent(score, cpu=lambda x: _cpu_top_k(x, k),
                                       default=lambda x: jax.lax.top_k(x, k)[1])
+
+
+_native_warned = False
+
+
+def _cpu_top_k(score: jax.Array, k: int) -> jax.Array:
+    global _native_warned
+    ok, reason = native.available()
+    if ok:
+        return native.top_k_positions(score.astype(_F32), k)  # widening to fp32 keeps the order
+    if not _native_warned and not reason.startswith("disabled"):
+        _native_warned = True
+        warnings.warn(f"sparq_jax: the native CPU top-k is unavailable ({reason}); using the XLA one "
+                      f"(the same positions, slower)")
+    return top_k_positions(score, k)
 
 
 def approx_logits_xla(q1: jax.Array, keys: jax.Array, i1: jax.Array, *, transposed: bool = True) -> jax.Array:

@@ -1,0 +1,161 @@
+// SparQ's top-k selection on CPU as an XLA FFI custom call (sparq_jax.native).
+//
+// For each row of an fp32 score [rows, S]: the positions of the k largest entries, ties taken at the
+// lowest positions first, written in increasing position order -- exactly the set and order of
+// sparq_jax.attention.top_k_positions (the XLA counting bisection), which the tests compare against.
+// Floats are compared through the same order-preserving integer image (pallas_kernels.order_key:
+// -0.0 equal to +0.0). The k-th largest key is found by a three-digit radix select (11 + 11 + 10
+// bits: one histogram pass over the row, then passes over the few keys that share the digits found
+// so far), then one pass writes the positions. Rows are split across threads.
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// The order-preserving image of a float as a signed int32 (compared signed; -0.0 -> +0.0).
+inline int32_t OrderKey(float f) {
+  int32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  bits = f == 0.0f ? 0 : bits;
+  return bits ^ ((bits >> 31) & 0x7FFFFFFF);
+}
+
+// The unsigned digit of width `bits` at `shift` (unsigned order: the sign bit flipped).
+inline uint32_t Digit(int32_t key, int shift, uint32_t mask) {
+  return ((static_cast<uint32_t>(key) ^ 0x80000000u) >> shift) & mask;
+}
+
+// Walks the histogram from the largest digit down to the one that holds the need-th largest key;
+// returns that digit and leaves in `need` the key's rank among the keys with this digit.
+uint32_t SelectDigit(const uint32_t* hist, int bins, int64_t* need) {
+  int b = bins - 1;
+  for (; b > 0; --b) {
+    if (hist[b] >= *need) break;
+    *need -= hist[b];
+  }
+  return static_cast<uint32_t>(b);
+}
+
+// Bit i of the result: keys[i] > t (first) and keys[i] == t (second), for 16 keys.
+inline void Compare16(const int32_t* keys, int32_t t, uint32_t* gt, uint32_t* eq) {
+#if defined(__SSE2__)
+  const __m128i tv = _mm_set1_epi32(t);
+  uint32_t g = 0, e = 0;
+  for (int j = 0; j < 4; ++j) {
+    __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(keys + 4 * j));
+    g |= static_cast<uint32_t>(_mm_movemask_ps(_mm_castsi128_ps(_mm_cmpgt_epi32(x, tv)))) << (4 * j);
+    e |= static_cast<uint32_t>(_mm_movemask_ps(_mm_castsi128_ps(_mm_cmpeq_epi32(x, tv)))) << (4 * j);
+  }
+  *gt = g;
+  *eq = e;
+#else
+  uint32_t g = 0, e = 0;
+  for (int j = 0; j < 16; ++j) {
+    g |= static_cast<uint32_t>(keys[j] > t) << j;
+    e |= static_cast<uint32_t>(keys[j] == t) << j;
+  }
+  *gt = g;
+  *eq = e;
+#endif
+}
+
+void TopKRow(const float* score, int64_t s, int64_t k, int32_t* out, std::vector<int32_t>& keys,
+             std::vector<int32_t>& cand) {
+  const int64_t padded = (s + 15) / 16 * 16;
+  keys.resize(padded);
+  int32_t* key = keys.data();
+  for (int64_t i = 0; i < s; ++i) key[i] = OrderKey(score[i]);
+  for (int64_t i = s; i < padded; ++i) key[i] = INT32_MIN;  // never above or equal to the threshold: see below
+  // Pass 1: histogram of the top 11 bits (four interleaved tables, so that runs of equal digits do
+  // not wait on each other's increments).
+  uint32_t hist4[4][2048] = {};
+  int64_t i = 0;
+  for (; i + 4 <= s; i += 4)
+    for (int j = 0; j < 4; ++j) ++hist4[j][Digit(key[i + j], 21, 2047)];
+  for (; i < s; ++i) ++hist4[0][Digit(key[i], 21, 2047)];
+  uint32_t hist[2048];
+  for (int b = 0; b < 2048; ++b) hist[b] = hist4[0][b] + hist4[1][b] + hist4[2][b] + hist4[3][b];
+  int64_t need = k;  // the wanted key's rank among the keys that share its digits so far
+  const uint32_t top = SelectDigit(hist, 2048, &need);
+  // The keys with that top digit (usually a small share of the row), then their next 11 bits and
+  // their last 10.
+  cand.resize(s + 1);
+  int64_t n_cand = 0;
+  for (int64_t t = 0; t < s; ++t) {  // branch-free: the store is kept only when the digit matches
+    cand[n_cand] = key[t];
+    n_cand += Digit(key[t], 21, 2047) == top;
+  }
+  std::memset(hist, 0, sizeof hist);
+  for (int64_t c = 0; c < n_cand; ++c) ++hist[Digit(cand[c], 10, 2047)];
+  const uint32_t mid = SelectDigit(hist, 2048, &need);
+  std::memset(hist, 0, 1024 * sizeof(uint32_t));
+  for (int64_t c = 0; c < n_cand; ++c)
+    if (Digit(cand[c], 10, 2047) == mid) ++hist[Digit(cand[c], 0, 1023)];
+  const uint32_t low = SelectDigit(hist, 1024, &need);
+  const int32_t kth = static_cast<int32_t>(((top << 21) | (mid << 10) | low) ^ 0x80000000u);
+  // Every key above kth, and the first `need` keys equal to it, in position order. (The padding,
+  // INT32_MIN, can equal kth only when kth is the smallest key of all, which is -NaN's, and then
+  // the row has at least `need` real keys equal to it before the padding.)
+  int64_t ties = need, n = 0;
+  for (int64_t t = 0; t < padded && n < k; t += 16) {
+    uint32_t gt, eq;
+    Compare16(key + t, kth, &gt, &eq);
+    while (eq && ties > 0) {  // keep the lowest `ties` equal keys
+      gt |= eq & (~eq + 1);
+      eq &= eq - 1;
+      --ties;
+    }
+    while (gt) {
+      out[n++] = static_cast<int32_t>(t + __builtin_ctz(gt));
+      gt &= gt - 1;
+    }
+  }
+}
+
+ffi::Error TopKImpl(ffi::Buffer<ffi::F32> score, ffi::ResultBuffer<ffi::S32> out, int64_t k, int64_t threads) {
+  auto dims = score.dimensions();
+  if (dims.size() < 1) return ffi::Error::InvalidArgument("sparq_top_k: score must have at least one axis");
+  const int64_t s = dims.back();
+  if (k < 1 || k > s || s >= (int64_t{1} << 31))
+    return ffi::Error::InvalidArgument("sparq_top_k: need 1 <= k <= S < 2**31");
+  const int64_t rows = s ? static_cast<int64_t>(score.element_count()) / s : 0;
+  const float* in = score.typed_data();
+  int32_t* res = out->typed_data();
+  auto work = [&](int64_t first, int64_t last) {
+    std::vector<int32_t> keys, cand;
+    for (int64_t r = first; r < last; ++r) TopKRow(in + r * s, s, k, res + r * k, keys, cand);
+  };
+  int64_t n_threads = std::max<int64_t>(1, std::min<int64_t>(threads, rows));
+  if (n_threads == 1) {
+    work(0, rows);
+  } else {
+    std::vector<std::thread> pool;
+    const int64_t per = (rows + n_threads - 1) / n_threads;
+    for (int64_t t = 1; t < n_threads; ++t)
+      pool.emplace_back(work, std::min(rows, t * per), std::min(rows, (t + 1) * per));
+    work(0, std::min(rows, per));
+    for (auto& th : pool) th.join();
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparqTopK, TopKImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("k")
+                                  .Attr<int64_t>("threads"));
