@@ -3,7 +3,9 @@
 XLA:CPU has no fast exact top-k for long rows: `lax.top_k` sorts (22 ms for 32 rows of 32k) and
 the counting bisection of `sparq_jax.attention.top_k_positions` costs ~24 passes over the scores
 (~4 ms). top_k.cc selects the same positions (ties at the lowest positions, increasing order) with a
-radix select in about 3 passes over each row.
+radix select in about 3 passes over each row. (Steps 2+3 written the same way, rows read whole and
+prefetched on both cores, measured no faster than XLA's gather on this project's 2-core VM, so they
+stay in XLA: the random row reads bound them, not XLA.)
 
 The library is compiled on first use with the system's C++ compiler ($CXX, else c++) against jaxlib's
 FFI headers, and kept in $SPARQ_JAX_CACHE (default ~/.cache/sparq_jax) under a name that hashes the
@@ -20,8 +22,9 @@ import subprocess
 import tempfile
 import threading
 
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "top_k.cc")
-_TARGET = "sparq_jax_top_k"
+_DIR = os.path.dirname(os.path.abspath(__file__))
+_SOURCES = [os.path.join(_DIR, "top_k.cc")]
+_TARGETS = {"sparq_jax_top_k": "SparqTopK"}
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool, "reason": str, "lib": ctypes.CDLL (kept alive while registered)
 
@@ -35,17 +38,20 @@ def _threads() -> int:
 
 
 def _build() -> str:
-    """Compiles top_k.cc (once per source, jax version and command) and returns the library's path."""
+    """Compiles the sources (once per source text, jax version and command); returns the library's path."""
     import jax
 
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if not cxx:
         raise RuntimeError("no C++ compiler found (set $CXX)")
-    cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-isystem", jax.ffi.include_dir(), _SOURCE, "-lpthread"]
-    with open(_SOURCE, "rb") as f:
-        digest = hashlib.sha256(f.read() + jax.__version__.encode() + " ".join(cmd).encode()).hexdigest()[:16]
+    cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-isystem", jax.ffi.include_dir(), *_SOURCES, "-lpthread"]
+    digest = hashlib.sha256(jax.__version__.encode() + " ".join(cmd).encode())
+    for path in _SOURCES:
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    digest = digest.hexdigest()[:16]
     cache = os.environ.get("SPARQ_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sparq_jax")
-    path = os.path.join(cache, f"top_k-{digest}.so")
+    path = os.path.join(cache, f"sparq_native-{digest}.so")
     if os.path.exists(path):
         return path
     os.makedirs(cache, exist_ok=True)
@@ -63,7 +69,7 @@ def _build() -> str:
 
 
 def available() -> tuple[bool, str]:
-    """(True, "") once the native top-k is built and registered with XLA for the CPU; else (False, why)."""
+    """(True, "") once the native kernels are built and registered with XLA for the CPU; else (False, why)."""
     with _lock:
         if "ok" not in _state:
             if os.environ.get("SPARQ_JAX_NATIVE", "1") == "0":
@@ -73,7 +79,8 @@ def available() -> tuple[bool, str]:
                     import jax
 
                     lib = ctypes.CDLL(_build())
-                    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.SparqTopK), platform="cpu")
+                    for target, symbol in _TARGETS.items():
+                        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
                     _state.update(ok=True, reason="", lib=lib)
                 except Exception as err:  # noqa: BLE001 - any failure means: keep the XLA path
                     _state.update(ok=False, reason=f"{type(err).__name__}: {err}")
@@ -95,6 +102,7 @@ def top_k_positions(score, k: int):
     ok, reason = available()
     if not ok:
         raise RuntimeError(f"the native top-k is unavailable: {reason}")
-    call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(score.shape[:-1] + (k,), jnp.int32),
+    call = jax.ffi.ffi_call("sparq_jax_top_k", jax.ShapeDtypeStruct(score.shape[:-1] + (k,), jnp.int32),
                             vmap_method="broadcast_all")
     return call(score, k=np.int64(k), threads=np.int64(_threads()))
+

@@ -48,36 +48,81 @@ uint32_t SelectDigit(const uint32_t* hist, int bins, int64_t* need) {
   return static_cast<uint32_t>(b);
 }
 
-// Bit i of the result: keys[i] > t (first) and keys[i] == t (second), for 16 keys.
-inline void Compare16(const int32_t* keys, int32_t t, uint32_t* gt, uint32_t* eq) {
+// For each 8-bit mask: the positions of its set bits, lowest first, and how many there are (to
+// write a block's selected positions with two vector stores and no branch: "left packing").
+struct PackTable {
+  alignas(16) int32_t index[256][8];
+  int32_t count[256];
+  PackTable() {
+    for (int m = 0; m < 256; ++m) {
+      int n = 0;
+      for (int b = 0; b < 8; ++b)
+        if (m >> b & 1) index[m][n++] = b;
+      for (int b = n; b < 8; ++b) index[m][b] = 0;
+      count[m] = n;
+    }
+  }
+};
+const PackTable kPack;
+
+// Bits of 16 keys: keys[i] > t (gt), keys[i] == t (eq), and lo <= keys[i] < lo + span (in_range).
+inline void Masks16(const int32_t* keys, int32_t t, int32_t lo, uint32_t span, uint32_t* gt, uint32_t* eq,
+                    uint32_t* in_range) {
 #if defined(__SSE2__)
-  const __m128i tv = _mm_set1_epi32(t);
-  uint32_t g = 0, e = 0;
+  const __m128i tv = _mm_set1_epi32(t), lov = _mm_set1_epi32(lo), sign = _mm_set1_epi32(INT32_MIN);
+  const __m128i limit = _mm_set1_epi32(static_cast<int32_t>(span ^ 0x80000000u));
+  uint32_t g = 0, e = 0, r = 0;
   for (int j = 0; j < 4; ++j) {
     __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(keys + 4 * j));
     g |= static_cast<uint32_t>(_mm_movemask_ps(_mm_castsi128_ps(_mm_cmpgt_epi32(x, tv)))) << (4 * j);
     e |= static_cast<uint32_t>(_mm_movemask_ps(_mm_castsi128_ps(_mm_cmpeq_epi32(x, tv)))) << (4 * j);
+    // (x - lo) < span, unsigned, as a signed comparison with the sign bits flipped
+    __m128i off = _mm_xor_si128(_mm_sub_epi32(x, lov), sign);
+    r |= static_cast<uint32_t>(_mm_movemask_ps(_mm_castsi128_ps(_mm_cmplt_epi32(off, limit)))) << (4 * j);
   }
   *gt = g;
   *eq = e;
+  *in_range = r;
 #else
-  uint32_t g = 0, e = 0;
+  uint32_t g = 0, e = 0, r = 0;
   for (int j = 0; j < 16; ++j) {
     g |= static_cast<uint32_t>(keys[j] > t) << j;
     e |= static_cast<uint32_t>(keys[j] == t) << j;
+    r |= static_cast<uint32_t>(static_cast<uint32_t>(keys[j]) - static_cast<uint32_t>(lo) < span) << j;
   }
   *gt = g;
   *eq = e;
+  *in_range = r;
 #endif
 }
 
+// Appends t + (the set bits of the 16-bit mask) to out[n...] (writing up to 16 entries past n).
+inline int64_t Pack16(uint32_t mask, int32_t t, int32_t* out, int64_t n) {
+#if defined(__SSE2__)
+  for (int half = 0; half < 2; ++half) {
+    const uint32_t m = (mask >> (8 * half)) & 255;
+    const __m128i base = _mm_set1_epi32(t + 8 * half);
+    const __m128i* idx = reinterpret_cast<const __m128i*>(kPack.index[m]);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + n), _mm_add_epi32(_mm_load_si128(idx), base));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + n + 4), _mm_add_epi32(_mm_load_si128(idx + 1), base));
+    n += kPack.count[m];
+  }
+#else
+  for (; mask; mask &= mask - 1) out[n++] = t + __builtin_ctz(mask);
+#endif
+  return n;
+}
+
 void TopKRow(const float* score, int64_t s, int64_t k, int32_t* out, std::vector<int32_t>& keys,
-             std::vector<int32_t>& cand) {
+             std::vector<int32_t>& scratch) {
   const int64_t padded = (s + 15) / 16 * 16;
   keys.resize(padded);
+  scratch.resize(std::max(padded, k) + 16);
   int32_t* key = keys.data();
   for (int64_t i = 0; i < s; ++i) key[i] = OrderKey(score[i]);
-  for (int64_t i = s; i < padded; ++i) key[i] = INT32_MIN;  // never above or equal to the threshold: see below
+  // Padding: INT32_MIN is -NaN's key, never above a threshold, and equal to it only when every
+  // real key is -NaN too (then the real ones, at lower positions, are taken first).
+  for (int64_t i = s; i < padded; ++i) key[i] = INT32_MIN;
   // Pass 1: histogram of the top 11 bits (four interleaved tables, so that runs of equal digits do
   // not wait on each other's increments).
   uint32_t hist4[4][2048] = {};
@@ -89,13 +134,16 @@ void TopKRow(const float* score, int64_t s, int64_t k, int32_t* out, std::vector
   for (int b = 0; b < 2048; ++b) hist[b] = hist4[0][b] + hist4[1][b] + hist4[2][b] + hist4[3][b];
   int64_t need = k;  // the wanted key's rank among the keys that share its digits so far
   const uint32_t top = SelectDigit(hist, 2048, &need);
-  // The keys with that top digit (usually a small share of the row), then their next 11 bits and
-  // their last 10.
-  cand.resize(s + 1);
+  // Pass 2: the keys with that top digit (a contiguous range of signed keys; usually a small share
+  // of the row), then their next 11 bits and their last 10.
+  const int32_t lo = static_cast<int32_t>((top << 21) ^ 0x80000000u);
+  int32_t* cand = scratch.data();
   int64_t n_cand = 0;
-  for (int64_t t = 0; t < s; ++t) {  // branch-free: the store is kept only when the digit matches
-    cand[n_cand] = key[t];
-    n_cand += Digit(key[t], 21, 2047) == top;
+  uint32_t gt, eq, in_range;
+  for (int64_t t = 0; t < s; t += 16) {
+    Masks16(key + t, INT32_MAX, lo, 1u << 21, &gt, &eq, &in_range);
+    if (t + 16 > s) in_range &= (1u << (s - t)) - 1;  // not the padding
+    for (; in_range; in_range &= in_range - 1) cand[n_cand++] = key[t + __builtin_ctz(in_range)];
   }
   std::memset(hist, 0, sizeof hist);
   for (int64_t c = 0; c < n_cand; ++c) ++hist[Digit(cand[c], 10, 2047)];
@@ -105,23 +153,18 @@ void TopKRow(const float* score, int64_t s, int64_t k, int32_t* out, std::vector
     if (Digit(cand[c], 10, 2047) == mid) ++hist[Digit(cand[c], 0, 1023)];
   const uint32_t low = SelectDigit(hist, 1024, &need);
   const int32_t kth = static_cast<int32_t>(((top << 21) | (mid << 10) | low) ^ 0x80000000u);
-  // Every key above kth, and the first `need` keys equal to it, in position order. (The padding,
-  // INT32_MIN, can equal kth only when kth is the smallest key of all, which is -NaN's, and then
-  // the row has at least `need` real keys equal to it before the padding.)
+  // Pass 3: every key above kth and the first `need` keys equal to it, in position order.
   int64_t ties = need, n = 0;
+  int32_t* picked = scratch.data();
   for (int64_t t = 0; t < padded && n < k; t += 16) {
-    uint32_t gt, eq;
-    Compare16(key + t, kth, &gt, &eq);
-    while (eq && ties > 0) {  // keep the lowest `ties` equal keys
+    Masks16(key + t, kth, 0, 0, &gt, &eq, &in_range);
+    for (; eq && ties > 0; --ties) {  // keep the lowest `ties` equal keys
       gt |= eq & (~eq + 1);
       eq &= eq - 1;
-      --ties;
     }
-    while (gt) {
-      out[n++] = static_cast<int32_t>(t + __builtin_ctz(gt));
-      gt &= gt - 1;
-    }
+    n = Pack16(gt, static_cast<int32_t>(t), picked, n);
   }
+  std::memcpy(out, picked, k * sizeof(int32_t));
 }
 
 ffi::Error TopKImpl(ffi::Buffer<ffi::F32> score, ffi::ResultBuffer<ffi::S32> out, int64_t k, int64_t threads) {
@@ -134,20 +177,15 @@ ffi::Error TopKImpl(ffi::Buffer<ffi::F32> score, ffi::ResultBuffer<ffi::S32> out
   const float* in = score.typed_data();
   int32_t* res = out->typed_data();
   auto work = [&](int64_t first, int64_t last) {
-    std::vector<int32_t> keys, cand;
-    for (int64_t r = first; r < last; ++r) TopKRow(in + r * s, s, k, res + r * k, keys, cand);
+    std::vector<int32_t> keys, scratch;
+    for (int64_t r = first; r < last; ++r) TopKRow(in + r * s, s, k, res + r * k, keys, scratch);
   };
-  int64_t n_threads = std::max<int64_t>(1, std::min<int64_t>(threads, rows));
-  if (n_threads == 1) {
-    work(0, rows);
-  } else {
-    std::vector<std::thread> pool;
-    const int64_t per = (rows + n_threads - 1) / n_threads;
-    for (int64_t t = 1; t < n_threads; ++t)
-      pool.emplace_back(work, std::min(rows, t * per), std::min(rows, (t + 1) * per));
-    work(0, std::min(rows, per));
-    for (auto& th : pool) th.join();
-  }
+  const int64_t n_threads = std::max<int64_t>(1, std::min<int64_t>(threads, rows));
+  const int64_t per = (rows + n_threads - 1) / n_threads;  // contiguous rows per thread
+  std::vector<std::thread> pool;
+  for (int64_t t = 1; t < n_threads; ++t) pool.emplace_back(work, std::min(rows, t * per), std::min(rows, (t + 1) * per));
+  work(0, std::min(rows, per));
+  for (auto& th : pool) th.join();
   return ffi::Error::Success();
 }
 
