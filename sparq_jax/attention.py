@@ -172,7 +172,7 @@ def top_k_positions(score: jax.Array, k: int) -> jax.Array:
 
 def select_top_k(score: jax.Array, k: int) -> jax.Array:
     """The positions of the k largest entries of each row of score [..., S] (ties: lowest positions
-    first). On CPU in increasing position order: the native radix select (sparq_jax.native, 2-6x
+    first). On CPU in increasing position order: the native radix select (sparq_jax.native, 3-7x
     faster there) where it builds, else top_k_positions, which selects the same positions; elsewhere
     lax.top_k (the same set, in decreasing score order), which a GPU runs 2-3x faster than
     top_k_positions' counting passes."""
