@@ -11,7 +11,8 @@ import pytest
 from sparq_jax import attention, native
 
 has_compiler = bool(os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++"))
-needs_native = pytest.mark.skipif(not has_compiler, reason="no C++ compiler to build the native top-k")
+needs_native = pytest.mark.skipif(not has_compiler or jax.default_backend() != "cpu",
+                                  reason="the native top-k needs a C++ compiler and runs on the CPU backend")
 
 
 def ref_top_k_positions(x, k):
@@ -89,6 +90,7 @@ def test_native_top_k_rejects_bad_arguments():
         native.top_k_positions(x.astype(jnp.bfloat16), 3)
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU top-k")
 def test_without_the_native_library_the_xla_top_k_is_used(monkeypatch, tmp_path):
     saved = dict(native._state)
     try:
