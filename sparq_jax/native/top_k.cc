@@ -32,7 +32,7 @@ inline int32_t OrderKey(float f) {
   return bits ^ ((bits >> 31) & 0x7FFFFFFF);
 }
 
-// The unsigned digit of width `bits` at `shift` (unsigned order: the sign bit flipped).
+// The digit of the key at `shift` (masked by `mask`), in unsigned order (the sign bit flipped).
 inline uint32_t Digit(int32_t key, int shift, uint32_t mask) {
   return ((static_cast<uint32_t>(key) ^ 0x80000000u) >> shift) & mask;
 }
