@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import statistics
 import sys
 import time
@@ -158,8 +157,7 @@ def stage_breakdown(args, sparq, q, cache, impl: str) -> dict:
     b, hq, d = q.shape
     hkv, s = cache.k.shape[1], cache.max_len
     qf = q.reshape(b, hkv, hq // hkv, d).astype(jnp.float32)
-    _, i1 = jax.lax.top_k(jnp.sum(jnp.abs(qf), axis=2), sparq.rank)
-    q1 = jnp.take_along_axis(qf, i1[:, :, None, :], axis=-1)
+    i1, q1 = att._query_components(qf, sparq.rank)
     logits = jax.jit(step1)(q1, cache.kt, i1)
     k = min(sparq.top_k, s)
     # The pipeline's own code for what lies between the steps (the cache is full: every position valid).
@@ -167,16 +165,16 @@ def stage_breakdown(args, sparq, q, cache, impl: str) -> dict:
     scores = jax.jit(lambda lg: att._approx_scores(qf, q1, lg, mask, cache.lengths, sparq.local_window))
     s_hat, score = scores(logits)
     i2 = jax.jit(top_k, static_argnums=1)(score, k)
-    covered = jax.jit(lambda sh, i: jnp.sum(jnp.take_along_axis(sh, i[:, :, None, :], axis=-1), axis=-1))
     valid = jnp.ones(i2.shape, bool)
-    alpha = covered(s_hat, i2)
+    covered = jax.jit(att._covered_mass)
+    alpha = covered(s_hat, i2, valid)
     v_bar = cache.v_sum / s
     fns = {
         "step 1": (jax.jit(step1), (q1, cache.kt, i1)),
         "softmax + group sum": (scores, (logits,)),
         "top-k: counting (XLA)": (jax.jit(lambda x: att.top_k_positions(x, k)), (score,)),
         "top-k: lax.top_k": (jax.jit(lambda x: jax.lax.top_k(x, k)[1]), (score,)),
-        "alpha (s_hat at top-k)": (covered, (s_hat, i2)),
+        "alpha (s_hat at top-k)": (covered, (s_hat, i2, valid)),
         "steps 2+3": (jax.jit(step2), (qf, cache.k, cache.v, i2, valid, alpha, v_bar)),
     }
     if jax.default_backend() == "cpu" and native.available()[0]:

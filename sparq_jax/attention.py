@@ -338,21 +338,31 @@ def _approx_scores(qf, q1, logits1, mask, lengths, local_window: int):
     return s_hat, jnp.where(mask[:, None, :], score, _NEG_INF)
 
 
+def _query_components(qf, rank: int):
+    """SparQ step 1's selection: i1 [B, Hkv, r], the r largest |q| components summed over the group
+    (which shares the selection), and q1 [B, Hkv, G, r], those components of each query head."""
+    _, i1 = jax.lax.top_k(jnp.sum(jnp.abs(qf), axis=2), rank)
+    return i1, jnp.take_along_axis(qf, i1[:, :, None, :], axis=-1)
+
+
+def _covered_mass(s_hat, i2, valid):
+    """SparQ step 3's alpha [B, Hkv, G]: the approximate attention mass s_hat that the chosen
+    positions i2 cover (those that are valid), per query head."""
+    covered = jnp.take_along_axis(s_hat, i2[:, :, None, :], axis=-1)
+    return jnp.sum(jnp.where(valid[:, :, None, :], covered, 0), axis=-1)
+
+
 def _sparq(qg, cache: KVCache, mask, method: SparQ, window, impl, interpret):
     approx_logits, top_k, gather_attend = _step_functions(impl, interpret, transposed=cache.transposed_keys)
     d, s = qg.shape[-1], cache.max_len
     qf = qg.astype(_F32)
-    # Step 1: the r largest |q| components (summed over the group, which shares the selection).
-    _, i1 = jax.lax.top_k(jnp.sum(jnp.abs(qf), axis=2), method.rank)                  # [B, Hkv, r]
-    q1 = jnp.take_along_axis(qf, i1[:, :, None, :], axis=-1)                           # [B, Hkv, G, r]
+    i1, q1 = _query_components(qf, method.rank)                                        # step 1
     keys = cache.kt if cache.transposed_keys else cache.k
     logits1 = approx_logits(q1, keys, i1)                                              # [B, Hkv, G, S]
     s_hat, score = _approx_scores(qf, q1, logits1, mask, cache.lengths, method.local_window)
     i2 = top_k(score, min(method.top_k, s))                                            # [B, Hkv, k]
     valid = jnp.take_along_axis(jnp.broadcast_to(mask[:, None, :], score.shape), i2, axis=-1)
-    # Step 3: alpha is the approximate attention mass that the k positions cover, per query head.
-    covered = jnp.take_along_axis(s_hat, i2[:, :, None, :], axis=-1)
-    alpha = jnp.sum(jnp.where(valid[:, :, None, :], covered, 0), axis=-1)
+    alpha = _covered_mass(s_hat, i2, valid)                                            # step 3
     if method.reallocate_mean:
         v_bar = _mean_value(cache, window)
     else:

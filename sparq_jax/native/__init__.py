@@ -22,6 +22,10 @@ import subprocess
 import tempfile
 import threading
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 _DIR = os.path.dirname(os.path.abspath(__file__))
 _SOURCES = [os.path.join(_DIR, "top_k.cc")]
 _TARGETS = {"sparq_jax_top_k": "SparqTopK"}
@@ -39,8 +43,6 @@ def _threads() -> int:
 
 def _build() -> str:
     """Compiles the sources (once per source text, jax version and command); returns the library's path."""
-    import jax
-
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if not cxx:
         raise RuntimeError("no C++ compiler found (set $CXX)")
@@ -76,8 +78,6 @@ def available() -> tuple[bool, str]:
                 _state.update(ok=False, reason="disabled by SPARQ_JAX_NATIVE=0")
             else:
                 try:
-                    import jax
-
                     lib = ctypes.CDLL(_build())
                     for target, symbol in _TARGETS.items():
                         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
@@ -90,10 +90,6 @@ def available() -> tuple[bool, str]:
 def top_k_positions(score, k: int):
     """The positions of the k largest entries of each row of fp32 score [..., S] (ties: lowest
     positions first), in increasing position order, int32 [..., k]: CPU only, after available()."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
     s = score.shape[-1]
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= s:
         raise ValueError(f"k must be an integer in [1, {s}] (the row length), got {k!r}")
@@ -105,4 +101,3 @@ def top_k_positions(score, k: int):
     call = jax.ffi.ffi_call("sparq_jax_top_k", jax.ShapeDtypeStruct(score.shape[:-1] + (k,), jnp.int32),
                             vmap_method="broadcast_all")
     return call(score, k=np.int64(k), threads=np.int64(_threads()))
-

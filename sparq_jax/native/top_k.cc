@@ -65,35 +65,46 @@ struct PackTable {
 };
 const PackTable kPack;
 
-// Bits of 16 keys: keys[i] > t (gt), keys[i] == t (eq), and lo <= keys[i] < lo + span (in_range).
-inline void Masks16(const int32_t* keys, int32_t t, int32_t lo, uint32_t span, uint32_t* gt, uint32_t* eq,
-                    uint32_t* in_range) {
+// Bits of 16 keys: keys[i] > t (gt) and keys[i] == t (eq).
+inline void CompareMasks16(const int32_t* keys, int32_t t, uint32_t* gt, uint32_t* eq) {
 #if defined(__SSE2__)
-  const __m128i tv = _mm_set1_epi32(t), lov = _mm_set1_epi32(lo), sign = _mm_set1_epi32(INT32_MIN);
-  const __m128i limit = _mm_set1_epi32(static_cast<int32_t>(span ^ 0x80000000u));
-  uint32_t g = 0, e = 0, r = 0;
+  const __m128i tv = _mm_set1_epi32(t);
+  uint32_t g = 0, e = 0;
   for (int j = 0; j < 4; ++j) {
     __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(keys + 4 * j));
     g |= static_cast<uint32_t>(_mm_movemask_ps(_mm_castsi128_ps(_mm_cmpgt_epi32(x, tv)))) << (4 * j);
     e |= static_cast<uint32_t>(_mm_movemask_ps(_mm_castsi128_ps(_mm_cmpeq_epi32(x, tv)))) << (4 * j);
-    // (x - lo) < span, unsigned, as a signed comparison with the sign bits flipped
-    __m128i off = _mm_xor_si128(_mm_sub_epi32(x, lov), sign);
-    r |= static_cast<uint32_t>(_mm_movemask_ps(_mm_castsi128_ps(_mm_cmplt_epi32(off, limit)))) << (4 * j);
   }
   *gt = g;
   *eq = e;
-  *in_range = r;
 #else
-  uint32_t g = 0, e = 0, r = 0;
+  uint32_t g = 0, e = 0;
   for (int j = 0; j < 16; ++j) {
     g |= static_cast<uint32_t>(keys[j] > t) << j;
     e |= static_cast<uint32_t>(keys[j] == t) << j;
-    r |= static_cast<uint32_t>(static_cast<uint32_t>(keys[j]) - static_cast<uint32_t>(lo) < span) << j;
   }
   *gt = g;
   *eq = e;
-  *in_range = r;
 #endif
+}
+
+// Bits of 16 keys: lo <= keys[i] < lo + span.
+inline uint32_t RangeMask16(const int32_t* keys, int32_t lo, uint32_t span) {
+  uint32_t r = 0;
+#if defined(__SSE2__)
+  // (x - lo) < span, unsigned, as a signed comparison with the sign bits flipped
+  const __m128i lov = _mm_set1_epi32(lo), sign = _mm_set1_epi32(INT32_MIN);
+  const __m128i limit = _mm_set1_epi32(static_cast<int32_t>(span ^ 0x80000000u));
+  for (int j = 0; j < 4; ++j) {
+    __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(keys + 4 * j));
+    __m128i off = _mm_xor_si128(_mm_sub_epi32(x, lov), sign);
+    r |= static_cast<uint32_t>(_mm_movemask_ps(_mm_castsi128_ps(_mm_cmplt_epi32(off, limit)))) << (4 * j);
+  }
+#else
+  for (int j = 0; j < 16; ++j)
+    r |= static_cast<uint32_t>(static_cast<uint32_t>(keys[j]) - static_cast<uint32_t>(lo) < span) << j;
+#endif
+  return r;
 }
 
 // Appends t + (the set bits of the 16-bit mask) to out[n...] (writing up to 16 entries past n).
@@ -139,9 +150,8 @@ void TopKRow(const float* score, int64_t s, int64_t k, int32_t* out, std::vector
   const int32_t lo = static_cast<int32_t>((top << 21) ^ 0x80000000u);
   int32_t* cand = scratch.data();
   int64_t n_cand = 0;
-  uint32_t gt, eq, in_range;
   for (int64_t t = 0; t < s; t += 16) {
-    Masks16(key + t, INT32_MAX, lo, 1u << 21, &gt, &eq, &in_range);
+    uint32_t in_range = RangeMask16(key + t, lo, 1u << 21);
     if (t + 16 > s) in_range &= (1u << (s - t)) - 1;  // not the padding
     for (; in_range; in_range &= in_range - 1) cand[n_cand++] = key[t + __builtin_ctz(in_range)];
   }
@@ -157,7 +167,8 @@ void TopKRow(const float* score, int64_t s, int64_t k, int32_t* out, std::vector
   int64_t ties = need, n = 0;
   int32_t* picked = scratch.data();
   for (int64_t t = 0; t < padded && n < k; t += 16) {
-    Masks16(key + t, kth, 0, 0, &gt, &eq, &in_range);
+    uint32_t gt, eq;
+    CompareMasks16(key + t, kth, &gt, &eq);
     for (; eq && ties > 0; --ties) {  // keep the lowest `ties` equal keys
       gt |= eq & (~eq + 1);
       eq &= eq - 1;
