@@ -12,7 +12,7 @@ import json
 import os
 import re
 import struct
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -95,11 +95,22 @@ def _to_hf(x: np.ndarray, slot: _Slot) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class _Entry:
+    """One tensor of a checkpoint file, read on demand. Other formats (models/gguf.py) provide
+    entries with the same three members: dtype (safetensors' name of what read() returns), shape
+    (Hugging Face's layout) and read()."""
+
     path: str
     dtype: str                 # safetensors' name: F32, BF16, ...
     shape: tuple[int, ...]
     offset: int                # absolute byte offset in the file
     nbytes: int
+
+    def read(self) -> np.ndarray:
+        dtype = SAFETENSORS_DTYPES[self.dtype].newbyteorder("<")
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            x = np.fromfile(f, dtype=dtype, count=self.nbytes // dtype.itemsize)
+        return x.reshape(self.shape)
 
 
 def read_safetensors_header(path: str) -> dict[str, _Entry]:
@@ -132,14 +143,6 @@ def read_safetensors_header(path: str) -> dict[str, _Entry]:
             raise CheckpointError(f"{path}: tensor {name!r} ({dtype} {list(shape)}) has {end - begin} bytes")
         entries[name] = _Entry(path, dtype, shape, 8 + n + begin, end - begin)
     return entries
-
-
-def _read(entry: _Entry) -> np.ndarray:
-    dtype = SAFETENSORS_DTYPES[entry.dtype].newbyteorder("<")
-    with open(entry.path, "rb") as f:
-        f.seek(entry.offset)
-        x = np.fromfile(f, dtype=dtype, count=entry.nbytes // dtype.itemsize)
-    return x.reshape(entry.shape)
 
 
 def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: Optional[dict] = None) -> None:
@@ -310,8 +313,11 @@ def mesh_config(config: ModelConfig, mesh) -> tuple[ModelConfig, int]:
     return config, replicas
 
 
-def load_weights(folder: str, config: ModelConfig, dtype="float32", mesh=None) -> llama.Weights:
-    """The folder's safetensors weights as llama.Weights in `dtype`, read one tensor at a time.
+def load_weights(folder_or_entries, config: ModelConfig, dtype="float32", mesh=None) -> llama.Weights:
+    """A checkpoint's weights as llama.Weights in `dtype`, read one tensor at a time.
+
+    folder_or_entries: a safetensors folder, or {Hugging Face tensor name: entry} with entries as
+    _Entry (dtype, shape, read()), which is how GGUF files come in (models/gguf.py).
 
     Each stacked layer field is allocated once on the device and filled in place (a donated update),
     so host memory holds one tensor at a time (in two or three forms) and the device one copy of
@@ -321,7 +327,8 @@ def load_weights(folder: str, config: ModelConfig, dtype="float32", mesh=None) -
     their KV head): the weights then match mesh_config(config, mesh)[0].
     """
     dtype = _load_dtype(dtype)
-    entries = _weight_entries(folder)
+    entries = (folder_or_entries if isinstance(folder_or_entries, dict)
+               else _weight_entries(folder_or_entries))
     layout = _check_entries(config, entries)
     file_shapes = llama.weight_shapes(config)
     replicas, stacked, per_layer = 1, {}, {}
@@ -334,7 +341,7 @@ def load_weights(folder: str, config: ModelConfig, dtype="float32", mesh=None) -
     flat = {f: _zeros((config.num_hidden_layers, *s), dtype, stacked.get(f)) for f, s in shapes.items()
             if f.startswith("layers.")}
     for name, slot in tqdm(layout.items(), desc="loading weights", unit="tensor", leave=False):
-        x = _read(entries[name])
+        x = entries[name].read()
         x = (x.T if slot.transposed else x).reshape(file_shapes[slot.field])
         if replicas > 1 and slot.field in _KV_HEAD_AXES:
             x = np.repeat(x, replicas, axis=_KV_HEAD_AXES[slot.field])
@@ -385,16 +392,38 @@ def from_pretrained(path_or_repo_id, dtype="float32", mesh=None) -> LanguageMode
         raise ValueError(f"mesh must be a jax.sharding.Mesh with axes ('data', 'model') "
                          f"(sparq_jax.sharding.make_mesh), got {mesh!r}")
     _load_dtype(dtype)
+    checkpoint = open_checkpoint(path_or_repo_id)
+    config = checkpoint.config
+    placed = config if mesh is None else mesh_config(config, mesh)[0]  # mesh errors before any read
+    params = load_weights(checkpoint.entries, config, dtype, mesh)
+    return LanguageModel(placed, params, tokenizer=checkpoint.tokenizer(), eos_token_id=checkpoint.eos_token_id,
+                         pad_token_id=checkpoint.pad_token_id, mesh=mesh)
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """A checked checkpoint, before any weight is read: its config, {Hugging Face tensor name: entry},
+    a function that makes its tokenizer (or returns None) and the generation defaults."""
+
+    config: ModelConfig
+    entries: dict
+    tokenizer: Callable[[], object]
+    eos_token_id: tuple[int, ...]
+    pad_token_id: Optional[int]
+
+
+def open_checkpoint(path_or_repo_id) -> Checkpoint:
+    """Find a checkpoint and check its config and tensors (names, shapes, dtypes): CheckpointError /
+    ConfigError before any weight is read."""
     folder = _resolve(path_or_repo_id)
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path):
         raise CheckpointError(f"{folder} has no config.json; is it a Hugging Face checkpoint folder?")
     config = ModelConfig.from_json(config_path)
-    placed = config if mesh is None else mesh_config(config, mesh)[0]  # mesh errors before any read
-    params = load_weights(folder, config, dtype, mesh)
+    entries = _weight_entries(folder)
+    _check_entries(config, entries)
     eos, pad = _generation_defaults(folder, config)
-    return LanguageModel(placed, params, tokenizer=_tokenizer(folder), eos_token_id=eos, pad_token_id=pad,
-                         mesh=mesh)
+    return Checkpoint(config, entries, lambda: _tokenizer(folder), eos, pad)
 
 
 def _tokenizer(folder: str):

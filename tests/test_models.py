@@ -418,7 +418,7 @@ def test_bad_checkpoint_raises_before_reading_weights(checkpoint, tmp_path, monk
     def no_reads(entry):
         raise AssertionError(f"read tensor data of {entry.path} before finding the problem")
 
-    monkeypatch.setattr(hf, "_read", no_reads)
+    monkeypatch.setattr(hf._Entry, "read", no_reads)
     with pytest.raises(ValueError, match=BAD_CHECKPOINTS[case][1]):
         models.from_pretrained(folder)
 
