@@ -324,16 +324,28 @@ def _dense(qg, cache: KVCache, mask):
     return jnp.einsum("bhgs,bhsd->bhgd", p, cache.v, preferred_element_type=_F32)
 
 
-def _approx_scores(qf, q1, logits1, mask, lengths, local_window: int):
+def _approx_scores(qf, q1, logits1, mask, lengths, local_window: int, group_scores: str = "softmax"):
     """SparQ between steps 1 and 2: (s_hat fp32 [B, Hkv, G, S], the approximate attention of each
-    query head; score [B, Hkv, S], what the top-k ranks: s_hat summed over the group, +inf on the
-    always-kept window and newest position, -inf where mask [B, S] is False)."""
+    query head; score [B, Hkv, S], what the top-k ranks: +inf on the always-kept window and newest
+    position, -inf where mask [B, S] is False, elsewhere the group sum of
+      "softmax": s_hat (the paper's wording), or
+      "logits":  the temperature-scaled approximate logits q1 . K[:, i1] / tau, the authors' research
+                 code (llm-inference-research, llminference/methods/ann_attention.py: AnnAttention.forward
+                 sums SparseQ's scaled scores, mask added, over the query heads of a KV head before its
+                 top-k; it forces the local positions with the dtype's max, here +inf).
+    s_hat, and so step 3's alpha, stays per query head with either choice."""
     # Eq. 9: the temperature corrects for the part of q left out of the dot product.
     l1_part = jnp.sum(jnp.abs(q1), axis=-1)
     l1_full = jnp.sum(jnp.abs(qf), axis=-1)
     tau = jnp.sqrt(qf.shape[-1] * jnp.where(l1_full > 0, l1_part / jnp.where(l1_full > 0, l1_full, 1), 1))
-    s_hat = _masked_softmax(logits1 / tau[..., None], mask[:, None, None, :])
-    score = jnp.sum(s_hat, axis=2)
+    z = logits1.astype(_F32) / tau[..., None]
+    s_hat = _masked_softmax(z, mask[:, None, None, :])
+    if group_scores == "softmax":
+        score = jnp.sum(s_hat, axis=2)
+    elif group_scores == "logits":
+        score = jnp.sum(z, axis=2)
+    else:
+        raise ValueError(f"group_scores must be 'softmax' or 'logits', got {group_scores!r}")
     score = jnp.where(_always_kept(lengths, mask.shape[-1], local_window)[:, None, :], jnp.inf, score)
     return s_hat, jnp.where(mask[:, None, :], score, _NEG_INF)
 
@@ -359,7 +371,8 @@ def _sparq(qg, cache: KVCache, mask, method: SparQ, window, impl, interpret):
     i1, q1 = _query_components(qf, method.rank)                                        # step 1
     keys = cache.kt if cache.transposed_keys else cache.k
     logits1 = approx_logits(q1, keys, i1)                                              # [B, Hkv, G, S]
-    s_hat, score = _approx_scores(qf, q1, logits1, mask, cache.lengths, method.local_window)
+    s_hat, score = _approx_scores(qf, q1, logits1, mask, cache.lengths, method.local_window,
+                                  method.group_scores)
     i2 = top_k(score, min(method.top_k, s))                                            # [B, Hkv, k]
     valid = jnp.take_along_axis(jnp.broadcast_to(mask[:, None, :], score.shape), i2, axis=-1)
     alpha = _covered_mass(s_hat, i2, valid)                                            # step 3

@@ -13,6 +13,8 @@ from fractions import Fraction
 
 # A budget may overshoot the requested ratio by this factor at most.
 _TOLERANCE = 1.01
+# What SparQ's step 2 may rank positions by when query heads share a KV head (SparQ.group_scores).
+GROUP_SCORES = ("softmax", "logits")
 
 
 def _check_int(name: str, value, minimum: int) -> None:
@@ -66,12 +68,19 @@ class SparQ:
     local_window: l, the most recent positions always kept (the newest one is kept regardless).
     reallocate_mean: step 3, give the attention mass left out to the mean value vector. The paper
         turns it off on grouped-query models (Llama 3, Mistral), where it hurt.
+    group_scores: what step 2 ranks positions by when a KV head serves several query heads (they
+        share one selection): "softmax" (the paper's wording) sums the approximate attention s_hat
+        over the group; "logits" (the authors' research code, graphcore-research/llm-inference-research,
+        llminference/methods/ann_attention.py, AnnAttention.forward) sums the temperature-scaled
+        approximate logits q[i1] . K[:, i1] / tau instead. Either way tau, s_hat and alpha (step 3)
+        stay per query head, and with one query head per KV head the two select the same positions.
     """
 
     rank: int
     top_k: int
     local_window: int = 0
     reallocate_mean: bool = True
+    group_scores: str = "softmax"
 
     reads_transposed_keys = True
     stateful = False
@@ -85,6 +94,9 @@ class SparQ:
                 f"local_window must be <= top_k, got local_window={self.local_window}, top_k={self.top_k}")
         if not isinstance(self.reallocate_mean, bool):
             raise ValueError(f"reallocate_mean must be a bool, got {self.reallocate_mean!r}")
+        if not isinstance(self.group_scores, str) or self.group_scores not in GROUP_SCORES:
+            raise ValueError(f"group_scores must be one of {', '.join(map(repr, GROUP_SCORES))}, "
+                             f"got {self.group_scores!r}")
 
     def transfers(self, seq_len: int, head_dim: int) -> int:
         """Eq. 11: S*r (step 1) + 2*k*d (step 2) + 4*d (q, output, v_bar and the running V sum)."""
@@ -92,9 +104,11 @@ class SparQ:
         return seq_len * min(self.rank, head_dim) + 2 * k * head_dim + 4 * head_dim
 
     @classmethod
-    def for_compression(cls, ratio, head_dim: int, seq_len: int, *, reallocate_mean: bool = True) -> "SparQ":
+    def for_compression(cls, ratio, head_dim: int, seq_len: int, *, reallocate_mean: bool = True,
+                        group_scores: str = "softmax") -> "SparQ":
         """The paper's long-context recipe: r = ratio*d, k = ratio*S/2, l = k/4; k (then r) shrunk if
-        that recipe lands more than 1% above `ratio` (short sequences, where the 4*d term matters)."""
+        that recipe lands more than 1% above `ratio` (short sequences, where the 4*d term matters).
+        reallocate_mean and group_scores are passed on unchanged (they do not change the reads)."""
         ratio = _check_ratio(ratio)
         _check_shape_args(head_dim, seq_len)
         limit = ratio * dense_transfers(seq_len, head_dim) * _TOLERANCE
@@ -112,7 +126,8 @@ class SparQ:
                     f"even rank=1, top_k=1 reads {SparQ(1, 1).transfers(seq_len, head_dim)} of "
                     f"{dense_transfers(seq_len, head_dim)} elements")
             rank -= 1
-        return cls(rank, top_k, local_window=top_k // 4, reallocate_mean=reallocate_mean)
+        return cls(rank, top_k, local_window=top_k // 4, reallocate_mean=reallocate_mean,
+                   group_scores=group_scores)
 
 
 @dataclasses.dataclass(frozen=True)

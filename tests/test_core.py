@@ -43,8 +43,12 @@ def np_dense(q, k, v, lengths, window=None, positions=None):
     return out
 
 
-def np_sparq(q, k, v, lengths, rank, top_k, local_window=0, reallocate=True, window=None):
-    """SparQ as PAPER.md states it, one (row, KV head) at a time."""
+def np_sparq(q, k, v, lengths, rank, top_k, local_window=0, reallocate=True, window=None,
+             group_scores="softmax"):
+    """SparQ as PAPER.md states it, one (row, KV head) at a time. group_scores="logits" ranks as the
+    authors' research code does (llm-inference-research, llminference/methods/ann_attention.py,
+    AnnAttention.forward): the sum over the group's query heads of each head's temperature-scaled
+    approximate logits, instead of the sum of s_hat; alpha still comes from each head's s_hat."""
     B, Hq, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
@@ -57,11 +61,12 @@ def np_sparq(q, k, v, lengths, rank, top_k, local_window=0, reallocate=True, win
             Kc = k[b, h, cand].astype(np.float64)
             Vc = v[b, h, cand].astype(np.float64)
             i1 = np.argsort(-np.abs(Q).sum(0), kind="stable")[:rank]
-            s_hat = []
+            s_hat, z = [], []
             for g in range(G):
                 tau = np.sqrt(D * np.abs(Q[g, i1]).sum() / np.abs(Q[g]).sum())
-                s_hat.append(_softmax(Kc[:, i1] @ Q[g, i1] / tau))
-            score = np.sum(s_hat, axis=0)
+                z.append(Kc[:, i1] @ Q[g, i1] / tau)
+                s_hat.append(_softmax(z[-1]))
+            score = np.sum(s_hat if group_scores == "softmax" else z, axis=0)
             score[n - min(n, max(local_window, 1)):] = np.inf
             i2 = np.argsort(-score, kind="stable")[:min(top_k, n)]
             for g in range(G):
@@ -186,6 +191,82 @@ def test_newest_position_and_local_window_always_selected():
     out, _ = sq.attend(q, cache, sq.SparQ(rank=4, top_k=5, local_window=5, reallocate_mean=False), impl="xla")
     want = np_dense(q, k, v, lengths, positions=lambda b, h, cand: cand[-5:])
     np.testing.assert_allclose(out, want, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "Hq,Hkv,rank,top_k,local_window,reallocate,transposed,window",
+    [
+        (6, 2, 5, 10, 3, True, True, None),     # G=3
+        (6, 2, 4, 8, 2, False, False, None),    # G=3, no reallocation, single copy of K
+        (8, 2, 6, 12, 4, False, True, None),    # G=4
+        (8, 2, 5, 10, 2, True, False, 24),      # G=4, sliding window
+    ],
+)
+def test_sparq_group_scores_logits_matches_the_authors_ranking(Hq, Hkv, rank, top_k, local_window, reallocate,
+                                                               transposed, window):
+    D, S = 16, 64
+    q, k, v = _data(21, 3, Hq, Hkv, S, D)
+    lengths = [64, 37, 9]
+    cache = sq.KVCache.from_kv(k, v, lengths, max_len=80, transposed_keys=transposed)
+    method = sq.SparQ(rank, top_k, local_window, reallocate, group_scores="logits")
+    out, _ = sq.attend(q, cache, method, window=window, impl="xla")
+    want = np_sparq(q, k, v, lengths, rank, top_k, local_window, reallocate, window, group_scores="logits")
+    np.testing.assert_allclose(out, want, atol=2e-5, rtol=1e-5)
+    # These inputs tell the two rankings apart (some (row, KV head) selects other positions).
+    other = np_sparq(q, k, v, lengths, rank, top_k, local_window, reallocate, window, group_scores="softmax")
+    assert np.abs(other - want).max() > 1e-3
+
+
+@pytest.mark.parametrize("local_window, transposed", [(0, True), (3, False)])
+def test_sparq_group_scores_agree_with_one_head_per_group(local_window, transposed):
+    q, k, v = _data(22, 3, 4, 4, 64, 16)
+    cache = sq.KVCache.from_kv(k, v, [64, 37, 9], max_len=80, transposed_keys=transposed)
+    outs = [sq.attend(q, cache, sq.SparQ(4, 10, local_window, group_scores=g), impl="xla")[0]
+            for g in ("softmax", "logits")]
+    np.testing.assert_array_equal(outs[0], outs[1])
+    # the same positions, compared directly on the scores that step 2 ranks
+    from sparq_jax import attention as att
+    qf = jnp.asarray(q, jnp.float32).reshape(3, 4, 1, 16)
+    i1, q1 = att._query_components(qf, 4)
+    logits1 = att.approx_logits_xla(q1, cache.k, i1, transposed=False)
+    mask = att.candidate_mask(cache.lengths, cache.max_len, None)
+    chosen = [np.asarray(att.top_k_positions(att._approx_scores(qf, q1, logits1, mask, cache.lengths,
+                                                                local_window, g)[1], 10))
+              for g in ("softmax", "logits")]
+    np.testing.assert_array_equal(chosen[0], chosen[1])
+
+
+def test_sparq_group_scores_differ_on_a_constructed_case():
+    """Two query heads share a KV head; rank = D, so tau = sqrt(D) for both. Position 0 has a large
+    logit for head 0 and an equally large negative one for head 1 (logit sum 0, s_hat sum ~0.99);
+    position 1 is moderate for both (logit sum 1.41, s_hat sum ~0.68). With top_k = 2 (one beside
+    the newest position 2), "softmax" picks position 0 and "logits" position 1."""
+    q = np.array([[[1.0, 0.0], [0.0, 1.0]]], np.float32)                 # [B=1, Hq=2, D=2]
+    k = np.array([[[[8.0, -8.0], [1.0, 1.0], [0.0, 0.0], [9.0, 9.0]]]], np.float32)  # position 3: padding
+    v = np.array([[[[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [5.0, 5.0]]]], np.float32)
+    cache = sq.KVCache.from_kv(k, v, [3])
+    for group_scores, kept in (("softmax", [0, 2]), ("logits", [1, 2])):
+        method = sq.SparQ(rank=2, top_k=2, reallocate_mean=False, group_scores=group_scores)
+        out, _ = sq.attend(q, cache, method, impl="xla")
+        want = np_dense(q, k, v, [3], positions=lambda b, h, cand: kept)
+        np.testing.assert_allclose(out, want, atol=1e-6, err_msg=group_scores)
+        np.testing.assert_allclose(out, np_sparq(q, k, v, [3], 2, 2, reallocate=False, group_scores=group_scores),
+                                   atol=1e-6, err_msg=group_scores)
+
+
+def test_sparq_group_scores_option():
+    assert sq.SparQ(4, 8).group_scores == "softmax"
+    m = sq.SparQ(4, 8, 2, False, "logits")
+    assert m.group_scores == "logits" and hash(m) != hash(sq.SparQ(4, 8, 2, False)) and m != sq.SparQ(4, 8, 2, False)
+    assert m.transfers(4096, 128) == sq.SparQ(4, 8, 2, False).transfers(4096, 128)
+    for bad in ("logit", "SOFTMAX", None, 1):
+        with pytest.raises(ValueError, match=r"group_scores must be one of 'softmax', 'logits', got " + repr(bad)):
+            sq.SparQ(4, 8, group_scores=bad)
+    a = sq.SparQ.for_compression(0.125, 128, 32768, reallocate_mean=False, group_scores="logits")
+    assert a == sq.SparQ(16, 2048, 512, False, "logits")
+    assert sq.SparQ.for_compression(0.125, 128, 32768).group_scores == "softmax"
+    with pytest.raises(ValueError, match="group_scores"):
+        sq.SparQ.for_compression(0.125, 128, 32768, group_scores="sum")
 
 
 def test_padding_never_selected_and_v_bar_ignores_it():

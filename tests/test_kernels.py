@@ -6,6 +6,7 @@ depends on ties. Parameter combinations are chosen pairwise, not as a full produ
 Compiled tests (names contain "compiled") run only on a GPU or TPU backend and skip elsewhere:
     PYTHONPATH=. python -m pytest tests/test_kernels.py -k compiled -v
 """
+import dataclasses
 import math
 import re
 
@@ -236,6 +237,8 @@ E2E_CASES = [
     (2, 8, 2, 128, 32, [100, 30], False, jnp.bfloat16,
      dict(rank=8, top_k=64, local_window=8, reallocate_mean=False), None),          # top_k > a row's length
     (2, 8, 1, 256, 64, [150, 256], True, jnp.float32, dict(rank=16, top_k=48), 100),  # sliding window
+    (2, 6, 2, 96, 32, [96, 41], True, jnp.float32,
+     dict(rank=6, top_k=16, local_window=4, group_scores="logits"), None),          # the authors' GQA ranking
 ]
 
 
@@ -248,17 +251,22 @@ def sq():
     return sparq_jax
 
 
-E2E_IDS = ["G1-kt-f32", "G4-k-bf16", "G8-window-f32"]
+E2E_IDS = ["G1-kt-f32", "G4-k-bf16", "G8-window-f32", "G3-logits-f32"]
 
 
-def _check_attend_against_xla(sq, case, impl, interpret):
+def _attend_inputs(sq, case):
     B, Hq, Hkv, S, D, lengths, transposed, dtype, kwargs, window = case
     rng = np.random.default_rng(3)
     k = jnp.asarray(rng.standard_normal((B, Hkv, S, D)), dtype)
     v = jnp.asarray(rng.standard_normal((B, Hkv, S, D)), dtype)
     q = jnp.asarray(rng.standard_normal((B, Hq, D)), dtype)
     cache = sq.KVCache.from_kv(k, v, jnp.asarray(lengths, jnp.int32), transposed_keys=transposed)
-    method = sq.SparQ(**kwargs)
+    return q, cache, sq.SparQ(**kwargs)
+
+
+def _check_attend_against_xla(sq, case, impl, interpret):
+    B, Hq, Hkv, S, D, lengths, transposed, dtype, kwargs, window = case
+    q, cache, method = _attend_inputs(sq, case)
     with jax.default_matmul_precision("highest"):  # fp32 products on a GPU too (not tf32)
         want, _ = sq.attend(q, cache, method, window=window, impl="xla")
     got, _ = sq.attend(q, cache, method, window=window, impl=impl, interpret=interpret)
@@ -270,6 +278,17 @@ def _check_attend_against_xla(sq, case, impl, interpret):
 @pytest.mark.parametrize("case", E2E_CASES, ids=E2E_IDS)
 def test_attend_sparq_matches_xla(sq, impl, case):
     _check_attend_against_xla(sq, case, impl, interpret=True)
+
+
+def test_group_scores_case_tells_the_rankings_apart(sq):
+    """The kernels rank the score that attention._approx_scores builds, so they follow group_scores
+    as XLA does; the "logits" case above checks that only if its inputs select other positions
+    under "softmax"."""
+    case = E2E_CASES[E2E_IDS.index("G3-logits-f32")]
+    q, cache, method = _attend_inputs(sq, case)
+    logits, _ = sq.attend(q, cache, method, impl="xla")
+    softmax, _ = sq.attend(q, cache, dataclasses.replace(method, group_scores="softmax"), impl="xla")
+    assert np.abs(np.asarray(logits) - np.asarray(softmax)).max() > 1e-3
 
 
 # --------------------------------------------------------------------------------------------
