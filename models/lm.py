@@ -92,13 +92,30 @@ def _decode_loop(weights, logits, cache, key, temperature, top_p, eos, pad, *, c
 
 @dataclasses.dataclass(frozen=True)
 class GenerateStats:
-    """What a generate call did: wall times (compilation included on a first call), the number of
-    decode steps (every row runs each one) and each row's prompt length."""
+    """What a generate / decode call did: wall times (compilation included on a first call; prefill_s
+    is 0 for decode), the number of decode steps (every row runs each one), each row's prompt length,
+    and transfer_ratio: the KV-cache elements the method read over the run as a fraction of what
+    dense attention reads for the same steps (see transfer_ratio)."""
 
     prefill_s: float
     decode_s: float
     decode_steps: int
     prompt_lengths: np.ndarray
+    transfer_ratio: float
+
+
+def transfer_ratio(method, prompt_lengths, decode_steps: int, head_dim: int, window: Optional[int] = None) -> float:
+    """Sum over the decode steps run and the rows of method.transfers(n, D) / Dense().transfers(n, D),
+    n the row's cache length at that step (its prompt plus the tokens fed so far, capped at a sliding
+    window). The ratio is the same in every layer and KV head, so those cancel. nan with no step."""
+    dense = sq.Dense()
+    num = den = 0
+    for length in np.asarray(prompt_lengths).reshape(-1):
+        for step in range(1, int(decode_steps) + 1):
+            n = int(length) + step if window is None else min(int(length) + step, window)
+            num += method.transfers(n, head_dim)
+            den += dense.transfers(n, head_dim)
+    return num / den if den else float("nan")
 
 
 _logits_jit = jax.jit(llama.logits, static_argnames=("config", "mesh"))
@@ -167,9 +184,7 @@ class LanguageModel:
         """tokens [B] (each row's next token) -> (fp32 logits [B, V], state). The state passed in is
         donated (its buffers are reused): keep only the returned one."""
         _check_method(method)
-        if (not isinstance(state, tuple) or len(state) != self.config.num_hidden_layers
-                or not all(isinstance(c, sq.KVCache) for c in state)):
-            raise ValueError("state must be the tuple of per-layer KVCaches that prefill returns")
+        self._check_state(state)
         first = state[0]
         tokens = np.asarray(tokens)
         if tokens.shape != (first.batch,) or not np.issubdtype(tokens.dtype, np.integer):
@@ -191,12 +206,89 @@ class LanguageModel:
 
         eos_token_id (an id or a list) and pad_token_id default to the model's generation config;
         pad falls back to the first eos, then 0. A row that emitted eos continues with pad.
-        return_stats: also return a GenerateStats (prefill and decode times, decode steps).
+        return_stats: also return a GenerateStats (prefill and decode times, decode steps, the
+        measured transfer ratio).
         """
         _check_method(method)
         ids, mask = self._batch(input_ids, attention_mask)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        max_new_tokens = _check_new_tokens(max_new_tokens)
+        eos, pad_token_id = self._sampling(do_sample, temperature, top_p, seed, eos_token_id, pad_token_id)
+        t = ids.shape[1]
+        width = bucket_length(t)
+        ids_p = np.pad(ids, ((0, 0), (width - t, 0)), constant_values=pad_token_id)
+        mask_p = np.pad(mask, ((0, 0), (width - t, 0)))
+        start = time.perf_counter()
+        logits, cache = _prefill_jit(self.params, *self._place(ids_p, mask_p), config=self.config,
+                                     max_len=width + max_new_tokens,
+                                     transposed_keys=method.reads_transposed_keys, h2o=method.stateful,
+                                     mesh=self.mesh)
+        if return_stats:
+            jax.block_until_ready(logits)
+        prefill_s = time.perf_counter() - start
+        new, stats = self._decode(logits, cache, max_new_tokens, method, do_sample, temperature, top_p, seed,
+                                  eos, pad_token_id, mask.sum(axis=1), return_stats)
+        out = np.concatenate([ids, new], axis=1).astype(np.int32)
+        if not return_stats:
+            return out
+        return out, dataclasses.replace(stats, prefill_s=prefill_s)
+
+    def decode(self, logits, state: tuple, max_new_tokens: int = 32, method=sq.Dense(),
+               do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+               eos_token_id=None, pad_token_id: Optional[int] = None, return_stats: bool = False):
+        """generate's decode loop from a prefill's (logits, state): int32 [B, max_new_tokens], the new
+        tokens only (pad after a row's eos). The state is not consumed, so one prefill serves several
+        methods: prefill with max_len >= the longest prompt + max_new_tokens - 1, transposed_keys=True
+        for SparQ and method=sq.H2O(...) (seeds H2O's scores; the others ignore them) to serve all:
+
+            logits, state = lm.prefill(ids, mask, max_len=ids.shape[1] + 64, method=sq.H2O(64, 16),
+                                       transposed_keys=True)
+            dense = lm.decode(logits, state, 64)
+            sparq = lm.decode(logits, state, 64, method=sq.SparQ(16, 256))
+
+        Arguments as generate's; return_stats: also a GenerateStats (prefill_s 0).
+        """
+        _check_method(method)
+        max_new_tokens = _check_new_tokens(max_new_tokens)
+        self._check_state(state)
+        first = state[0]
+        logits = jnp.asarray(logits)
+        if logits.shape != (first.batch, self.config.vocab_size):
+            raise ValueError(f"logits must be [B={first.batch}, vocab_size={self.config.vocab_size}] as prefill "
+                             f"returns them, got {logits.shape}")
+        lengths = np.asarray(first.lengths)
+        if int(lengths.max()) + max_new_tokens - 1 > first.max_len:
+            raise ValueError(f"the state holds max_len={first.max_len} positions, too few for "
+                             f"max_new_tokens={max_new_tokens} after a prompt of {int(lengths.max())} tokens "
+                             f"(needs {int(lengths.max()) + max_new_tokens - 1}); prefill with a larger max_len")
+        if method.reads_transposed_keys and first.kt is None:
+            raise ValueError(f"{method!r} reads the transposed keys: prefill with transposed_keys=True")
+        if method.stateful and first.h2o_scores is None:
+            raise ValueError(f"{method!r} keeps state in the cache: prefill with method={method!r}")
+        eos, pad_token_id = self._sampling(do_sample, temperature, top_p, seed, eos_token_id, pad_token_id)
+        cache = jax.tree.map(jnp.copy, state)    # the loop donates its cache; the caller keeps theirs
+        new, stats = self._decode(logits.astype(jnp.float32), cache, max_new_tokens, method, do_sample,
+                                  temperature, top_p, seed, eos, pad_token_id, lengths, return_stats)
+        return (new, stats) if return_stats else new
+
+    def _decode(self, logits, cache, max_new_tokens, method, do_sample, temperature, top_p, seed, eos,
+                pad_token_id, prompt_lengths, return_stats):
+        start = time.perf_counter()
+        new, steps, _ = decode_loop_jit(self.decode_params, logits, cache, jax.random.key(int(seed)),
+                                        jnp.float32(temperature), jnp.float32(top_p), jnp.asarray(eos, jnp.int32),
+                                        jnp.int32(pad_token_id), config=self.config, method=method,
+                                        max_new_tokens=max_new_tokens, do_sample=do_sample, mesh=self.mesh)
+        new = self._on_host(new)
+        if not return_stats:
+            return new, None
+        decode_s = time.perf_counter() - start
+        steps = int(steps)
+        return new, GenerateStats(
+            prefill_s=0.0, decode_s=decode_s, decode_steps=steps, prompt_lengths=np.asarray(prompt_lengths),
+            transfer_ratio=transfer_ratio(method, prompt_lengths, steps, self.config.head_dim,
+                                          self.config.sliding_window))
+
+    def _sampling(self, do_sample, temperature, top_p, seed, eos_token_id, pad_token_id):
+        """Check generate's sampling arguments -> (eos ids int64 [E], pad id)."""
         if not isinstance(do_sample, bool):
             raise ValueError(f"do_sample must be True or False, got {do_sample!r}")
         if do_sample and not (isinstance(temperature, (int, float)) and temperature > 0):
@@ -211,29 +303,12 @@ class LanguageModel:
         if pad_token_id is None:
             pad_token_id = self.pad_token_id if self.pad_token_id is not None else (int(eos[0]) if eos.size else 0)
         self._check_ids(np.asarray([pad_token_id]), "pad_token_id")
+        return eos, int(pad_token_id)
 
-        b, t = ids.shape
-        width = bucket_length(t)
-        ids_p = np.pad(ids, ((0, 0), (width - t, 0)), constant_values=pad_token_id)
-        mask_p = np.pad(mask, ((0, 0), (width - t, 0)))
-        start = time.perf_counter()
-        logits, cache = _prefill_jit(self.params, *self._place(ids_p, mask_p), config=self.config,
-                                     max_len=width + int(max_new_tokens),
-                                     transposed_keys=method.reads_transposed_keys, h2o=method.stateful,
-                                     mesh=self.mesh)
-        if return_stats:
-            jax.block_until_ready(logits)
-        middle = time.perf_counter()
-        new, steps, _ = decode_loop_jit(self.decode_params, logits, cache, jax.random.key(int(seed)),
-                                     jnp.float32(temperature), jnp.float32(top_p), jnp.asarray(eos, jnp.int32),
-                                     jnp.int32(pad_token_id), config=self.config, method=method,
-                                     max_new_tokens=int(max_new_tokens), do_sample=do_sample, mesh=self.mesh)
-        out = np.concatenate([ids, self._on_host(new)], axis=1).astype(np.int32)
-        if not return_stats:
-            return out
-        stats = GenerateStats(prefill_s=middle - start, decode_s=time.perf_counter() - middle,
-                              decode_steps=int(steps), prompt_lengths=mask.sum(axis=1))
-        return out, stats
+    def _check_state(self, state) -> None:
+        if (not isinstance(state, tuple) or len(state) != self.config.num_hidden_layers
+                or not all(isinstance(c, sq.KVCache) for c in state)):
+            raise ValueError("state must be the tuple of per-layer KVCaches that prefill returns")
 
     # -----------------------------------------------------------------------------------------
     def _batch(self, input_ids, attention_mask):
@@ -276,6 +351,12 @@ class LanguageModel:
         if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
             raise ValueError(f"{name} must lie in [0, vocab_size={self.config.vocab_size}), got values "
                              f"from {ids.min()} to {ids.max()}")
+
+
+def _check_new_tokens(max_new_tokens) -> int:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    return int(max_new_tokens)
 
 
 def _check_method(method) -> None:

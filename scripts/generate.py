@@ -136,21 +136,6 @@ def make_method(name: str, ratio: float, head_dim: int, seq_len: int, grouped: b
         raise SystemExit(f"error: --method {name} at --compression {ratio:g}: {err}")
 
 
-def transfer_ratio(method, stats, head_dim: int, window) -> float:
-    """Sum over decode steps and rows of method.transfers / Dense().transfers at each step's length
-    (the same in every layer and KV head, so those cancel)."""
-    import sparq_jax as sq
-
-    dense = sq.Dense()
-    num = den = 0
-    for length in stats.prompt_lengths:
-        for step in range(1, stats.decode_steps + 1):
-            n = int(length) + step if window is None else min(int(length) + step, window)
-            num += method.transfers(n, head_dim)
-            den += dense.transfers(n, head_dim)
-    return num / den if den else float("nan")
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     import models
@@ -198,7 +183,7 @@ def main(argv=None) -> int:
             "text": texts,
             "tokens_per_s": len(prompts) * steps / stats.decode_s,
             "prefill_s": stats.prefill_s,
-            "transfer_ratio": transfer_ratio(method, stats, config.head_dim, config.sliding_window),
+            "transfer_ratio": stats.transfer_ratio,
         }
     bar.close()
 

@@ -312,6 +312,62 @@ def test_generate_validates_arguments(loaded):
         lm.prefill(ids, max_len=2)
 
 
+def test_decode_from_one_prefill_equals_generate(loaded):
+    """One prefill (K^T kept, H2O seeded) serves every method: decode's tokens equal generate's,
+    and the state is left as it was, so the next method starts from the same prompt."""
+    lm, _ = loaded("llama_gqa_llama3")
+    ids, mask = left_padded_batch(LENGTHS, seed=2)
+    n = 10
+    logits, state = lm.prefill(ids, mask, max_len=ids.shape[1] + n - 1, method=sq.H2O(top_k=8, local_window=2),
+                               transposed_keys=True)
+    before = jax.tree.map(np.asarray, state)
+    for method in [sq.Dense(), sq.SparQ(rank=4, top_k=8, local_window=2), sq.H2O(top_k=8, local_window=2),
+                   sq.Streaming(sink=2, window=6), sq.FlexGen(top_k=8)]:
+        new, stats = lm.decode(logits, state, n, method=method, eos_token_id=[], return_stats=True)
+        want = lm.generate(ids, mask, max_new_tokens=n, method=method, eos_token_id=[])
+        np.testing.assert_array_equal(new, want[:, ids.shape[1]:], err_msg=repr(method))
+        assert stats.decode_steps == n - 1 and stats.prefill_s == 0
+        np.testing.assert_array_equal(stats.prompt_lengths, LENGTHS)
+        jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state), before)
+
+
+def test_generate_stats_transfer_ratio(loaded):
+    """The measured ratio: a hand count over the run's rows and steps of the method's Eq. 11 reads."""
+    lm, _ = loaded("llama_gqa_llama3")
+    ids, mask = left_padded_batch(LENGTHS, seed=2)
+    d = lm.config.head_dim
+    method = sq.SparQ(rank=4, top_k=8, local_window=2)
+    _, stats = lm.generate(ids, mask, max_new_tokens=6, method=method, eos_token_id=[], return_stats=True)
+    assert stats.decode_steps == 5 and stats.prefill_s > 0 and stats.decode_s > 0
+    lengths = [n + step for n in LENGTHS for step in range(1, 6)]
+    want = (sum(s * 4 + 2 * min(8, s) * d + 4 * d for s in lengths)
+            / sum(2 * s * d + 2 * d for s in lengths))
+    assert stats.transfer_ratio == pytest.approx(want, rel=1e-12)
+    _, dense = lm.generate(ids, mask, max_new_tokens=6, eos_token_id=[], return_stats=True)
+    assert dense.transfer_ratio == 1.0
+    # a sliding window caps the length each step reads
+    assert lm_module.transfer_ratio(sq.Streaming(1, 2), [5], 3, d, window=4) == pytest.approx(
+        3 * (2 * 3 * d + 2 * d) / (3 * (2 * 4 * d + 2 * d)))
+
+
+def test_decode_validates_state(loaded):
+    lm, _ = loaded("llama_gqa_llama3")
+    ids, mask = left_padded_batch(LENGTHS, seed=2)
+    logits, state = lm.prefill(ids, mask, max_len=ids.shape[1] + 3)
+    with pytest.raises(ValueError, match=r"max_len=23 positions, too few for max_new_tokens=5"):
+        lm.decode(logits, state, 5)
+    with pytest.raises(ValueError, match="transposed_keys=True"):
+        lm.decode(logits, state, 2, method=sq.SparQ(rank=4, top_k=8))
+    with pytest.raises(ValueError, match="keeps state in the cache"):
+        lm.decode(logits, state, 2, method=sq.H2O(top_k=8, local_window=2))
+    with pytest.raises(ValueError, match=r"logits must be \[B=3, vocab_size="):
+        lm.decode(logits[:2], state, 2)
+    with pytest.raises(ValueError, match="state must be"):
+        lm.decode(logits, state[:1], 2)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        lm.decode(logits, state, 0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading
 
