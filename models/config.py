@@ -26,6 +26,10 @@ class ConfigError(ValueError):
     """A config.json this package cannot run, with the field at fault named."""
 
 
+class CheckpointError(ValueError):
+    """A checkpoint (folder, GGUF file or known name) this package cannot load, with the problem named."""
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeParameters:
     """RoPE settings (transformers 5's `rope_parameters`; `rope_scaling` + `rope_theta` in 4)."""

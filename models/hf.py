@@ -1,6 +1,7 @@
-"""Hugging Face checkpoints: from_pretrained (safetensors -> llama.Weights) and save_pretrained.
+"""Hugging Face checkpoints: from_pretrained (safetensors -> llama.Weights) and save_pretrained; GGUF
+files (models/gguf.py) and known names (models/known.py) are found here and feed the same loader.
 
-Only safetensors are read: unpickling a pytorch_model.bin runs arbitrary code. The safetensors
+Of Hugging Face's formats only safetensors are read: unpickling a pytorch_model.bin runs arbitrary code. The safetensors
 header is parsed here (8-byte length, JSON, raw little-endian data), so bf16 tensors read straight
 into numpy (ml_dtypes' bfloat16, as jax uses) one at a time, and every problem with a checkpoint is
 found from its config and headers before any weight is read or any model exists.
@@ -21,8 +22,8 @@ from tqdm.auto import tqdm
 
 from sparq_jax import sharding
 
-from . import llama
-from .config import ModelConfig
+from . import gguf, known, llama
+from .config import CheckpointError, ModelConfig
 from .lm import LanguageModel
 
 SAFETENSORS_DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -33,10 +34,8 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Buffers some checkpoints carry that the model recomputes.
 _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder this package cannot load, with the problem named."""
+# The small trained model that ships with the package (models.BUNDLED; the name "bundled").
+BUNDLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bundled")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,22 +170,35 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: Optio
 # ---------------------------------------------------------------------------------------------
 # Finding and checking a checkpoint
 
-def _resolve(path_or_repo_id) -> str:
+def _resolve(path_or_repo_id) -> tuple[str, str]:
+    """("folder" or "gguf", local path). In order: a local path (a folder, a .gguf file, a folder with
+    one .gguf and no config.json), "bundled", a known name (models/known.py, fetched on first use),
+    a Hugging Face repo id (fetched through huggingface_hub)."""
     path = os.path.expanduser(os.fspath(path_or_repo_id))
-    if os.path.isdir(path):
-        return path
     if os.path.exists(path):
+        found = gguf.find(path)
+        if found is not None:
+            return "gguf", found
+        if os.path.isdir(path):
+            return "folder", path
         raise CheckpointError(f"{path} is a file; from_pretrained takes a checkpoint folder (config.json, "
-                              f"model.safetensors, ...) or a Hugging Face repo id")
+                              f"model.safetensors, ...), a .gguf file, a known name "
+                              f"({', '.join(known.KNOWN_MODELS)}) or a Hugging Face repo id")
+    if path == "bundled":
+        return "folder", BUNDLED
+    if path in known.KNOWN_MODELS:
+        return "gguf", known.fetch(path)
     if path.startswith((".", "/", "~")) or not _REPO_ID.match(path) or ".." in path or "--" in path:
-        raise CheckpointError(f"no such checkpoint folder: {path}")
+        raise CheckpointError(f"no such checkpoint folder or file: {path} (known names: bundled, "
+                              f"{', '.join(known.KNOWN_MODELS)})")
     try:
         from huggingface_hub import snapshot_download
-        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model",
-                                                       "*.txt", "*.bin"])
+        return "folder", snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "tokenizer*",
+                                                                 "*.model", "*.txt", "*.bin"])
     except Exception as err:  # offline, unknown repo, gated: all end the same way for the user
         raise CheckpointError(
-            f"{path!r} is not a local folder and could not be fetched from the Hugging Face Hub "
+            f"{path!r} is not a local folder, a .gguf file or a known name (bundled, "
+            f"{', '.join(known.KNOWN_MODELS)}), and could not be fetched from the Hugging Face Hub "
             f"({type(err).__name__}: {err}). Offline, point from_pretrained at a local folder instead: "
             f"download it where the Hub is reachable (`hf download {path} --local-dir DIR`), copy DIR "
             f"here, then models.from_pretrained('DIR')") from None
@@ -415,7 +427,12 @@ class Checkpoint:
 def open_checkpoint(path_or_repo_id) -> Checkpoint:
     """Find a checkpoint and check its config and tensors (names, shapes, dtypes): CheckpointError /
     ConfigError before any weight is read."""
-    folder = _resolve(path_or_repo_id)
+    kind, folder = _resolve(path_or_repo_id)
+    if kind == "gguf":
+        g = gguf.open_gguf(folder)
+        _check_entries(g.config, g.entries)
+        return Checkpoint(g.config, g.entries, lambda: gguf.tokenizer(g), g.config.eos_token_id,
+                          g.config.pad_token_id)
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path):
         raise CheckpointError(f"{folder} has no config.json; is it a Hugging Face checkpoint folder?")

@@ -366,7 +366,8 @@ def _list(choices, what):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=models.BUNDLED, help="checkpoint folder (default: the bundled model)")
+    p.add_argument("--model", default="bundled", help="checkpoint folder with a byte-level tokenizer and "
+                                                       "heldout/*.txt (default: bundled, the small model)")
     p.add_argument("--tasks", type=_list(TASKS, "tasks"), default=list(TASKS), help=f"comma list of {TASKS}")
     p.add_argument("--methods", type=_list(METHODS, "methods"), default=list(METHODS),
                    help=f"comma list of {METHODS}")
@@ -384,6 +385,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     parser, args = parse_args(argv)
+    if args.model == "bundled":
+        args.model = models.BUNDLED
     if not os.path.isdir(args.model):
         parser.error(f"--model {args.model!r} is not a checkpoint folder")
     lm = models.from_pretrained(args.model)

@@ -35,8 +35,9 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 def parse_args(argv=None) -> argparse.Namespace:
     first, rest = __doc__.split("\n\n", 1)
     p = argparse.ArgumentParser(description=first, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="checkpoint folder or Hugging Face repo id (default: the bundled model, "
-                                   "else a small random Llama cached under ~/.cache/sparq-jax)")
+    p.add_argument("--model", help="a checkpoint folder, a .gguf file, a known name (smollm2-135m-instruct, "
+                                   "fetched once; bundled: the small model) or a Hugging Face repo id (default: "
+                                   "the bundled model, else a small random Llama cached under ~/.cache/sparq-jax)")
     p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch; default: passkey "
                                                       "prompts of a few thousand tokens)")
     p.add_argument("--method", action="append", help=f"attention method(s) for decoding: {', '.join(METHOD_NAMES)}; "

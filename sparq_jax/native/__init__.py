@@ -41,6 +41,12 @@ def _threads() -> int:
     return max(1, min(n, 16))
 
 
+def cache_dir() -> str:
+    """The package's one cache folder (built libraries, fetched models): $SPARQ_JAX_CACHE, default
+    ~/.cache/sparq_jax. Not created here."""
+    return os.environ.get("SPARQ_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sparq_jax")
+
+
 def _build() -> str:
     """Compiles the sources (once per source text, jax version and command); returns the library's path."""
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
@@ -52,7 +58,7 @@ def _build() -> str:
         with open(path, "rb") as f:
             digest.update(f.read())
     digest = digest.hexdigest()[:16]
-    cache = os.environ.get("SPARQ_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sparq_jax")
+    cache = cache_dir()
     path = os.path.join(cache, f"sparq_native-{digest}.so")
     if os.path.exists(path):
         return path
