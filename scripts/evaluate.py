@@ -1,25 +1,32 @@
 #!/usr/bin/env python
-"""Offline evaluation: passkey retrieval, repetition and held-out bits per character, for dense
-attention and every sparse method at several transfer ratios (the paper's Figure 1, in miniature).
+"""Offline evaluation: passkey and multi-key retrieval, repetition and held-out bits per character, for
+dense attention and every sparse method at several transfer ratios (the paper's Figure 1, in miniature).
 
-    python scripts/evaluate.py                                   # everything, the bundled model
+    python scripts/evaluate.py --model smollm2-135m-instruct --context-length 4096 --limit 20 \
+           --json docs/results_smollm2.json --plot docs/results_smollm2.png     # resumable
     python scripts/evaluate.py --tasks passkey --methods dense,sparq --compression 1/8 --limit 8
-    python scripts/evaluate.py --json docs/results.json --plot docs/results.png
+    python scripts/evaluate.py                                   # everything, the bundled model
 
 Protocol (every scored prediction comes out of a decode step run with the method under test; the
-prompt's prefill is dense, as in the paper):
-- passkey: prefill the filler and the hidden key, feed the question token by token through
-  decode_step (so the method sees the question, as in Quest), then greedy-decode 5 digits; exact match.
-- repetition: prefill the prompt but its last token, feed that token, then greedy-decode until the
-  output diverges from the 256 characters that really follow the span (score: characters matched).
-- bpc: prefill the first half of a held-out window, then teacher-force the rest through decode_step;
-  bits per character of every later character.
+prompt's prefill is dense, as in the paper, and done once per batch of prompts for all methods):
+- passkey: filler with a hidden 5-digit key; the question's tokens go through decode steps (so the
+  method sees the question, as in Quest), then greedy decoding; exact match of the key.
+- multikey: the same with several keys (a word and its own value each), one of them asked for.
+- repetition: held-out text, a newline, then a span copied from inside it; the prompt's last token
+  goes through a decode step, then greedy decoding until the output diverges from the text that
+  really follows the span (score: characters matched, of 256).
+- bpc: a held-out window; its last tokens (up to 256, at most half) are teacher-forced through
+  decode steps, each step's logits scoring the next token; bits per character of that tail.
+Lengths are in tokens of the model's tokenizer (the builders work in characters: the tokenizer's
+characters per token on the task's text convert). The held-out texts are the public-domain plays in
+models/bundled/heldout.
 Methods: dense; sparq (the paper's setting for GQA models: no mean reallocation); sparq-mean (with
-it); h2o; streaming (LM-Infinite: 16 sink positions + a recent window); flexgen (only at ratios >= its
-floor of ~1/2). Each is built with Cls.for_compression(ratio, head_dim, prompt length) (for bpc, the
-mean cache length over the scored steps, as the cache doubles while it is scored); the row's
-transfer_ratio is measured: the sum over decode steps and rows of method.transfers(S, D) over the
-same sum for dense, S being the row's cache length at that step (the same for every layer).
+it); sparq-logits (no reallocation, KV groups ranked by summed approximate logits as the authors'
+code does); h2o; streaming (LM-Infinite: 16 sink positions + a recent window); flexgen (only at
+ratios >= its floor of ~1/2). Each is built with Cls.for_compression(ratio, head_dim, cache length)
+(for bpc, the mean cache length over the scored steps); the row's transfer_ratio is measured: the
+sum over decode steps and rows of method.transfers(S, D) over the same sum for dense, S being the
+row's cache length at that step (the same for every layer).
 """
 from __future__ import annotations
 
@@ -42,21 +49,25 @@ import sparq_jax as sq  # noqa: E402
 from sparq_jax import tasks  # noqa: E402
 from cli_args import positive_int, ratio_list  # noqa: E402
 
-TASKS = ("passkey", "repetition", "bpc")
-METHODS = ("dense", "sparq", "sparq-mean", "h2o", "streaming", "flexgen")
+TASKS = ("passkey", "multikey", "repetition", "bpc")
+METHODS = ("dense", "sparq", "sparq-mean", "sparq-logits", "h2o", "streaming", "flexgen")
 COMPRESSION = (1 / 2, 1 / 4, 1 / 8, 1 / 16)
-# Samples per task unless --limit says otherwise: a few minutes of CPU for the whole grid.
-DEFAULT_N = {"passkey": 40, "repetition": 32, "bpc": 16}
-SCORE_LABEL = {"passkey": "passkey accuracy", "repetition": "characters matched",
+# Samples per task unless --limit says otherwise: a few minutes of CPU for the bundled model's grid.
+DEFAULT_N = {"passkey": 40, "multikey": 40, "repetition": 32, "bpc": 16}
+SCORE_LABEL = {"passkey": "passkey accuracy", "multikey": "multi-key accuracy", "repetition": "characters matched",
                "bpc": "bits per character (lower is better)"}
+MULTIKEY_KEYS = 4          # keys hidden per multi-key prompt
+BPC_SCORED = 256           # tokens of each bpc window scored through decode steps (at most half)
+HELDOUT = os.path.join(models.BUNDLED, "heldout")
 
 
 def build_method(name: str, ratio: float, head_dim: int, seq_len: int):
     """The method `name` at transfer ratio `ratio` for prompts of seq_len tokens (dense ignores it)."""
     if name == "dense":
         return sq.Dense()
-    if name in ("sparq", "sparq-mean"):
-        return sq.SparQ.for_compression(ratio, head_dim, seq_len, reallocate_mean=name == "sparq-mean")
+    if name in ("sparq", "sparq-mean", "sparq-logits"):
+        return sq.SparQ.for_compression(ratio, head_dim, seq_len, reallocate_mean=name == "sparq-mean",
+                                        group_scores="logits" if name == "sparq-logits" else "softmax")
     cls = {"h2o": sq.H2O, "streaming": sq.Streaming, "flexgen": sq.FlexGen}[name]
     return cls.for_compression(ratio, head_dim, seq_len)
 
@@ -81,18 +92,24 @@ class Transfers:
 
 
 # ---------------------------------------------------------------------------------------------
-# Model-facing loops
+# Text <-> tokens
 
 def encode(lm, text: str) -> list[int]:
-    """<s> + the bytes of text (the bundled tokenizer's encoding, without its per-call overhead)."""
-    ids = list(text.encode("utf-8"))
-    if lm.config.vocab_size < 256:
-        raise ValueError("the evaluation tasks need a byte-level model (vocab_size >= 256)")
-    return ids
+    """text's token ids with the model's own tokenizer, no special tokens."""
+    return list(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _bos(lm) -> list[int]:
-    return [] if lm.config.bos_token_id is None else [int(lm.config.bos_token_id)]
+def decode(lm, ids) -> str:
+    return lm.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def _prefix(lm) -> list[int]:
+    """What the tokenizer puts before a text (<s> for the bundled model, nothing for SmolLM2)."""
+    return list(lm.tokenizer("")["input_ids"])
+
+
+def chars_per_token(lm, text: str) -> float:
+    return len(text) / max(1, len(encode(lm, text)))
 
 
 def _left_pad(rows: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
@@ -105,17 +122,30 @@ def _left_pad(rows: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
     return ids, mask
 
 
-def _prefill(lm, rows: list[list[int]], max_len: int):
-    """One dense prefill shared by every method: keeps K^T (SparQ) and H2O's seed scores."""
-    pad = lm.pad_token_id if lm.pad_token_id is not None else 0
-    ids, mask = _left_pad(rows, pad)
-    _, state = lm.prefill(ids, mask, max_len=max_len, method=sq.H2O(1, 0), transposed_keys=True)
-    return state, mask.sum(axis=1)
+# ---------------------------------------------------------------------------------------------
+# Model-facing loops. Each task has prefill_<task>(lm, samples) -> Prefilled, computed once per batch
+# and shared by every method, and run_<task>(lm, samples, method_of, prefilled) -> (scores, Transfers),
+# where method_of(seq_len) builds the method for the batch's cache length.
 
+class Prefilled:
+    """One dense prefill (K^T kept for SparQ, H2O's scores seeded): state, each row's length, the
+    tokens each row still feeds through decode steps before generating ([B, F], F the same for all),
+    and what the task needs to score."""
 
-def _fresh(state):
-    # decode_step donates its state, so each method decodes from its own copy of the prefill.
-    return jax.tree.map(jnp.copy, state)
+    def __init__(self, lm, prompts: list[list[int]], forced: int, extra: int, **info):
+        if forced < 1 or min(map(len, prompts)) <= forced:
+            raise ValueError(f"every prompt needs more than {forced} tokens")
+        pad = lm.pad_token_id if lm.pad_token_id is not None else 0
+        ids, mask = _left_pad([p[:-forced] for p in prompts], pad)
+        max_len = ids.shape[1] + forced + extra
+        _, self.state = lm.prefill(ids, mask, max_len=max_len, method=sq.H2O(1, 0), transposed_keys=True)
+        self.lengths = mask.sum(axis=1)
+        self.forced = np.asarray([p[-forced:] for p in prompts], np.int32)
+        self.info = info
+
+    def fresh(self):
+        # decode_step donates its state, so each method decodes from its own copy of the prefill.
+        return jax.tree.map(jnp.copy, self.state), self.lengths.copy()
 
 
 @jax.jit
@@ -124,117 +154,121 @@ def _token_nll(logits, targets):
     return -jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
 
 
-def prefill_passkey(lm, samples: list[tasks.PasskeySample]):
-    contexts = [_bos(lm) + encode(lm, s.context) for s in samples]
-    max_len = max(map(len, contexts)) + len(encode(lm, samples[0].question)) + tasks.PASSKEY_DIGITS
-    return _prefill(lm, contexts, max_len)
+def _greedy(logits) -> np.ndarray:
+    return np.asarray(jnp.argmax(logits, axis=-1)).astype(np.int32)
 
 
-def run_passkey(lm, samples: list[tasks.PasskeySample], method_of, prefilled):
-    """-> (scores [n], Transfers). method_of(prompt_len) builds the method; prefilled is
-    prefill_passkey's (state, lengths), shared by every method."""
-    questions = [encode(lm, s.question) for s in samples]
-    if len({len(q) for q in questions}) != 1:
-        raise ValueError("passkey questions must all have the same length")
-    n_q = len(questions[0])
-    state, lengths = _fresh(prefilled[0]), prefilled[1]
-    method = method_of(int(lengths.max()) + n_q)
+def _force(lm, prefilled: Prefilled, method_of):
+    """Feed each row's forced tokens through decode steps -> (logits of the last, state, lengths, method, meter)."""
+    state, lengths = prefilled.fresh()
+    forced = prefilled.forced
+    method = method_of(int(lengths.max()) + forced.shape[1])
     meter = Transfers(method, lm.config.head_dim)
-    q = np.asarray(questions, np.int32)
-    for j in range(n_q):
+    for j in range(forced.shape[1]):
         lengths = lengths + 1
         meter.step(lengths)
-        logits, state = lm.decode_step(q[:, j], state, method=method)
+        logits, state = lm.decode_step(forced[:, j], state, method=method)
+    return logits, state, lengths, method, meter
+
+
+def prefill_passkey(lm, samples: list[tasks.PasskeySample]) -> Prefilled:
+    """Passkey and multi-key: the question's tokens (as many as the shortest question has) go through
+    decode steps, so the method sees the question, as in Quest; the rest is prefilled."""
+    prompts = [_prefix(lm) + encode(lm, s.context + s.question) for s in samples]
+    forced = min(len(encode(lm, s.question)) for s in samples)
+    new = max(len(encode(lm, s.answer)) for s in samples) + 2
+    return Prefilled(lm, prompts, forced, new, new_tokens=new)
+
+
+def run_passkey(lm, samples: list[tasks.PasskeySample], method_of, prefilled: Prefilled):
+    """-> (scores [n], Transfers): greedy tokens after the question; exact match of the key."""
+    logits, state, lengths, method, meter = _force(lm, prefilled, method_of)
     out = []
-    for j in range(tasks.PASSKEY_DIGITS):
-        token = np.asarray(jnp.argmax(logits, axis=-1)).astype(np.int32)
+    for j in range(prefilled.info["new_tokens"]):
+        token = _greedy(logits)
         out.append(token)
-        if j + 1 < tasks.PASSKEY_DIGITS:
+        if j + 1 < prefilled.info["new_tokens"]:
             lengths = lengths + 1
             meter.step(lengths)
             logits, state = lm.decode_step(token, state, method=method)
     generated = np.stack(out, axis=1)
-    scores = [tasks.score_passkey(_decode_bytes(g), s.answer) for g, s in zip(generated, samples)]
+    scores = [tasks.score_passkey(decode(lm, g).lstrip(), s.answer) for g, s in zip(generated, samples)]
     return np.asarray(scores, np.float64), meter
 
 
-def prefill_repetition(lm, samples: list[tasks.RepetitionSample]):
-    prompts = [_bos(lm) + encode(lm, s.prompt) for s in samples]
-    max_len = max(map(len, prompts)) + max(len(encode(lm, s.target)) for s in samples)
+def prefill_repetition(lm, samples: list[tasks.RepetitionSample]) -> Prefilled:
     # The prompt's last token goes through a decode step, so the first scored character is sparse too.
-    return _prefill(lm, [p[:-1] for p in prompts], max_len)
+    prompts = [_prefix(lm) + encode(lm, s.prompt) for s in samples]
+    new = max(len(encode(lm, s.target)) for s in samples) + 4
+    return Prefilled(lm, prompts, 1, new, new_tokens=new)
 
 
-def run_repetition(lm, samples: list[tasks.RepetitionSample], method_of, prefilled):
-    """-> (characters matched [n], Transfers)."""
-    prompts = [_bos(lm) + encode(lm, s.prompt) for s in samples]
-    targets = [encode(lm, s.target) for s in samples]
-    n_gen = max(map(len, targets))
-    state, lengths = _fresh(prefilled[0]), prefilled[1]
-    method = method_of(int(lengths.max()) + 1)
-    meter = Transfers(method, lm.config.head_dim)
-    target = np.full((len(samples), n_gen), -1, np.int64)
-    for i, t in enumerate(targets):
-        target[i, :len(t)] = t
-    matched = np.zeros(len(samples), np.int64)
+def _still_matching(text: str, target: str) -> bool:
+    n = min(len(text), len(target))
+    return text[:n] == target[:n] and len(text) < len(target)
+
+
+def run_repetition(lm, samples: list[tasks.RepetitionSample], method_of, prefilled: Prefilled):
+    """-> (characters matched [n], Transfers): greedy decoding until every row has diverged from the
+    text that really follows the span (or has matched all of it)."""
+    logits, state, lengths, method, meter = _force(lm, prefilled, method_of)
+    generated = [[] for _ in samples]
     alive = np.ones(len(samples), bool)
-    token = np.asarray([p[-1] for p in prompts], np.int32)
-    for j in range(n_gen):
+    for j in range(prefilled.info["new_tokens"]):
+        token = _greedy(logits)
+        for i in np.flatnonzero(alive):
+            generated[i].append(int(token[i]))
+            alive[i] = _still_matching(decode(lm, generated[i]), samples[i].target)
+        # Later characters cannot change a score once every row has diverged.
+        if not alive.any() or j + 1 == prefilled.info["new_tokens"]:
+            break
         lengths = lengths + 1
         meter.step(lengths)
         logits, state = lm.decode_step(token, state, method=method)
-        token = np.asarray(jnp.argmax(logits, axis=-1)).astype(np.int32)
-        alive &= token == target[:, j]
-        matched += alive
-        # Later characters cannot change a score once every row has diverged.
-        if not alive.any():
-            break
-    return matched.astype(np.float64), meter
+    scores = [tasks.score_repetition(decode(lm, g), s.target) for g, s in zip(generated, samples)]
+    return np.asarray(scores, np.float64), meter
 
 
-def _bpc_rows(lm, windows: list[str]) -> np.ndarray:
-    rows = [_bos(lm) + encode(lm, w) for w in windows]
-    if len({len(r) for r in rows}) != 1:
-        raise ValueError("bpc windows must all have the same length")
-    return np.asarray(rows, np.int32)
+def prefill_bpc(lm, windows: list[str], scored: int = BPC_SCORED) -> Prefilled:
+    """Each window's tokens (cut to the shortest window's count): all but the last scored + 1 are
+    prefilled; the rest are teacher-forced through decode steps, each step's logits scoring the next."""
+    rows = [_prefix(lm) + encode(lm, w) for w in windows]
+    width = min(map(len, rows))
+    scored = min(scored, width // 2)
+    rows = [r[:width] for r in rows]
+    chars = [len(decode(lm, r[width - scored:])) for r in rows]
+    return Prefilled(lm, rows, scored + 1, 0, chars=chars)
 
 
-def prefill_bpc(lm, windows: list[str]):
-    full = _bpc_rows(lm, windows)
-    return _prefill(lm, full[:, :full.shape[1] // 2].tolist(), full.shape[1])
-
-
-def run_bpc(lm, windows: list[str], method_of, prefilled):
-    """-> (bits per char of each window's second half, Transfers)."""
-    full = _bpc_rows(lm, windows)
-    half = full.shape[1] // 2
-    state, lengths = _fresh(prefilled[0]), prefilled[1]
-    # S grows from half the window to all of it while the budget stays fixed: size the budget at
-    # the mean length over the scored steps, so the measured ratio lands near the target.
-    method = method_of(int(lengths.max()) + (full.shape[1] - half) // 2)
+def run_bpc(lm, windows: list[str], method_of, prefilled: Prefilled):
+    """-> (bits per char of each window's scored tail, Transfers)."""
+    state, lengths = prefilled.fresh()
+    forced = prefilled.forced
+    steps = forced.shape[1] - 1
+    # S grows over the scored steps while the budget stays fixed: size the budget at the mean length.
+    method = method_of(int(lengths.max()) + steps // 2 + 1)
     meter = Transfers(method, lm.config.head_dim)
-    nats = np.zeros(len(full), np.float64)
-    for j in range(half, full.shape[1] - 1):
+    nats = np.zeros(len(forced), np.float64)
+    for j in range(steps):
         lengths = lengths + 1
         meter.step(lengths)
-        logits, state = lm.decode_step(full[:, j], state, method=method)
-        nats += np.asarray(_token_nll(logits, jnp.asarray(full[:, j + 1])), np.float64)
-    chars = full.shape[1] - 1 - half
-    return np.asarray([tasks.bits_per_char(x, chars) for x in nats]), meter
+        logits, state = lm.decode_step(forced[:, j], state, method=method)
+        nats += np.asarray(_token_nll(logits, jnp.asarray(forced[:, j + 1])), np.float64)
+    return np.asarray([tasks.bits_per_char(x, c) for x, c in zip(nats, prefilled.info["chars"])]), meter
 
 
-def _decode_bytes(ids) -> str:
-    return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
+RUNNERS = {"passkey": (prefill_passkey, run_passkey), "multikey": (prefill_passkey, run_passkey),
+           "repetition": (prefill_repetition, run_repetition), "bpc": (prefill_bpc, run_bpc)}
 
 
 # ---------------------------------------------------------------------------------------------
 # The grid
 
-def read_heldout(model_path: str) -> str:
-    """The held-out texts shipped with a model (its heldout/*.txt), joined."""
-    paths = sorted(glob.glob(os.path.join(model_path, "heldout", "*.txt")))
+def heldout_text(folder: str = HELDOUT) -> str:
+    """The public-domain held-out texts (models/bundled/heldout/*.txt by default), joined."""
+    paths = sorted(glob.glob(os.path.join(folder, "*.txt")))
     if not paths:
-        raise ValueError(f"--model {model_path!r} has no heldout/*.txt texts for the repetition and bpc tasks")
+        raise ValueError(f"{folder!r} has no *.txt texts for the repetition and bpc tasks")
     texts = []
     for p in paths:
         with open(p, encoding="utf-8") as f:
@@ -242,21 +276,22 @@ def read_heldout(model_path: str) -> str:
     return "\n\n".join(texts)
 
 
-def build_samples(task: str, n: int, context_length: int, seed: int, heldout: str | None):
-    """Each task's samples for a context of context_length tokens (<s> included)."""
-    if task == "passkey":
-        return tasks.passkey_samples(n, context_length - 1, seed)
+def build_samples(lm, task: str, n: int, context_length: int, seed: int, heldout: str | None):
+    """n samples of about context_length tokens (lengths are set in characters, from the tokenizer's
+    characters per token on the task's own text)."""
+    if task in ("passkey", "multikey"):
+        chars = int(context_length * chars_per_token(lm, tasks.PASSKEY_FILLER * 8))
+        if task == "passkey":
+            return tasks.passkey_samples(n, chars, seed)
+        return tasks.multikey_samples(n, chars, seed, keys=MULTIKEY_KEYS)
+    chars = int(context_length * chars_per_token(lm, heldout[:20000]))
     if task == "repetition":
-        return tasks.repetition_samples(heldout, n, context_length - 1, seed)
-    return tasks.bpc_windows(heldout, n, context_length - 1, seed)
-
-
-RUNNERS = {"passkey": (prefill_passkey, run_passkey), "repetition": (prefill_repetition, run_repetition),
-           "bpc": (prefill_bpc, run_bpc)}
+        return tasks.repetition_samples(heldout, n, chars, seed)
+    return tasks.bpc_windows(heldout, n, chars, seed)
 
 
 def configurations(methods, ratios):
-    """(method name, target ratio) pairs in display order: dense once, at ratio 1."""
+    """(method, ratio) pairs of the grid; dense once, at ratio 1."""
     out = []
     for m in methods:
         if m == "dense":
@@ -267,42 +302,70 @@ def configurations(methods, ratios):
 
 
 def evaluate(lm, task_names, methods, ratios, limit=None, context_length=None, seed=0, heldout=None,
-             batch=64, progress=True):
+             batch=16, progress=True, done=(), on_result=None):
     """Result rows {"task", "method", "compression", "transfer_ratio", "score", "n"} for the grid.
 
-    Configurations a method cannot reach (FlexGen below 1/2) are skipped with a note on stderr.
+    Per task and batch of samples: one dense prefill, then every method from it. Cells in `done`
+    ((task, method, compression) triples) are skipped; on_result(row) is called as each row is ready
+    (to save progress). Configurations a method cannot reach (FlexGen below 1/2) are skipped with a
+    note on stderr.
     """
     context_length = context_length or lm.config.max_position_embeddings
     d = lm.config.head_dim
+    done = set(done)
     results = []
-    work = [(t, m, r) for t in task_names for m, r in configurations(methods, ratios)]
-    bar = tqdm(work, desc="evaluate", dynamic_ncols=True, disable=not progress, file=sys.stderr)
-    prefills = {}
-    samples = {t: build_samples(t, limit or DEFAULT_N[t], context_length, seed, heldout) for t in task_names}
-    for task, name, ratio in bar:
-        bar.set_postfix_str(f"{task} {name} {ratio:g}")
-        try:
-            build_method(name, ratio, d, context_length)
-        except ValueError as err:
-            if name == "flexgen":
+    plan = {}
+    for task in task_names:
+        cells = []
+        for name, ratio in configurations(methods, ratios):
+            if (task, name, ratio) in done:
+                continue
+            try:
+                build_method(name, ratio, d, context_length)
+            except ValueError as err:
+                if name != "flexgen":
+                    raise
                 tqdm.write(f"skipped {name} at {ratio:g}: {err}", file=sys.stderr)
                 continue
-            raise
-        scores, moved = [], []
-        items = samples[task]
-        for b0 in range(0, len(items), batch):
-            chunk = items[b0:b0 + batch]
-            prefill_fn, run_fn = RUNNERS[task]
-            if (task, b0) not in prefills:
-                # Prefill is dense for every method: compute it once per batch and copy it per method.
-                prefills = {(task, b0): prefill_fn(lm, chunk)}
-            s, meter = run_fn(lm, chunk, lambda seq_len: build_method(name, ratio, d, seq_len),
-                              prefills[(task, b0)])
-            scores.extend(s.tolist())
-            moved.append((meter.method_total, meter.dense_total))
-        ratio_measured = sum(m for m, _ in moved) / sum(dn for _, dn in moved)
-        results.append({"task": task, "method": name, "compression": ratio,
-                        "transfer_ratio": ratio_measured, "score": float(np.mean(scores)), "n": len(scores)})
+            cells.append((name, ratio))
+        if cells:
+            plan[task] = cells
+    n_of = {t: limit or DEFAULT_N[t] for t in plan}
+    samples_of = {t: build_samples(lm, t, n_of[t], context_length, seed, heldout) for t in plan}  # errors first
+    units = sum(-(-n_of[t] // batch) * (1 + len(c)) for t, c in plan.items())
+    tqdm.write(f"work: {sum(n_of[t] * context_length for t in plan)} prompt tokens prefilled, "
+               f"{sum(n_of[t] * len(c) for t, c in plan.items())} (sample, method) runs", file=sys.stderr)
+    bar = tqdm(total=units, desc="evaluate", dynamic_ncols=True, disable=not progress, file=sys.stderr)
+    start = time.time()
+    for task, cells in plan.items():
+        samples = samples_of[task]
+        prefill_fn, run_fn = RUNNERS[task]
+        scores = {c: [] for c in cells}
+        moved = {c: [0, 0] for c in cells}
+        for b0 in range(0, len(samples), batch):
+            chunk = samples[b0:b0 + batch]
+            bar.set_postfix_str(f"{task} prefill")
+            prefilled = prefill_fn(lm, chunk)
+            bar.update()
+            for name, ratio in cells:
+                bar.set_postfix_str(f"{task} {name} {ratio:g}")
+                s, meter = run_fn(lm, chunk, lambda seq_len: build_method(name, ratio, d, seq_len), prefilled)
+                scores[(name, ratio)].extend(s.tolist())
+                moved[(name, ratio)][0] += meter.method_total
+                moved[(name, ratio)][1] += meter.dense_total
+                bar.update()
+            del prefilled
+            if bar.n and b0 == 0 and task == next(iter(plan)):
+                tqdm.write(f"estimated time: {(time.time() - start) / bar.n * units / 60:.0f} min "
+                           f"(from the first batch)", file=sys.stderr)
+        for name, ratio in cells:
+            row = {"task": task, "method": name, "compression": ratio,
+                   "transfer_ratio": moved[(name, ratio)][0] / moved[(name, ratio)][1],
+                   "score": float(np.mean(scores[(name, ratio)])), "n": len(scores[(name, ratio)])}
+            results.append(row)
+            if on_result is not None:
+                on_result(row)
+    bar.close()
     return results
 
 
@@ -324,7 +387,7 @@ def plot(results, path: str, title: str) -> None:
 
     task_names = list(dict.fromkeys(r["task"] for r in results))
     fig, axes = plt.subplots(1, len(task_names), figsize=(4.6 * len(task_names), 3.8), squeeze=False)
-    styles = {"sparq": ("C0", "o"), "sparq-mean": ("C9", "s"), "h2o": ("C1", "^"),
+    styles = {"sparq": ("C0", "o"), "sparq-mean": ("C9", "s"), "sparq-logits": ("C4", "P"), "h2o": ("C1", "^"),
               "streaming": ("C2", "v"), "flexgen": ("C3", "D")}
     for ax, task in zip(axes[0], task_names):
         rows = [r for r in results if r["task"] == task]
@@ -337,7 +400,7 @@ def plot(results, path: str, title: str) -> None:
             pts = sorted((r["transfer_ratio"], r["score"]) for r in rows if r["method"] == name)
             color, marker = styles.get(name, (None, "o"))
             ax.plot(*zip(*pts), marker=marker, color=color, label=name)
-        if task == "passkey":
+        if task in ("passkey", "multikey"):
             ax.set_ylim(-0.05, 1.05)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("transfer ratio (measured)")
@@ -366,8 +429,8 @@ def _list(choices, what):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="bundled", help="checkpoint folder with a byte-level tokenizer and "
-                                                       "heldout/*.txt (default: bundled, the small model)")
+    p.add_argument("--model", default="bundled", help="a checkpoint folder, a .gguf file, a known name "
+                                                       "(smollm2-135m-instruct) or bundled (default: bundled)")
     p.add_argument("--tasks", type=_list(TASKS, "tasks"), default=list(TASKS), help=f"comma list of {TASKS}")
     p.add_argument("--methods", type=_list(METHODS, "methods"), default=list(METHODS),
                    help=f"comma list of {METHODS}")
@@ -377,34 +440,76 @@ def parse_args(argv=None):
     p.add_argument("--context-length", type=positive_int,
                    help="prompt tokens per sample (default: the model's max_position_embeddings)")
     p.add_argument("--seed", type=int, default=0, help="seed of the task builders")
-    p.add_argument("--batch", type=positive_int, default=64, help="rows per prefill / decode batch")
-    p.add_argument("--json", help="write the results here as JSON")
+    p.add_argument("--batch", type=positive_int, default=16, help="rows per prefill / decode batch (default 16)")
+    p.add_argument("--heldout", default=HELDOUT, help="folder of *.txt held-out texts for repetition and bpc "
+                                                      "(default: the plays shipped in models/bundled/heldout)")
+    p.add_argument("--json", help="write the results here as JSON; if it exists with the same model, "
+                                  "context length and seed, its cells are kept and not run again")
     p.add_argument("--plot", help="write a PNG of score vs measured transfer ratio here")
     return p, p.parse_args(argv)
 
 
+def _resume(path, header) -> list:
+    """The result rows of an earlier run written to `path` with the same header, else []."""
+    if not path or not os.path.exists(path):
+        return []
+    with open(path) as f:
+        data = json.load(f)
+    if any(data.get(k) != v for k, v in header.items()):
+        raise SystemExit(f"error: --json {path} holds a run with other settings "
+                         f"({', '.join(f'{k}={data.get(k)!r}' for k in header)}); choose another file")
+    return data.get("results", [])
+
+
+def _write(path, header, rows) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({**header, "results": rows}, f, indent=2)
+    os.replace(tmp, path)     # never half-written
+
+
 def main(argv=None):
     parser, args = parse_args(argv)
-    if args.model == "bundled":
-        args.model = models.BUNDLED
-    if not os.path.isdir(args.model):
-        parser.error(f"--model {args.model!r} is not a checkpoint folder")
-    lm = models.from_pretrained(args.model)
+    if args.context_length is not None and args.context_length < 64:
+        parser.error(f"--context-length must be >= 64, got {args.context_length}")
+    heldout = None
+    if set(args.tasks) & {"repetition", "bpc"}:
+        try:
+            heldout = heldout_text(args.heldout)
+        except ValueError as err:
+            parser.error(f"--heldout: {err}")
+    try:
+        lm = models.from_pretrained(args.model)
+    except ValueError as err:
+        parser.error(f"--model {args.model!r}: {err}")
+    if lm.tokenizer is None:
+        parser.error(f"--model {args.model!r} has no tokenizer")
     ctx = args.context_length or lm.config.max_position_embeddings
     if ctx > lm.config.max_position_embeddings:
         parser.error(f"--context-length {ctx} exceeds the model's max_position_embeddings "
                      f"{lm.config.max_position_embeddings}")
-    heldout = read_heldout(args.model) if set(args.tasks) & {"repetition", "bpc"} else None
+    header = {"model": args.model, "context_length": ctx, "seed": args.seed}
+    rows = _resume(args.json, header)
+    if rows:
+        print(f"resuming {args.json}: {len(rows)} cells kept", file=sys.stderr)
     start = time.time()
-    results = evaluate(lm, args.tasks, args.methods, args.compression, args.limit, ctx, args.seed, heldout,
-                       batch=args.batch)
+
+    def save(row):
+        rows.append(row)
+        if args.json:
+            _write(args.json, header, rows)
+
+    evaluate(lm, args.tasks, args.methods, args.compression, args.limit, ctx, args.seed, heldout,
+             batch=args.batch, done={(r["task"], r["method"], r["compression"]) for r in rows}, on_result=save)
+    wanted = {(t, m, r) for t in args.tasks for m, r in configurations(args.methods, args.compression)}
+    results = [r for r in rows if (r["task"], r["method"], r["compression"]) in wanted]
     print(format_table(results))
     print(f"({time.time() - start:.0f} s, context {ctx} tokens, seed {args.seed})")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"model": args.model, "results": results}, f, indent=2)
+        _write(args.json, header, rows)
     if args.plot:
-        plot(results, args.plot, f"{os.path.basename(os.path.normpath(args.model))}: context {ctx}, seed {args.seed}")
+        name = os.path.basename(os.path.normpath(args.model))
+        plot(results, args.plot, f"{name}: context {ctx} tokens, seed {args.seed}")
     return results
 
 

@@ -9,6 +9,9 @@ project's models are byte-level, so a character is a token (the held-out texts a
 - Repetition (the SparQ paper's task, scaled down): a context of held-out Shakespeare, a newline,
   then a span copied from inside the context; the model should continue with what followed the
   span. Score: characters matched before the first divergence.
+- Multi-key retrieval (RULER's multi-key needle in a haystack, in this file's words): several keys,
+  each a word with its own 5-digit value, hidden in the filler; the question asks for one of them.
+  Score: exact match of that value.
 - Bits per character of held-out text, teacher-forced (the paper's WikiText-103 BPC).
 """
 from __future__ import annotations
@@ -23,6 +26,10 @@ PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant t
 PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 PASSKEY_QUESTION = "What is the pass key? The pass key is "
 PASSKEY_DIGITS = 5
+MULTIKEY_INTRO = ("There are several pass keys hidden inside a lot of irrelevant text. Find them and "
+                  "memorize them.\n")
+MULTIKEY_WORDS = ("apple", "river", "candle", "tiger", "violin", "garden", "rocket", "pepper", "silver",
+                  "castle", "forest", "pencil", "rabbit", "window", "dragon", "orange")
 REPETITION_SPAN = 128
 REPETITION_CONTINUATION = 256
 
@@ -85,6 +92,53 @@ def _needle(key: str) -> str:
 def score_passkey(generated: str, answer: str) -> float:
     """1.0 if the generated text starts with exactly the key (nothing else is asked for), else 0.0."""
     return float(generated[:len(answer)] == answer)
+
+
+def _multikey_line(word: str, value: str) -> str:
+    return f"The pass key of the {word} is {value}. "
+
+
+def _multikey_question(word: str) -> str:
+    return f"\nWhat is the pass key of the {word}? The pass key of the {word} is "
+
+
+def multikey_samples(n: int, length: int, seed: int, keys: int = 8) -> list[PasskeySample]:
+    """n prompts of `length` characters in all, each hiding `keys` distinct words of MULTIKEY_WORDS
+    with their own random 5-digit values (no leading zero, all different) between filler sentences
+    at random places; the question (fed through decode steps) asks for one of them, and its value
+    is the answer. depth: where the asked line starts, as a fraction of the context's characters."""
+    _check_positive("n", n)
+    _check_positive("length", length)
+    _check_positive("keys", keys)
+    _check_seed(seed)
+    if keys > len(MULTIKEY_WORDS):
+        raise ValueError(f"keys must be <= {len(MULTIKEY_WORDS)} (the words available), got {keys}")
+    rng = np.random.default_rng(seed)
+    longest = max(map(len, MULTIKEY_WORDS))
+    fixed = (len(MULTIKEY_INTRO) + keys * len(_multikey_line("x" * longest, "0" * PASSKEY_DIGITS))
+             + len(_multikey_question("x" * longest)) + PASSKEY_DIGITS)
+    reps = (length - fixed) // len(PASSKEY_FILLER)
+    if reps < keys:
+        raise ValueError(f"length={length} is too short for {keys} keys: it needs at least "
+                         f"{fixed + keys * len(PASSKEY_FILLER)} characters")
+    samples = []
+    for _ in range(n):
+        words = [str(w) for w in rng.choice(MULTIKEY_WORDS, keys, replace=False)]
+        values = [str(v) for v in rng.choice(np.arange(10 ** (PASSKEY_DIGITS - 1), 10 ** PASSKEY_DIGITS), keys,
+                                             replace=False)]
+        after = np.sort(rng.choice(reps, keys, replace=False))        # the filler sentence each follows
+        asked = int(rng.integers(keys))
+        parts, j, at = [MULTIKEY_INTRO], 0, 0
+        for r in range(reps):
+            parts.append(PASSKEY_FILLER)
+            while j < keys and after[j] == r:
+                if j == asked:
+                    at = sum(map(len, parts))
+                parts.append(_multikey_line(words[j], values[j]))
+                j += 1
+        context = "".join(parts)
+        samples.append(PasskeySample(context, _multikey_question(words[asked]), values[asked], at / len(context)))
+    return samples
 
 
 @dataclasses.dataclass(frozen=True)

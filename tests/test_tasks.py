@@ -63,6 +63,23 @@ def test_repetition_builder_deterministic_and_copies_from_context():
         assert span + s.target in context
 
 
+def test_multikey_builder_deterministic_and_well_formed():
+    a = tasks.multikey_samples(6, 3000, seed=5, keys=4)
+    assert a == tasks.multikey_samples(6, 3000, seed=5, keys=4)
+    assert [s.answer for s in a] != [s.answer for s in tasks.multikey_samples(6, 3000, seed=6, keys=4)]
+    for s in a:
+        assert 3000 - 2 * len(tasks.PASSKEY_FILLER) < len(s.context) + len(s.question) + len(s.answer) <= 3000
+        lines = [x for x in s.context.split(". ") if x.startswith("The pass key of the ")]
+        pairs = dict(line[len("The pass key of the "):].split(" is ") for line in lines)
+        assert len(pairs) == 4 and len(set(pairs.values())) == 4
+        assert all(v.isdigit() and len(v) == 5 and v[0] != "0" for v in pairs.values())
+        asked = s.question.split("pass key of the ")[1].split("?")[0]
+        assert pairs[asked] == s.answer and s.answer not in s.question
+        assert s.context.index(f"The pass key of the {asked} is") == round(s.depth * len(s.context))
+    # the asked key moves around: not always the first or the last line
+    assert len({round(s.depth, 1) for s in tasks.multikey_samples(12, 3000, seed=1)}) > 3
+
+
 def test_bpc_windows_deterministic():
     a = tasks.bpc_windows(TEXT, 4, 300, seed=0)
     assert a == tasks.bpc_windows(TEXT, 4, 300, seed=0)
@@ -86,10 +103,21 @@ def test_scorers():
     (lambda: tasks.repetition_samples(TEXT, 2, 500, 0), "length=500"),
     (lambda: tasks.bpc_windows("short", 2, 300, 0), "needs at least 300"),
     (lambda: tasks.passkey_samples(2, 1000, "0"), "seed must be"),
+    (lambda: tasks.multikey_samples(2, 600, 0, keys=4), "length=600 is too short for 4 keys"),
+    (lambda: tasks.multikey_samples(2, 9000, 0, keys=17), "keys must be <= 16"),
 ])
 def test_builders_reject_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_repetition_divergence_rule(evaluate):
+    """Decoding goes on while the text so far agrees with the target and is shorter than it."""
+    assert evaluate._still_matching("To be", "To be, or not")
+    assert evaluate._still_matching("", "To be")
+    assert not evaluate._still_matching("To bx", "To be, or not")
+    assert not evaluate._still_matching("To be, or not", "To be, or not")     # all matched: done
+    assert not evaluate._still_matching("To be, or not!", "To be, or not")
 
 
 def test_transfer_meter(evaluate):
@@ -132,13 +160,13 @@ def test_bundled_logits_match_transformers(lm):
 
 
 @needs_bundled
-def test_evaluate_main_json_schema(evaluate, tmp_path):
+def test_evaluate_main_json_schema(evaluate, tmp_path, monkeypatch):
     out = tmp_path / "r.json"
     plot = tmp_path / "r.png"
     evaluate.main(["--tasks", "passkey,repetition,bpc", "--methods", "dense,sparq,flexgen", "--compression",
                    "1/4", "--limit", "2", "--context-length", "800", "--json", str(out), "--plot", str(plot)])
     data = json.loads(out.read_text())
-    assert set(data) == {"model", "results"} and data["model"] == models.BUNDLED
+    assert data["model"] == "bundled" and data["context_length"] == 800 and data["seed"] == 0
     rows = data["results"]
     # flexgen cannot reach 1/4, so it is skipped: dense + sparq for each of three tasks
     assert [(r["task"], r["method"]) for r in rows] == [
@@ -153,6 +181,15 @@ def test_evaluate_main_json_schema(evaluate, tmp_path):
         if r["method"] == "dense":
             assert r["transfer_ratio"] == 1.0
     assert plot.stat().st_size > 0
+    # Resumable: a second run with the same settings keeps every cell and runs none of them...
+    fresh = _load_evaluate()
+    monkeypatch.setattr(fresh, "RUNNERS", {})          # a cell that ran would fail with KeyError
+    again = fresh.main(["--tasks", "passkey,repetition,bpc", "--methods", "dense,sparq,flexgen", "--compression",
+                        "1/4", "--limit", "2", "--context-length", "800", "--json", str(out)])
+    assert again == rows and json.loads(out.read_text())["results"] == rows
+    # ...and one with other settings refuses the file instead of mixing runs.
+    with pytest.raises(SystemExit, match="holds a run with other settings"):
+        fresh.main(["--tasks", "passkey", "--limit", "2", "--context-length", "700", "--json", str(out)])
 
 
 def test_evaluate_rejects_bad_flags(evaluate):
