@@ -81,3 +81,25 @@ def test_real_model_pass_key_dense_and_sparq(smollm2):
         print(f"\n{method!r} on {s} tokens: {answer!r}, transfer ratio {stats.transfer_ratio:.3f}")
         assert answer.strip().startswith(key), (method, answer)
         assert stats.transfer_ratio <= (0.125 * 1.01 if method is sparq else 1.0)
+
+
+def test_main_job_prompts(smollm2):
+    """scripts/generate.py's default prompts: the fact at growing depths, the question, the chat format."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    try:
+        import generate
+    finally:
+        sys.path.pop(0)
+    tok = smollm2.tokenizer
+    prompts, keys = generate.fact_prompts(tok, 4, 1500, seed=0)
+    assert (prompts, keys) == generate.fact_prompts(tok, 4, 1500, seed=0) and len(set(keys)) == 4
+    depths = []
+    for prompt, key, name in zip(prompts, keys, generate.FACT_NAMES):
+        n = len(tok(prompt, add_special_tokens=False)["input_ids"])
+        assert 1300 < n < 1700, n
+        assert prompt.count(key) == 2 and prompt.startswith("<|im_start|>system\n")
+        assert prompt.endswith(f"What is {name}'s pass key? Answer with the number only.<|im_end|>\n"
+                               f"<|im_start|>assistant\n{name}'s pass key is")
+        depths.append(prompt.index(key) / len(prompt))
+    assert depths == sorted(depths) and depths[0] < 0.3 and depths[-1] > 0.7
