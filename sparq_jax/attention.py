@@ -533,10 +533,21 @@ def attend(q, cache: KVCache, method, *, window: Optional[int] = None, impl: str
                          "or KVCache.from_kv(..., h2o_scores=...)")
     if window is not None and (isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1):
         raise ValueError(f"window must be a positive integer or None, got {window!r}")
-    if _is_concrete(cache.lengths) and int(np.min(np.asarray(cache.lengths))) < 1:
-        raise ValueError(f"every row needs at least one position (the query's own); got lengths "
-                         f"{np.asarray(cache.lengths).tolist()}")
+    if _is_concrete(cache.lengths):
+        lengths = np.asarray(cache.lengths)
+        if int(lengths.min()) < 1:
+            raise ValueError(f"every row needs at least one position (the query's own); got lengths "
+                             f"{lengths.tolist()}")
+        if int(lengths.max()) > cache.max_len:
+            raise ValueError(f"the cache overflowed: lengths {lengths.tolist()} exceed max_len={cache.max_len} "
+                             f"(an append inside jit went past the capacity, and its writes were dropped); "
+                             f"create the cache with a larger max_len")
     requested, impl = impl, _resolve_impl(impl, method)
+    needs = {"pallas_gpu": "gpu", "pallas_tpu": "tpu"}.get(impl)
+    if needs and not interpret and jax.default_backend() != needs:
+        raise ValueError(f"impl={impl!r} compiles its kernels for a {needs.upper()}, and the default backend is "
+                         f"{jax.default_backend()!r}: run on a {needs.upper()}, pass interpret=True to run the "
+                         f"kernels in Pallas' interpreter (slow; how the CPU tests run them), or use impl='xla'")
     window = None if window is None else int(window)
     if requested != "auto" or impl == "xla":
         out, state = _attend(q, cache, method, window, impl, bool(interpret))

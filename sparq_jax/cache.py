@@ -71,6 +71,11 @@ class KVCache:
     def transposed_keys(self) -> bool:
         return self.kt is not None
 
+    def overflowed(self) -> jax.Array:
+        """bool: whether some row's length went past max_len (an append inside jit beyond the
+        capacity: its writes were dropped). Traceable; eager append and attend raise on it."""
+        return jnp.any(self.lengths > self.max_len)
+
     @classmethod
     def create(cls, batch: int, num_kv_heads: int, max_len: int, head_dim: int, dtype=jnp.float32,
                transposed_keys: bool = True, h2o: bool = False) -> "KVCache":
@@ -139,8 +144,9 @@ class KVCache:
         """Write k_new, v_new [B, Hkv, T, D] at each row's own length; lengths grow by T.
 
         With concrete lengths, overflowing max_len raises ValueError. Inside jit the lengths are
-        traced: keeping lengths + T <= max_len is then the caller's contract (generate sizes its
-        cache statically), since dynamic_update_slice would clamp the write position.
+        traced: positions past max_len are then dropped, but lengths still grow by T, so the
+        overflow stays visible: the next eager append or attend raises ValueError (and
+        cache.overflowed() says so). generate and decode size their caches so this never happens.
         """
         expected = (self.batch, self.num_kv_heads, None, self.head_dim)
         for name, x in (("k_new", k_new), ("v_new", v_new)):
@@ -154,6 +160,10 @@ class KVCache:
             raise ValueError(f"cannot append {t} positions to a cache of max_len={self.max_len}")
         if _is_concrete(self.lengths):
             longest = int(np.max(np.asarray(self.lengths)))
+            if longest > self.max_len:
+                raise ValueError(f"the cache overflowed earlier: lengths {np.asarray(self.lengths).tolist()} "
+                                 f"exceed max_len={self.max_len} (an append inside jit went past the "
+                                 f"capacity, and its writes were dropped)")
             if longest + t > self.max_len:
                 raise ValueError(f"appending {t} positions to a row of length {longest} exceeds "
                                  f"max_len={self.max_len}")

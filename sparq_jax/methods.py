@@ -99,9 +99,12 @@ class SparQ:
                              f"got {self.group_scores!r}")
 
     def transfers(self, seq_len: int, head_dim: int) -> int:
-        """Eq. 11: S*r (step 1) + 2*k*d (step 2) + 4*d (q, output, v_bar and the running V sum)."""
+        """Eq. 11: S*r (step 1) + 2*k*d (step 2) + 4*d (q, output, v_bar and the running V sum).
+        ValueError if rank > head_dim (attend refuses that method too)."""
+        if self.rank > head_dim:
+            raise ValueError(f"SparQ rank must be <= head_dim={head_dim}, got rank={self.rank}")
         k = min(self.top_k, seq_len)
-        return seq_len * min(self.rank, head_dim) + 2 * k * head_dim + 4 * head_dim
+        return seq_len * self.rank + 2 * k * head_dim + 4 * head_dim
 
     @classmethod
     def for_compression(cls, ratio, head_dim: int, seq_len: int, *, reallocate_mean: bool = True,

@@ -625,3 +625,42 @@ def test_step1_off_cpu_branch_matches_numpy(G, dtype):
     for fn in (_approx_logits_kt_cpu, _approx_logits_kt_gather):
         got = np.asarray(fn(jnp.asarray(q1), kt, jnp.asarray(i1)))
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_sparq_transfers_reject_rank_above_head_dim():
+    """Issue 17 item 5: rank was counted as head_dim silently."""
+    with pytest.raises(ValueError, match=r"rank must be <= head_dim=64, got rank=1000"):
+        sq.SparQ(rank=1000, top_k=10).transfers(512, 64)
+    assert sq.SparQ(rank=64, top_k=10).transfers(512, 64) == 512 * 64 + 2 * 10 * 64 + 4 * 64
+
+
+def test_overflow_inside_jit_is_caught_eagerly():
+    """Issue 17 item 4: an append past max_len inside jit drops its writes; the lengths still count
+    them, so the overflow is reported by the next eager attend or append, and by overflowed()."""
+    q, k, v = _data(30, 2, 4, 2, 8, 16)
+    cache = sq.KVCache.from_kv(k, v, [8, 6], max_len=9)
+    grow = jax.jit(lambda c, x: c.append(x, x))
+    new = jnp.ones((2, 2, 1, 16), jnp.float32)
+    once = grow(cache, new)                         # row 0 reaches max_len: fine
+    assert not bool(once.overflowed())
+    sq.attend(q, once, sq.Dense())
+    twice = grow(once, new)                         # row 0 goes past it inside jit
+    assert bool(twice.overflowed()) and np.asarray(twice.lengths).tolist() == [10, 8]
+    with pytest.raises(ValueError, match=r"the cache overflowed: lengths \[10, 8\] exceed max_len=9"):
+        sq.attend(q, twice, sq.SparQ(4, 4))
+    with pytest.raises(ValueError, match="the cache overflowed earlier"):
+        twice.append(new, new)
+    with pytest.raises(ValueError, match="exceeds max_len=9"):   # eager appends were always checked
+        once.append(new, new)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the message is about running the kernels off their device")
+@pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
+def test_pallas_impl_off_its_device_says_what_to_do(impl):
+    """Issue 17 item 3: a raw 'Only interpret mode is supported on CPU backend' traceback before."""
+    q, k, v = _data(31, 1, 4, 2, 32, 16)
+    cache = sq.KVCache.from_kv(k, v, [32])
+    with pytest.raises(ValueError, match=rf"impl='{impl}' compiles its kernels for a [GT]PU, and the default "
+                                         r"backend is 'cpu'.*interpret=True.*impl='xla'"):
+        sq.attend(q, cache, sq.SparQ(4, 8), impl=impl)
+    sq.attend(q, cache, sq.SparQ(4, 8), impl=impl, interpret=True)      # the interpreter still runs
