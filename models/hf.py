@@ -447,8 +447,14 @@ def _tokenizer(folder: str):
     if not any(os.path.exists(os.path.join(folder, f))
                for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return None
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if os.path.exists(os.path.join(folder, "tokenizer.json")):
+        # The fast tokenizer straight from tokenizer.json (chat template and special tokens from
+        # tokenizer_config.json): AutoTokenizer would import torch to pick a class first.
+        from transformers import PreTrainedTokenizerFast
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
+    else:
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.padding_side = "left"   # generate expects left padding, as transformers' decoder-only models
     return tokenizer
 

@@ -108,11 +108,13 @@ def random_model_path() -> str:
     import models
     from models import tokenizer as tok
 
-    root = os.path.join(os.path.expanduser("~"), ".cache", "sparq-jax")
+    from sparq_jax.native import cache_dir
+
+    root = os.path.join(cache_dir(), "models")
     try:
         os.makedirs(root, exist_ok=True)
     except OSError:
-        root = os.path.join(tempfile.gettempdir(), "sparq-jax")
+        root = os.path.join(tempfile.gettempdir(), "sparq_jax")
         os.makedirs(root, exist_ok=True)
     path = os.path.join(root, RANDOM_MODEL_VERSION)
     if os.path.exists(os.path.join(path, "model.safetensors")):

@@ -1,4 +1,4 @@
-"""The KV cache: a pytree of fixed-capacity buffers, with K optionally stored twice (PAPER.md, Sec. 6).
+"""The KV cache: a pytree of fixed-capacity buffers, with K optionally stored twice (the paper, Sec. 6).
 
 Row b holds its valid positions at [0, lengths[b]) (left-aligned, whatever the prompt's padding);
 positions at or past lengths[b] are never read as keys or values. Every update returns a new cache,

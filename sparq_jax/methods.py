@@ -1,7 +1,7 @@
 """Attention methods: frozen, hashable configs (static under jit) with exact transfer accounting.
 
 `transfers(seq_len, head_dim)` counts the elements one decode step reads per KV head, as in the
-paper (PAPER.md, "Data transfer model"); budgets that exceed the sequence count min(top_k, seq_len).
+paper ("Data transfer model"); budgets that exceed the sequence count min(top_k, seq_len).
 `for_compression(ratio, head_dim, seq_len)` picks a budget whose transfer ratio M_method / M_dense is
 as close to `ratio` as the method allows, and never more than 1% above it.
 """

@@ -1,7 +1,7 @@
 """Decoding over a device mesh: the mesh, the KV cache's partition specs, and attention per shard.
 
 The mesh has two axes: "data" splits the batch, "model" splits the KV heads (tensor parallelism).
-SparQ's selection is per row and per KV head (PAPER.md, Alg. 1), so once both are split every
+SparQ's selection is per row and per KV head (the paper, Alg. 1), so once both are split every
 device attends over its own rows and heads with no communication. append_and_attend makes that
 explicit with shard_map instead of leaving it to the SPMD partitioner, which cannot see that the
 flattened row gathers of attention.py stay inside a shard (and would insert collectives), and so

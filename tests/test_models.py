@@ -638,3 +638,13 @@ def test_generate_script_bundled_table(capsys):
         answers = [line.strip() for line in out.splitlines() if line.strip().startswith(f"{name}: ")]
         assert len(answers) == 3 and cells[4] == f"{sum(a.endswith('  right') for a in answers)}/3"
     assert "prompts of" in out and "one prefill for all methods" in out
+
+
+def test_bundled_model_loads_without_torch():
+    """Issue 17 item 6: a byte tokenizer does not need transformers' AutoTokenizer, which imports torch."""
+    code = ("import sys, models; lm = models.from_pretrained('bundled'); "
+            "assert lm.tokenizer('ab')['input_ids'][-2:] == [97, 98]; "
+            "assert lm.tokenizer.padding_side == 'left'; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
