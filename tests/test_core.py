@@ -45,7 +45,7 @@ def np_dense(q, k, v, lengths, window=None, positions=None):
 
 def np_sparq(q, k, v, lengths, rank, top_k, local_window=0, reallocate=True, window=None,
              group_scores="softmax"):
-    """SparQ as PAPER.md states it, one (row, KV head) at a time. group_scores="logits" ranks as the
+    """SparQ as the paper states it, one (row, KV head) at a time. group_scores="logits" ranks as the
     authors' research code does (llm-inference-research, llminference/methods/ann_attention.py,
     AnnAttention.forward): the sum over the group's query heads of each head's temperature-scaled
     approximate logits, instead of the sum of s_hat; alpha still comes from each head's s_hat."""
