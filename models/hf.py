@@ -403,6 +403,8 @@ def from_pretrained(path_or_repo_id, dtype="float32", mesh=None) -> LanguageMode
                                  and set(mesh.axis_names) == {sharding.DATA, sharding.MODEL}):
         raise ValueError(f"mesh must be a jax.sharding.Mesh with axes ('data', 'model') "
                          f"(sparq_jax.sharding.make_mesh), got {mesh!r}")
+    if mesh is not None:
+        mesh = sharding.auto_axes(mesh)     # jax.make_mesh's default Explicit axes work too
     _load_dtype(dtype)
     checkpoint = open_checkpoint(path_or_repo_id)
     config = checkpoint.config

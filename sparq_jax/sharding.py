@@ -44,6 +44,15 @@ def make_mesh(data: int, model: int, devices=None) -> jax.sharding.Mesh:
                          devices=devices)
 
 
+def auto_axes(mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
+    """mesh with Auto axis types (same devices, same axis names). jax.make_mesh gives Explicit axes
+    by default, under which every ambiguous op (an embedding gather, ...) needs an out_sharding;
+    this package's code relies on the partitioner's propagation instead."""
+    if all(t == AxisType.Auto for t in mesh.axis_types):
+        return mesh
+    return jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
 def kv_replicas(num_kv_heads: int, model: int) -> int:
     """How many copies of each KV head a "model" axis of this size needs.
 

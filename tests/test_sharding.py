@@ -56,7 +56,7 @@ def test_summary_deselects_the_mesh_tests():
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     collected = [line for line in run.stdout.splitlines() if "::" in line]
     assert collected and not any("::test_mesh_" in line for line in collected)
-    assert f"{len(collected)}/{len(collected) + 7} tests collected (7 deselected)" in run.stdout, run.stdout[-500:]
+    assert f"{len(collected)}/{len(collected) + 8} tests collected (8 deselected)" in run.stdout, run.stdout[-500:]
 
 
 @pytest.mark.skipif(IN_MESH_RUN, reason="one-device rules")
@@ -189,6 +189,19 @@ def test_mesh_matches_one_device(even, shape):
         out = lm.generate(ids, mask, max_new_tokens=NEW_TOKENS, method=method)
         np.testing.assert_array_equal(out[:, :ids.shape[1]], ids)
         _assert_same_until_near_tie(out[:, ids.shape[1]:], ref_tokens, ref_step_logits)
+
+
+@on_mesh
+def test_mesh_from_jax_make_mesh(even):
+    """Issue 17 item 7: the standard mesh (jax.make_mesh, Explicit axes by default) died in the
+    embedding gather with a ShardingTypeError; it now runs as make_mesh's Auto axes do."""
+    folder, ref, ref_logits, greedy = even
+    mesh = jax.make_mesh((2, 4), ("data", "model"))
+    lm = models.from_pretrained(folder, mesh=mesh)
+    ids, mask = _batch()
+    np.testing.assert_allclose(np.asarray(lm.logits(ids, mask)), ref_logits, rtol=1e-5, atol=1e-5)
+    out = lm.generate(ids, mask, max_new_tokens=NEW_TOKENS, method=METHODS["sparq"])
+    _assert_same_until_near_tie(out[:, ids.shape[1]:], *greedy["sparq"])
 
 
 @on_mesh
