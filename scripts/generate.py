@@ -158,7 +158,8 @@ def make_method(name: str, ratio: float, head_dim: int, seq_len: int, grouped: b
     try:
         return cls.for_compression(ratio, head_dim, seq_len, **options)
     except ValueError as err:
-        raise SystemExit(f"error: --method {name} at --compression {ratio:g}: {err}")
+        raise SystemExit(f"error: --method {name} at --compression {ratio:g}: {err}. Use a longer prompt or a "
+                         f"larger --compression (e.g. 1/2), or leave {name} out of --method")
 
 
 def _heldout_text() -> str:

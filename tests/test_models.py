@@ -618,7 +618,7 @@ def test_generate_script_runs(tmp_path, capsys):
     # every budget is checked before any work: sparq cannot fit 1/8 of a 6-token prompt, and dense,
     # listed first, does not run (no table is printed)
     capsys.readouterr()
-    with pytest.raises(SystemExit, match="sparq at --compression 0.125"):
+    with pytest.raises(SystemExit, match="sparq at --compression 0.125: .*Use a longer prompt or a larger --compression"):
         script.main(["--model", folder, "--prompt", "To be", "--method", "dense,sparq"])
     assert "decode tokens/s" not in capsys.readouterr().out
 
