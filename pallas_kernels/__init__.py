@@ -12,6 +12,12 @@ passes were the slowest part of SparQ):
 
   top_k_positions(score, k, *, block=None, interpret=False, early_exit=True)
       the k largest of each row [..., S] (ties: lowest positions), in increasing position order, int32
+  approx_scores(q, keys, bounds, *, rank, transposed=True, group_scores="softmax", block_s=None,
+                interpret=False)
+      step 1 fused with what lies between the steps: the r components and the temperature chosen in
+      the kernel, the scaled approximate logits, per-block softmax partials (max, sum of exp) and, for
+      group_scores="logits", the score the top-k ranks; sq.attend(impl="pallas_gpu") runs this
+      instead of approx_logits and an XLA softmax
 
   sparq_gpu   Pallas Triton backend (in-kernel gathers by index vector); interpret=True runs on CPU
   sparq_tpu   Pallas Mosaic TPU backend (scalar-prefetched indices, per-row DMA from HBM);

@@ -36,7 +36,7 @@ _NUM_STAGES = 2
 # 132 SMs, and B * Hkv alone is small for long contexts at small batch.
 _TARGET_PROGRAMS = 512
 
-__all__ = ["approx_logits", "top_k_positions", "gather_attend"]
+__all__ = ["approx_logits", "approx_scores", "top_k_positions", "gather_attend"]
 
 
 def _pow2(n: int) -> int:
@@ -192,6 +192,146 @@ def approx_logits(q1, keys, i1, *, transposed=True, block_s=None, interpret=Fals
         interpret=interpret,
         name="sparq_approx_logits",
     )(q1, keys, i1.astype(jnp.int32))
+
+
+# ---------------------------------------------------------------------------------------------
+# Step 1 fused with what lies between the steps: the component choice, the temperature, per-block
+# softmax partials and (group_scores="logits") the score the top-k ranks.
+
+def _approx_scores_kernel(q_ref, keys_ref, bounds_ref, z_ref, m_ref, l_ref, *score_ref, transposed, G, D, r,
+                          S, g_pad, d_pad, r_pad, block_s):
+    """One program: one (batch row, KV head, S block).
+
+    Refs: q [G, D] (the full queries of the group); keys K^T [D, S] or K [S, D]; bounds int32 [4]
+    (first candidate, the row's length, first always-kept position, unused). Outputs: z fp32 [G, S]
+    (approximate logits / tau); m, l fp32 [G, n_blocks] (this block's max of z over its candidates,
+    -inf if none, and sum of exp(z - m) there); score fp32 [S] when group_scores="logits".
+    """
+    g = jnp.arange(g_pad)
+    g_ok = g < G
+    d = jnp.arange(d_pad)
+    d_ok = d < D
+    q = plgpu.load(q_ref.at[g[:, None], d[None, :]], mask=g_ok[:, None] & d_ok[None, :], other=0).astype(jnp.float32)
+    # i1: the r largest |q| summed over the group, ties to the lower component (as lax.top_k); the
+    # padding ranks last. rank[c] = components before c in that order.
+    a = jnp.where(d_ok, jnp.sum(jnp.abs(q), axis=0), -1.0)
+    before = (a[:, None] > a[None, :]) | ((a[:, None] == a[None, :]) & (d[:, None] < d[None, :]))
+    rank = jnp.sum(jnp.where(before, 1, 0), axis=0)                                    # [d_pad]
+    j = jnp.arange(r_pad)
+    pick = (rank[None, :] == j[:, None]) & (j < r)[:, None]                            # [r_pad, d_pad]
+    rows = jnp.sum(jnp.where(pick, d[None, :], 0), axis=1)                             # i1 [r_pad]
+    q1 = _dot_nt(q, jnp.where(pick, 1.0, 0.0))                                          # [g_pad, r_pad], exact
+    # Eq. 9's temperature (a query of zeros keeps sqrt(D), as attention._approx_scores does)
+    l1_full = jnp.sum(jnp.abs(q), axis=1)
+    l1_part = jnp.sum(jnp.abs(q1), axis=1)
+    tau = jnp.sqrt(D * jnp.where(l1_full > 0, l1_part / jnp.where(l1_full > 0, l1_full, 1.0), 1.0))
+
+    block = pl.program_id(2)
+    s = block * block_s + jnp.arange(block_s)
+    s_ok = s < S
+    mask = (j < r)[:, None] & s_ok[None, :]
+    if transposed:
+        k1 = plgpu.load(keys_ref.at[rows[:, None], s[None, :]], mask=mask, other=0)
+    else:
+        k1 = plgpu.load(keys_ref.at[s[None, :], rows[:, None]], mask=mask, other=0)
+    z = _dot(q1, k1) / tau[:, None]                                                     # [g_pad, block_s]
+    plgpu.store(z_ref.at[g[:, None], s[None, :]], z, mask=g_ok[:, None] & s_ok[None, :])
+
+    bounds = plgpu.load(bounds_ref.at[jnp.arange(4)])
+    first, length, kept = (jnp.sum(jnp.where(jnp.arange(4) == i, bounds, 0)) for i in range(3))
+    cand = s_ok & (s >= first) & (s < length)
+    zc = jnp.where(cand[None, :], z, -jnp.inf)
+    m = jnp.max(zc, axis=1)
+    l = jnp.sum(jnp.exp(zc - jnp.where(m == -jnp.inf, 0.0, m)[:, None]), axis=1)
+    col = block + 0 * g
+    plgpu.store(m_ref.at[g, col], m, mask=g_ok)
+    plgpu.store(l_ref.at[g, col], l, mask=g_ok)
+    if score_ref:
+        score = jnp.sum(jnp.where(g_ok[:, None], z, 0.0), axis=0)
+        score = jnp.where(cand, jnp.where(s >= kept, jnp.inf, score), -jnp.inf)
+        plgpu.store(score_ref[0].at[s], score, mask=s_ok)
+
+
+@functools.partial(jax.jit, static_argnames=("rank", "transposed", "group_scores", "block_s", "interpret"))
+def approx_scores(q, keys, bounds, *, rank, transposed=True, group_scores="softmax", block_s=None,
+                  interpret=False):
+    """SparQ step 1 and the scores between the steps in one kernel: the r components (from |q| summed
+    over the group), the temperature, the scaled approximate logits, per-block softmax partials and,
+    for group_scores="logits", the score the top-k ranks.
+
+    Args:
+      q: [B, Hkv, G, D], the full queries of each group (any float dtype; compared and multiplied in fp32).
+      keys: K^T [B, Hkv, D, S] if transposed, else K [B, Hkv, S, D].
+      bounds: int32 [B, 3]: per row the first candidate position, the row's length (candidates are
+        [first, length)), and the first always-kept position (the local window and the newest).
+      rank: r, 1 <= r <= D.
+      group_scores: "softmax" or "logits" (see sparq_jax.SparQ).
+      block_s: positions per program (a power of two >= 16; default min(256, S rounded up)).
+      interpret: run in the Pallas interpreter (CPU).
+
+    Returns (z, m, l, score):
+      z fp32 [B, Hkv, G, S]: q[i1] . K[:, i1] / tau (attention._approx_scores' z), every position;
+      m, l fp32 [B, Hkv, G, n_blocks]: each block's max of z over its candidates (-inf if none) and
+        sum of exp(z - m) there, so that s_hat = exp(z - M) / L with M = max(m), L = sum(l * exp(m - M));
+      score fp32 [B, Hkv, S] for "logits": the group sum of z, +inf from the always-kept position on,
+        -inf outside the candidates; None for "softmax" (its score needs M and L first).
+
+    Grid (B, Hkv, cdiv(S, block_s)); each program picks the components from q (a [D, D] comparison)
+    and reads a [pad(r), block_s] tile of K^T.
+    """
+    _require_triton()
+    _check_interpret(interpret)
+    if group_scores not in ("softmax", "logits"):
+        raise ValueError(f"group_scores={group_scores!r}; expected 'softmax' or 'logits'")
+    if q.ndim != 4:
+        raise ValueError(f"q has shape {tuple(q.shape)}; expected [B, Hkv, G, D]")
+    B, Hkv, G, D = q.shape
+    if not isinstance(rank, int) or not 1 <= rank <= D:
+        raise ValueError(f"rank={rank!r}; expected an int in [1, D={D}]")
+    # step 1's checks, on the shapes of q1 and i1 this kernel builds inside
+    _check_approx_logits(jax.ShapeDtypeStruct((B, Hkv, G, rank), q.dtype), keys,
+                         jax.ShapeDtypeStruct((B, Hkv, rank), jnp.int32), transposed)
+    S, keys_d = (keys.shape[3], keys.shape[2]) if transposed else (keys.shape[2], keys.shape[3])
+    if keys_d != D:
+        layout = "K^T [B, Hkv, D, S]" if transposed else "K [B, Hkv, S, D]"
+        raise ValueError(f"keys has shape {tuple(keys.shape)}; expected {layout} with D={D} as in q {tuple(q.shape)}")
+    if bounds.shape != (B, 3) or not jnp.issubdtype(bounds.dtype, jnp.integer):
+        raise ValueError(f"bounds has shape {tuple(bounds.shape)} and dtype {bounds.dtype}; expected int32 [B={B}, 3]")
+    _check_dtypes("approx_scores", q=q, keys=keys)
+    block_s = _block_s(block_s, S)
+    g_pad = 1 if G == 1 else max(_MIN_DOT, _pow2(G))
+    d_pad = max(_MIN_DOT, _pow2(D))
+    r_pad = max(_MIN_DOT, _pow2(rank))
+    _check_tiles("approx_scores", keys=(r_pad, block_s), q=(g_pad, d_pad), ranks=(d_pad, d_pad),
+                 logits=(g_pad, block_s))
+    n_blocks = pl.cdiv(S, block_s)
+    logits_mode = group_scores == "logits"
+    kernel = functools.partial(_approx_scores_kernel, transposed=transposed, G=G, D=D, r=rank, S=S,
+                               g_pad=g_pad, d_pad=d_pad, r_pad=r_pad, block_s=block_s)
+    whole = lambda b, h, s: (b, h, 0, 0)  # noqa: E731
+    out_specs = [pl.BlockSpec((None, None, G, S), whole), pl.BlockSpec((None, None, G, n_blocks), whole),
+                 pl.BlockSpec((None, None, G, n_blocks), whole)]
+    out_shape = [jax.ShapeDtypeStruct((B, Hkv, G, S), jnp.float32),
+                 jax.ShapeDtypeStruct((B, Hkv, G, n_blocks), jnp.float32),
+                 jax.ShapeDtypeStruct((B, Hkv, G, n_blocks), jnp.float32)]
+    if logits_mode:
+        out_specs.append(pl.BlockSpec((None, None, S), lambda b, h, s: (b, h, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((B, Hkv, S), jnp.float32))
+    outs = pl.pallas_call(
+        kernel,
+        grid=(B, Hkv, n_blocks),
+        in_specs=[
+            pl.BlockSpec((None, None, G, D), whole),
+            pl.BlockSpec((None, None, *keys.shape[2:]), whole),
+            pl.BlockSpec((None, 4), lambda b, h, s: (b, 0)),
+        ],
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=_params(),
+        interpret=interpret,
+        name="sparq_approx_scores",
+    )(q, keys, jnp.pad(bounds.astype(jnp.int32), ((0, 0), (0, 1))))
+    return (*outs, None) if not logits_mode else tuple(outs)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -50,8 +50,11 @@ def time_interleaved(fns: dict, args: dict, reps: int, warmup: int, inner: int =
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def kernel_impls(backend: str) -> list[str]:
-    """SparQ implementations that run compiled on a backend (--impl all)."""
+def kernel_impls(backend: str, interpret: bool = False) -> list[str]:
+    """SparQ implementations that run compiled on a backend (--impl all); with interpret, the GPU
+    kernels in the Pallas interpreter as well."""
+    if interpret:
+        return ["xla", "pallas_gpu"]
     return {"gpu": ["xla", "pallas_gpu"], "tpu": ["xla", "pallas_tpu"]}.get(backend, ["xla"])
 
 
@@ -86,7 +89,7 @@ def attention_case(args, seq_len: int) -> dict:
     del k, v
 
     def run(method, impl):
-        return jax.jit(lambda q, c: sq.attend(q, c, method, impl=impl)[0])
+        return jax.jit(lambda q, c: sq.attend(q, c, method, impl=impl, interpret=args.interpret)[0])
 
     itemsize = jnp.dtype(dtype).itemsize
     dense_bytes = b * hkv * sq.Dense().transfers(seq_len, d) * itemsize
@@ -102,7 +105,7 @@ def attention_case(args, seq_len: int) -> dict:
             rows["dense/pallas"] = ("dense", "pallas_gpu(jax decode_attention)", dense_bytes)
         except Exception as err:  # noqa: BLE001 - optional comparison only
             print(f"(jax's pallas decode_attention unavailable: {type(err).__name__}: {err})", file=sys.stderr)
-    impls = kernel_impls(jax.default_backend()) if args.impl == "all" else [args.impl]
+    impls = kernel_impls(jax.default_backend(), args.interpret) if args.impl == "all" else [args.impl]
     for impl in impls:
         name = f"sparq/{impl}"
         fns[name], fargs[name] = run(sparq, impl), (q, twice)
@@ -138,7 +141,7 @@ def attention_case(args, seq_len: int) -> dict:
                    "dtype": args.dtype, "rank": sparq.rank, "top_k": sparq.top_k,
                    "local_window": sparq.local_window, "reallocate_mean": sparq.reallocate_mean,
                    "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
-                   "jax": jax.__version__, "reps": args.reps, "inner": args.inner},
+                   "jax": jax.__version__, "reps": args.reps, "inner": args.inner, "interpret": args.interpret},
         "rows": out_rows,
         "dense_ms": dense_ms,
         "sparq_ms": sparq_ms,
@@ -157,7 +160,7 @@ def stage_breakdown(args, sparq, q, cache, impl: str) -> dict:
     from sparq_jax import attention as att
     from sparq_jax import native
 
-    step1, top_k, step2 = att._step_functions(impl, False, transposed=True)
+    step1, top_k, step2 = att._step_functions(impl, args.interpret, transposed=True)
     b, hq, d = q.shape
     hkv, s = cache.k.shape[1], cache.max_len
     qf = q.reshape(b, hkv, hq // hkv, d).astype(jnp.float32)
@@ -170,7 +173,7 @@ def stage_breakdown(args, sparq, q, cache, impl: str) -> dict:
     s_hat, score = scores(logits)
     i2 = jax.jit(top_k, static_argnums=1)(score, k)
     valid = jnp.ones(i2.shape, bool)
-    covered = jax.jit(att._covered_mass)
+    covered = jax.jit(lambda s_hat, i2, valid: att._covered_mass(att._at(s_hat, i2), valid))
     alpha = covered(s_hat, i2, valid)
     v_bar = cache.v_sum / s
     fns = {
@@ -185,13 +188,20 @@ def stage_breakdown(args, sparq, q, cache, impl: str) -> dict:
         fns["top-k: native (CPU)"] = (jax.jit(lambda x: native.top_k_positions(x, k)), (score,))
     if impl == "pallas_gpu":
         from pallas_kernels import sparq_gpu
-        fns["top-k: Pallas kernel"] = (jax.jit(lambda x: sparq_gpu.top_k_positions(x, k)), (score,))
-        fns["top-k: Pallas, 32 passes"] = (jax.jit(lambda x: sparq_gpu.top_k_positions(x, k, early_exit=False)),
-                                           (score,))
+        fns["top-k: Pallas kernel"] = (jax.jit(lambda x: sparq_gpu.top_k_positions(x, k, interpret=args.interpret)),
+                                       (score,))
+        fns["top-k: Pallas, 32 passes"] = (
+            jax.jit(lambda x: sparq_gpu.top_k_positions(x, k, early_exit=False, interpret=args.interpret)), (score,))
+        # what pallas_gpu runs instead of step 1 and the softmax: one kernel (+ the group sum of s_hat
+        # from its partials under group_scores="softmax")
+        fused = jax.jit(lambda q, keys: att._fused_scores(q, keys, mask, cache.lengths, sparq, None, True,
+                                                          args.interpret)[0])
+        fns["step 1 + scores, fused"] = (fused, (qf, cache.kt))
     ms = time_interleaved({n: f for n, (f, _) in fns.items()}, {n: a for n, (_, a) in fns.items()},
                           args.reps, args.warmup, args.inner)
     item = cache.k.dtype.itemsize
     nbytes = {"step 1": b * hkv * sparq.rank * s * item, "steps 2+3": 2 * b * hkv * k * d * item,
+              "step 1 + scores, fused": b * hkv * sparq.rank * s * item + logits.size * 4,
               "softmax + group sum": logits.size * 4 + s_hat.size * 4 + score.size * 4,
               "alpha (s_hat at top-k)": s_hat.size * 4 * k // s}
     for name in fns:
@@ -523,6 +533,8 @@ def main(argv=None) -> None:
     a.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     a.add_argument("--impl", choices=["xla", "pallas_gpu", "pallas_tpu", "all"], default="xla")
     a.add_argument("--single-copy", action="store_true", help="also time SparQ with K stored once")
+    a.add_argument("--interpret", action="store_true",
+                   help="run the Pallas kernels in interpret mode (a CPU check of the GPU code path; slow)")
     a.add_argument("--reps", type=positive_int, default=7)
     a.add_argument("--warmup", type=positive_int, default=2)
     a.add_argument("--inner", type=positive_int, default=None,

@@ -346,8 +346,14 @@ def _approx_scores(qf, q1, logits1, mask, lengths, local_window: int, group_scor
         score = jnp.sum(z, axis=2)
     else:
         raise ValueError(f"group_scores must be 'softmax' or 'logits', got {group_scores!r}")
+    return s_hat, _ranked(score, mask, lengths, local_window)
+
+
+def _ranked(score, mask, lengths, local_window: int):
+    """score [B, Hkv, S] as the top-k ranks it: +inf on the always-kept positions, -inf where mask
+    [B, S] is False."""
     score = jnp.where(_always_kept(lengths, mask.shape[-1], local_window)[:, None, :], jnp.inf, score)
-    return s_hat, jnp.where(mask[:, None, :], score, _NEG_INF)
+    return jnp.where(mask[:, None, :], score, _NEG_INF)
 
 
 def _query_components(qf, rank: int):
@@ -357,25 +363,53 @@ def _query_components(qf, rank: int):
     return i1, jnp.take_along_axis(qf, i1[:, :, None, :], axis=-1)
 
 
-def _covered_mass(s_hat, i2, valid):
-    """SparQ step 3's alpha [B, Hkv, G]: the approximate attention mass s_hat that the chosen
-    positions i2 cover (those that are valid), per query head."""
-    covered = jnp.take_along_axis(s_hat, i2[:, :, None, :], axis=-1)
-    return jnp.sum(jnp.where(valid[:, :, None, :], covered, 0), axis=-1)
+def _at(x, i2):
+    """x [B, Hkv, G, S] at the positions i2 [B, Hkv, K] of each group -> [B, Hkv, G, K]."""
+    return jnp.take_along_axis(x, i2[:, :, None, :], axis=-1)
+
+
+def _covered_mass(s_hat_at_i2, valid):
+    """SparQ step 3's alpha [B, Hkv, G]: the approximate attention mass that the chosen positions
+    cover (s_hat at i2 [B, Hkv, G, K], those that are valid [B, Hkv, K]), per query head."""
+    return jnp.sum(jnp.where(valid[:, :, None, :], s_hat_at_i2, 0), axis=-1)
+
+
+def _fused_scores(qf, keys, mask, lengths, method: SparQ, window, transposed: bool, interpret: bool):
+    """pallas_gpu: step 1 and the scores between the steps from one kernel (sparq_gpu.approx_scores,
+    which also picks the components and the temperature) -> (score [B, Hkv, S] to rank; s_hat_at, a
+    function of i2 giving s_hat [B, Hkv, G, K] there). s_hat = exp(z - M) / L from the kernel's
+    per-block partials: no softmax pass over [B, Hkv, G, S]; with group_scores="logits" nothing
+    between the kernels reads the whole row."""
+    from pallas_kernels import sparq_gpu
+
+    first = jnp.zeros_like(lengths) if window is None else jnp.maximum(lengths - window, 0)
+    bounds = jnp.stack([first, lengths, lengths - max(method.local_window, 1)], axis=-1).astype(jnp.int32)
+    z, m, l, score = sparq_gpu.approx_scores(qf, keys, bounds, rank=method.rank, transposed=transposed,
+                                             group_scores=method.group_scores, interpret=interpret)
+    top = jnp.max(m, axis=-1, keepdims=True)                           # every row has a candidate
+    total = jnp.sum(l * jnp.exp(m - top), axis=-1, keepdims=True)
+    if score is None:  # "softmax": the group sum of s_hat
+        score = _ranked(jnp.sum(jnp.exp(z - top) / total, axis=2), mask, lengths, method.local_window)
+    return score, lambda i2: jnp.exp(_at(z, i2) - top) / total
 
 
 def _sparq(qg, cache: KVCache, mask, method: SparQ, window, impl, interpret):
     approx_logits, top_k, gather_attend = _step_functions(impl, interpret, transposed=cache.transposed_keys)
     d, s = qg.shape[-1], cache.max_len
     qf = qg.astype(_F32)
-    i1, q1 = _query_components(qf, method.rank)                                        # step 1
     keys = cache.kt if cache.transposed_keys else cache.k
-    logits1 = approx_logits(q1, keys, i1)                                              # [B, Hkv, G, S]
-    s_hat, score = _approx_scores(qf, q1, logits1, mask, cache.lengths, method.local_window,
-                                  method.group_scores)
+    if impl == "pallas_gpu":                                                           # step 1
+        score, s_hat_at = _fused_scores(qf, keys, mask, cache.lengths, method, window, cache.transposed_keys,
+                                        interpret)
+    else:
+        i1, q1 = _query_components(qf, method.rank)
+        logits1 = approx_logits(q1, keys, i1)                                          # [B, Hkv, G, S]
+        s_hat, score = _approx_scores(qf, q1, logits1, mask, cache.lengths, method.local_window,
+                                      method.group_scores)
+        s_hat_at = functools.partial(_at, s_hat)
     i2 = top_k(score, min(method.top_k, s))                                            # [B, Hkv, k]
     valid = jnp.take_along_axis(jnp.broadcast_to(mask[:, None, :], score.shape), i2, axis=-1)
-    alpha = _covered_mass(s_hat, i2, valid)                                            # step 3
+    alpha = _covered_mass(s_hat_at(i2), valid)                                         # step 3
     if method.reallocate_mean:
         v_bar = _mean_value(cache, window)
     else:

@@ -178,6 +178,91 @@ def test_gpu_gather_attend_split_k_interpret(G, num_splits):
 
 
 # --------------------------------------------------------------------------------------------
+# Step 1 fused with the scores between the steps (GPU kernel), against the XLA path
+
+def _xla_scores(q, keys, lengths, window, method, transposed):
+    """attention's XLA path between the steps: (s_hat [B, Hkv, G, S], score [B, Hkv, S])."""
+    mask = attention.candidate_mask(lengths, keys.shape[3] if transposed else keys.shape[2], window)
+    i1, q1 = attention._query_components(q, method.rank)
+    logits1 = attention.approx_logits_xla(q1, keys, i1, transposed=transposed)
+    return attention._approx_scores(q, q1, logits1, mask, lengths, method.local_window, method.group_scores)
+
+
+SCORES_CASES = [
+    # (B, Hkv, G, D, S, lengths, window, transposed, dtype, SparQ kwargs): S mostly not a multiple of 64
+    (2, 2, 1, 64, 200, [200, 57], None, True, jnp.float32, dict(rank=8, top_k=32, local_window=4)),
+    (2, 2, 4, 48, 150, [150, 9], None, False, jnp.float32, dict(rank=5, top_k=16, group_scores="logits")),
+    (1, 2, 8, 32, 130, [130], 40, True, jnp.bfloat16, dict(rank=4, top_k=16, local_window=8)),
+    (2, 1, 3, 64, 77, [77, 30], 20, True, jnp.float32,
+     dict(rank=16, top_k=8, local_window=2, group_scores="logits")),
+    (1, 1, 4, 64, 256, [256], None, True, jnp.bfloat16, dict(rank=64, top_k=8, group_scores="logits")),  # r = D
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("case", SCORES_CASES,
+                         ids=lambda c: f"G{c[2]}-D{c[3]}-S{c[4]}-w{c[6]}-{'kt' if c[7] else 'k'}-"
+                                       f"{jnp.dtype(c[8]).name}-{c[9].get('group_scores', 'softmax')}")
+def test_fused_scores_match_xla(case):
+    """sparq_gpu.approx_scores (component choice, temperature, scaled logits, per-block softmax partials,
+    the "logits" score) through attention._fused_scores against the XLA path's s_hat and score."""
+    _check_fused_scores(case, interpret=True)
+
+
+def _check_fused_scores(case, interpret):
+    import sparq_jax as sq
+
+    B, Hkv, G, D, S, lengths, window, transposed, dtype, kwargs = case
+    rng = np.random.default_rng(5)
+    q = jnp.asarray(rng.standard_normal((B, Hkv, G, D)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((B, Hkv, S, D)), dtype)
+    keys = jnp.swapaxes(k, 2, 3) if transposed else k
+    lengths = jnp.asarray(lengths, jnp.int32)
+    method = sq.SparQ(**kwargs)
+    mask = attention.candidate_mask(lengths, S, window)
+    score, s_hat_at = attention._fused_scores(q, keys, mask, lengths, method, window, transposed, interpret)
+    with jax.default_matmul_precision("highest"):  # fp32 products on a GPU too (not tf32)
+        want_s_hat, want_score = _xla_scores(q, keys, lengths, window, method, transposed)
+    everywhere = jnp.broadcast_to(jnp.arange(S), (B, Hkv, S))
+    s_hat = np.where(np.asarray(mask)[:, None, None, :], np.asarray(s_hat_at(everywhere)), 0)
+    np.testing.assert_allclose(s_hat, np.asarray(want_s_hat), rtol=TOL[dtype], atol=TOL[dtype] / S)
+    score, want_score = np.asarray(score), np.asarray(want_score)
+    np.testing.assert_array_equal(np.isposinf(score), np.isposinf(want_score))
+    np.testing.assert_array_equal(np.isneginf(score), np.isneginf(want_score))
+    finite = np.isfinite(want_score)
+    np.testing.assert_allclose(score[finite], want_score[finite], rtol=TOL[dtype], atol=TOL[dtype] / S)
+
+
+@needs_triton
+def test_approx_scores_component_choice_ties_and_zero_queries():
+    """The r components: |q| summed over the group, ties to the lower component as lax.top_k; a query
+    of zeros keeps the temperature sqrt(D) (uniform s_hat), as in the XLA path."""
+    import sparq_jax as sq
+
+    B, Hkv, G, D, S = 2, 1, 2, 16, 40
+    rng = np.random.default_rng(6)
+    q = rng.uniform(-1, 1, (B, Hkv, G, D)).astype(np.float32)
+    q[0, 0, :, [12, 1, 5]] = 10.0          # the three largest
+    q[0, 0, :, 9] = q[0, 0, :, 3] = [4.0, -2.0]   # then a tie that the cut at r = 4 falls inside
+    q[1] = 0.0
+    k = jnp.asarray(rng.standard_normal((B, Hkv, S, D)), jnp.float32)
+    keys = jnp.swapaxes(k, 2, 3)
+    lengths = jnp.asarray([S, S], jnp.int32)
+    method = sq.SparQ(rank=4, top_k=8)
+    i1, _ = attention._query_components(jnp.asarray(q), 4)
+    assert 3 in np.asarray(i1)[0, 0] and 9 not in np.asarray(i1)[0, 0]
+    bounds = jnp.stack([jnp.zeros_like(lengths), lengths, lengths - 1], axis=-1)
+    z, m, l, score = sparq_gpu.approx_scores(jnp.asarray(q), keys, bounds, rank=4, block_s=16, interpret=True)
+    assert score is None and z.shape == (B, Hkv, G, S) and m.shape == l.shape == (B, Hkv, G, 3)
+    want_s_hat, _ = _xla_scores(jnp.asarray(q), keys, lengths, None, method, True)
+    top = np.max(np.asarray(m), axis=-1, keepdims=True)
+    s_hat = np.exp(np.asarray(z) - top) / np.sum(np.asarray(l) * np.exp(np.asarray(m) - top), -1, keepdims=True)
+    np.testing.assert_allclose(s_hat, np.asarray(want_s_hat), rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(z)[1], 0.0)
+    np.testing.assert_allclose(s_hat[1], 1 / S, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
 # Top-k between the steps (GPU kernel)
 
 def ref_top_k_positions(x, k):
@@ -324,6 +409,14 @@ def test_kernels_lower(backend, platform, G):
             text = _lower(lambda x: sparq_gpu.top_k_positions(x, K, block=block), platform,
                           _shape(B, Hkv, S, dtype=jnp.float32))
             assert "custom_call" in text
+        for transposed in (True, False):
+            keys = _shape(B, Hkv, D, S) if transposed else _shape(B, Hkv, S, D)
+            for group_scores in ("softmax", "logits"):
+                fused = lambda q, keys, bounds: sparq_gpu.approx_scores(  # noqa: E731
+                    q, keys, bounds, rank=r, transposed=transposed, group_scores=group_scores)
+                text = _lower(fused, platform, _shape(B, Hkv, G, D, dtype=jnp.float32), keys,
+                              _shape(B, 3, dtype=jnp.int32))
+                assert "custom_call" in text
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,6 +454,16 @@ def test_bad_arguments_name_the_argument(backend):
             jax.eval_shape(lambda x: sparq_gpu.top_k_positions(x, 5, block=48), score)
         with pytest.raises(ValueError, match=r"score has shape \(2, 50\) and dtype int32"):
             jax.eval_shape(lambda x: sparq_gpu.top_k_positions(x, 5), _shape(2, 50, dtype=jnp.int32))
+        q, keys, bounds = _shape(1, 2, 4, 32, dtype=jnp.float32), _shape(1, 2, 32, 64), _shape(1, 3, dtype=jnp.int32)
+        fused = lambda rank=4, **kw: lambda a, b, c: sparq_gpu.approx_scores(a, b, c, rank=rank, **kw)  # noqa: E731
+        with pytest.raises(ValueError, match=r"rank=33; expected an int in \[1, D=32\]"):
+            jax.eval_shape(fused(33), q, keys, bounds)
+        with pytest.raises(ValueError, match=r"bounds has shape \(2, 3\)"):
+            jax.eval_shape(fused(), q, keys, _shape(2, 3, dtype=jnp.int32))
+        with pytest.raises(ValueError, match="group_scores='max'"):
+            jax.eval_shape(fused(group_scores="max"), q, keys, bounds)
+        with pytest.raises(ValueError, match=r"keys has shape \(1, 2, 64, 32\)"):
+            jax.eval_shape(fused(), q, _shape(1, 2, 64, 32), bounds)   # K^T [D=32, S] expected
 
 
 @needs_triton
@@ -444,6 +547,12 @@ def test_compiled_gpu_fp32_queries_against_bf16_cache():
     q = q.astype(jnp.float32) + jnp.asarray(np.random.default_rng(11).uniform(-1e-2, 1e-2, q.shape), jnp.float32)
     args = (q, k, v, *rest)
     assert_close(sparq_gpu.gather_attend(*args), ref_gather_attend(*args), jnp.float32)
+
+
+@on_gpu
+@pytest.mark.parametrize("case", SCORES_CASES)
+def test_compiled_gpu_fused_scores(case):
+    _check_fused_scores(case, interpret=False)
 
 
 @on_gpu
