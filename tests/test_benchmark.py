@@ -61,30 +61,6 @@ def test_approx_scores_match_the_paper():
     np.testing.assert_allclose(np.asarray(score), want_score, rtol=1e-5, atol=1e-7)
 
 
-def test_decode_times_whole_loops_of_a_preset_shape(tmp_path):
-    """benchmark.py decode: lm.decode loops of --steps tokens for Dense and SparQ in one process, in
-    the SmolLM2-135M preset's widths with its depth and vocabulary overridden (kept tiny)."""
-    out = tmp_path / "decode.json"
-    benchmark.main(["decode", "--preset", "smollm2-135m", "--layers", "1", "--vocab", "128", "--seq-lens", "64",
-                    "--batch", "2", "--steps", "3", "--reps", "1", "--compression", "1/4", "--json", str(out)])
-    doc = json.loads(out.read_text())
-    c = doc["config"]
-    assert (c["batch"], c["num_hidden_layers"], c["vocab_size"]) == (2, 1, 128)
-    assert (c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"],
-            c["intermediate_size"], c["tie_word_embeddings"]) == (576, 9, 3, 64, 1536, True)
-    (row,) = doc["results"]
-    assert (row["seq_len"], row["batch"], row["steps"]) == (64, 2, 3)
-    for name in ("dense", "sparq"):
-        r = row[name]
-        assert r["loop_ms"] > 0 and r["attention_ms"] > 0
-        assert r["step_ms"] == pytest.approx(r["loop_ms"] / 3)
-        assert r["tokens_per_s"] == pytest.approx(2 * 1e3 / r["step_ms"])
-    assert row["speedup"] == pytest.approx(row["dense"]["loop_ms"] / row["sparq"]["loop_ms"])
-    assert 0 <= row["tokens_agree"] <= 1 and row["cache_copy_ms"] > 0
-    sp = row["sparq_config"]
-    assert (sp["rank"], sp["top_k"]) == (16, 6)   # SparQ.for_compression(1/4, 64, 64)
-
-
 # An optimized module in the shape XLA:GPU prints: a decode loop whose body holds fusions, a Triton
 # call, a cuBLAS call, a nested loop (its body: 2 launches, its condition: 1) and a conditional.
 _HLO = """HloModule jit__decode_loop, is_scheduled=true
@@ -180,3 +156,44 @@ def test_row_reads_probe_runs_and_rejects_bad_arguments(tmp_path):
     bad = subprocess.run([str(exe), "4", "16", "32", "16"], capture_output=True, text=True)
     assert bad.returncode == 2 and "k <= S" in bad.stderr and "4 16 32 16" in bad.stderr
     assert subprocess.run([str(exe), "--help"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
+def test_device_check_smoke_runs_every_stage(tmp_path):
+    """scripts/device_check.sh --smoke: every stage of the GPU run at tiny shapes on CPU (the kernels
+    interpreted), so the prepared script has no Python piece that fails before it reaches a GPU."""
+    env = {**os.environ, "OUT": str(tmp_path), "PY": sys.executable}
+    run = subprocess.run(["bash", os.path.join(ROOT, "scripts", "device_check.sh"), "--smoke"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "rc=0" in run.stdout and "rc=1" not in run.stdout and "Traceback" not in run.stdout, run.stdout[-4000:]
+    docs = json.loads((tmp_path / "decode_gpu.json").read_text())
+    assert [d["config"]["batch"] for d in docs] == [1, 2]
+    assert all(r["speedup"] > 0 for d in docs for r in d["results"])
+    for name in ("decode_smollm2_gpu", "decode_gpu_xla_command_buffers"):
+        doc = json.loads((tmp_path / f"{name}.json").read_text())
+        assert doc["config"]["batch"] == 1 and doc["results"][0]["speedup"] > 0
+    # SmolLM2-135M's widths, its depth and vocabulary overridden
+    smol = json.loads((tmp_path / "decode_smollm2_gpu.json").read_text())
+    c = smol["config"]
+    assert (c["num_hidden_layers"], c["vocab_size"], c["hidden_size"], c["num_attention_heads"],
+            c["num_key_value_heads"], c["head_dim"], c["intermediate_size"], c["tie_word_embeddings"]) == \
+        (2, 256, 576, 9, 3, 64, 1536, True)
+    (row,) = smol["results"]
+    assert (row["seq_len"], row["batch"], row["steps"]) == (64, 1, 3)
+    for name in ("dense", "sparq"):
+        r = row[name]
+        assert r["loop_ms"] > 0 and r["attention_ms"] > 0
+        assert r["step_ms"] == pytest.approx(r["loop_ms"] / 3)
+        assert r["tokens_per_s"] == pytest.approx(1e3 / r["step_ms"])
+    assert row["speedup"] == pytest.approx(row["dense"]["loop_ms"] / row["sparq"]["loop_ms"])
+    assert 0 <= row["tokens_agree"] <= 1 and row["cache_copy_ms"] > 0
+    assert (row["sparq_config"]["rank"], row["sparq_config"]["top_k"]) == (16, 6)   # for_compression(1/4, 64, 64)
+    for name in ("a", "b"):
+        bench = json.loads((tmp_path / f"bench_gpu_{name}.json").read_text())
+        rows = {(r["method"], r["impl"]): r for r in bench["rows"]}
+        assert rows[("sparq", "pallas_gpu")]["rel_err_vs_xla"] < 1e-5   # fp32 on CPU
+        assert "step 1 + scores, fused" in bench["breakdown"]["pallas_gpu"]
+    launches = json.loads((tmp_path / "launches.json").read_text())
+    assert len(launches) == 4 and all(r["launches"] > 0 for r in launches)   # 2 methods x 2 batch sizes
+    assert len(list((tmp_path / "xla_dump").glob("*decode_loop*after_optimizations.txt"))) == 4
