@@ -10,8 +10,9 @@ Each backend module exposes the same two functions (the wrappers own grid and Bl
 sparq_gpu adds the selection between the steps (on a GPU, lax.top_k and the CPU path's counting
 passes were the slowest part of SparQ):
 
-  top_k_positions(score, k, *, block=None, interpret=False, early_exit=True)
-      the k largest of each row [..., S] (ties: lowest positions), in increasing position order, int32
+  top_k_positions(score, k, *, block=None, interpret=False, early_exit=True, splits=None)
+      the k largest of each row [..., S] (ties: lowest positions), in increasing position order, int32;
+      few long rows are spread over several programs (a local top-k per piece, then an exact merge)
   approx_scores(q, keys, bounds, *, rank, transposed=True, group_scores="softmax", block_s=None,
                 interpret=False)
       step 1 fused with what lies between the steps: the r components and the temperature chosen in

@@ -399,8 +399,8 @@ def _top_k_kernel(score_ref, out_ref, *, S, k, block, n_chunks, early_exit):
     lax.fori_loop(0, n_chunks, compact, (jnp.int32(0), jnp.int32(0)))
 
 
-@functools.partial(jax.jit, static_argnames=("k", "block", "interpret", "early_exit"))
-def top_k_positions(score, k, *, block=None, interpret=False, early_exit=True):
+@functools.partial(jax.jit, static_argnames=("k", "block", "interpret", "early_exit", "splits"))
+def top_k_positions(score, k, *, block=None, interpret=False, early_exit=True, splits=None):
     """The positions of the k largest entries of each row of score [..., S] (ties: lowest positions
     first), in increasing position order: sparq_jax.attention.top_k_positions as one program per row.
 
@@ -411,6 +411,8 @@ def top_k_positions(score, k, *, block=None, interpret=False, early_exit=True):
       interpret: run in the Pallas interpreter (CPU).
       early_exit: stop the threshold search at a count of exactly k (False: always 32 passes; the
         same result, kept for benchmarks).
+      splits: spread each row over this many programs (see _split_top_k); None chooses (_top_k_splits),
+        1 is one program per row.
 
     Returns int32 [..., k].
     """
@@ -423,11 +425,19 @@ def top_k_positions(score, k, *, block=None, interpret=False, early_exit=True):
     *lead, S = score.shape
     if not isinstance(k, int) or not 1 <= k <= S:
         raise ValueError(f"k={k!r}; expected an int in [1, S={S}]")
+    rows = math.prod(lead)
+    if splits is None:
+        splits = _top_k_splits(rows, S, k)
+    elif not isinstance(splits, int) or not 1 <= splits <= S:
+        raise ValueError(f"splits={splits!r}; expected an int in [1, S={S}] (or None)")
+    if splits > 1:
+        out = _split_top_k(score.astype(jnp.float32).reshape(rows, S), k, splits, block=block,
+                           interpret=interpret, early_exit=early_exit)
+        return out.reshape(*lead, k)
     if block is None:
         block = max(_MIN_DOT, min(_TOPK_BLOCK, _pow2(S)))
     elif not isinstance(block, int) or block < _MIN_DOT or block & (block - 1):
         raise ValueError(f"block={block!r}; expected a power of two >= {_MIN_DOT} (or None)")
-    rows = math.prod(lead)
     kernel = functools.partial(_top_k_kernel, S=S, k=k, block=block, n_chunks=pl.cdiv(S, block),
                                early_exit=early_exit)
     out = pl.pallas_call(
@@ -441,6 +451,40 @@ def top_k_positions(score, k, *, block=None, interpret=False, early_exit=True):
         name="sparq_top_k",
     )(score.astype(jnp.float32).reshape(rows, S))
     return out.reshape(*lead, k)
+
+
+def _top_k_splits(rows: int, S: int, k: int) -> int:
+    """How many programs share a row of the top-k: with few rows (B * Hkv under the SMs of a GPU) and
+    rows longer than one resident block, split each into pieces that fit in registers, as long as
+    the candidates they keep (splits * min(k, piece)) are fewer than the row."""
+    splits = 1
+    while (rows * splits < _TARGET_PROGRAMS // 2 and pl.cdiv(S, splits) > _TOPK_BLOCK
+           and 2 * splits * min(k, pl.cdiv(S, 2 * splits)) < S):
+        splits *= 2
+    return splits
+
+
+def _split_top_k(score, k, splits, *, block, interpret, early_exit):
+    """score fp32 [rows, S] -> the k largest of each row (ties: lowest positions), increasing, int32
+    [rows, k], with each row spread over `splits` programs.
+
+    Pass 1 takes the k' = min(k, piece) largest of each of the row's `splits` pieces (one program each);
+    pass 2 takes the k largest of their k' * splits candidates, one program per row. Exact: an entry
+    among the row's k largest has fewer than k entries before it in (value desc, position asc)
+    order, so fewer than k' in its piece. The candidates come out of pass 1 piece by piece in
+    increasing position order, so pass 2's ties (lowest candidate first) are the row's ties.
+    """
+    rows, S = score.shape
+    piece = pl.cdiv(S, splits)
+    # -inf padding sorts after every entry of the row, -inf entries included (higher positions)
+    padded = jnp.pad(score, ((0, 0), (0, piece * splits - S)), constant_values=-jnp.inf)
+    kk = min(k, piece)
+    local = top_k_positions(padded.reshape(rows * splits, piece), kk, block=block, interpret=interpret,
+                            early_exit=early_exit, splits=1).reshape(rows, splits, kk)
+    positions = (local + (jnp.arange(splits, dtype=jnp.int32) * piece)[None, :, None]).reshape(rows, splits * kk)
+    values = jnp.take_along_axis(padded, positions, axis=1)
+    chosen = top_k_positions(values, k, block=block, interpret=interpret, early_exit=early_exit, splits=1)
+    return jnp.take_along_axis(positions, chosen, axis=1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -192,6 +192,8 @@ def stage_breakdown(args, sparq, q, cache, impl: str) -> dict:
                                        (score,))
         fns["top-k: Pallas, 32 passes"] = (
             jax.jit(lambda x: sparq_gpu.top_k_positions(x, k, early_exit=False, interpret=args.interpret)), (score,))
+        fns["top-k: Pallas, a program per row"] = (
+            jax.jit(lambda x: sparq_gpu.top_k_positions(x, k, splits=1, interpret=args.interpret)), (score,))
         # what pallas_gpu runs instead of step 1 and the softmax: one kernel (+ the group sum of s_hat
         # from its partials under group_scores="softmax")
         fused = jax.jit(lambda q, keys: att._fused_scores(q, keys, mask, cache.lengths, sparq, None, True,

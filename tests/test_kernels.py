@@ -303,6 +303,36 @@ def test_top_k_positions_interpret(case):
         np.testing.assert_array_equal(np.asarray(got), ref_top_k_positions(x, k))
 
 
+SPLIT_TOP_K_CASES = [
+    # (shape, k, splits, block, ties): pieces of cdiv(S, splits), the last one padded
+    ((3, 200), 17, 4, None, False),
+    ((2, 301), 40, 3, 32, True),        # ties straddle pieces and chunks
+    ((2, 64), 64, 4, None, True),       # k = S: every piece keeps all of itself
+    ((1, 100), 90, 8, None, True),      # k above a piece (13)
+    ((2, 2, 90), 5, 2, None, True),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("case", SPLIT_TOP_K_CASES, ids=lambda c: f"S{c[0][-1]}-k{c[1]}-p{c[2]}-{'ties' if c[4] else 'spread'}")
+def test_top_k_positions_split_interpret(case):
+    """Each row spread over several programs (a local top-k per piece, then an exact merge)."""
+    shape, k, splits, block, ties = case
+    x = top_k_scores(3, shape, ties)
+    got = sparq_gpu.top_k_positions(jnp.asarray(x), k, splits=splits, block=block, interpret=True)
+    assert got.shape == (*shape[:-1], k) and got.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(got), ref_top_k_positions(x, k))
+
+
+def test_top_k_splits_only_few_long_rows():
+    from pallas_kernels.sparq_gpu import _top_k_splits
+
+    assert _top_k_splits(8, 32768, 2048) == 4        # B=1, 8 KV heads: pieces of 8192 fit in registers
+    assert _top_k_splits(64, 32768, 2048) == 4
+    assert _top_k_splits(512, 4096, 128) == 1        # the paper's shape: many short rows
+    assert _top_k_splits(8, 32768, 16384) == 1       # the candidates would outnumber the row
+
+
 @needs_triton
 def test_top_k_positions_signed_zeros_tie():
     # the k-th largest is zero: -0.0 and +0.0 are equal, so the lowest positions win (as in NumPy)
@@ -405,10 +435,10 @@ def test_kernels_lower(backend, platform, G):
     if backend == "gpu":  # the split-K variant and the top-k (one block, and in chunks)
         split = lambda *a: sparq_gpu._gather_attend(*a, block_k=16, num_splits=2, interpret=False)  # noqa: E731
         assert "custom_call" in _lower(split, platform, *step2)
-        for block in (None, 256):
-            text = _lower(lambda x: sparq_gpu.top_k_positions(x, K, block=block), platform,
+        for block, splits in ((None, 1), (256, 1), (None, 4)):
+            text = _lower(lambda x: sparq_gpu.top_k_positions(x, K, block=block, splits=splits), platform,
                           _shape(B, Hkv, S, dtype=jnp.float32))
-            assert "custom_call" in text
+            assert text.count("custom_call") == (1 if splits == 1 else 2)
         for transposed in (True, False):
             keys = _shape(B, Hkv, D, S) if transposed else _shape(B, Hkv, S, D)
             for group_scores in ("softmax", "logits"):
@@ -452,6 +482,8 @@ def test_bad_arguments_name_the_argument(backend):
             jax.eval_shape(lambda x: sparq_gpu.top_k_positions(x, 51), score)
         with pytest.raises(ValueError, match="block=48"):
             jax.eval_shape(lambda x: sparq_gpu.top_k_positions(x, 5, block=48), score)
+        with pytest.raises(ValueError, match=r"splits=0; expected an int in \[1, S=50\]"):
+            jax.eval_shape(lambda x: sparq_gpu.top_k_positions(x, 5, splits=0), score)
         with pytest.raises(ValueError, match=r"score has shape \(2, 50\) and dtype int32"):
             jax.eval_shape(lambda x: sparq_gpu.top_k_positions(x, 5), _shape(2, 50, dtype=jnp.int32))
         q, keys, bounds = _shape(1, 2, 4, 32, dtype=jnp.float32), _shape(1, 2, 32, 64), _shape(1, 3, dtype=jnp.int32)
@@ -532,9 +564,9 @@ def test_compiled_gpu(case):
                                             ((4, 8192), 1000, True), ((3, 40000), 5000, True)])
 def test_compiled_gpu_top_k(shape, k, ties):
     x = top_k_scores(12, shape, ties)
-    for early_exit in (True, False):
-        np.testing.assert_array_equal(np.asarray(sparq_gpu.top_k_positions(jnp.asarray(x), k, early_exit=early_exit)),
-                                      ref_top_k_positions(x, k))
+    for early_exit, splits in ((True, None), (False, None), (True, 1), (True, 4)):
+        got = sparq_gpu.top_k_positions(jnp.asarray(x), k, early_exit=early_exit, splits=splits)
+        np.testing.assert_array_equal(np.asarray(got), ref_top_k_positions(x, k))
 
 
 @on_gpu
