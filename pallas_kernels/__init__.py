@@ -17,8 +17,13 @@ passes were the slowest part of SparQ):
                 interpret=False)
       step 1 fused with what lies between the steps: the r components and the temperature chosen in
       the kernel, the scaled approximate logits, per-block softmax partials (max, sum of exp) and, for
-      group_scores="logits", the score the top-k ranks; sq.attend(impl="pallas_gpu") runs this
-      instead of approx_logits and an XLA softmax
+      group_scores="logits", the score the top-k ranks
+  gather_attend_scored(q, k, v, i2, z, m, l, bounds, v_bar, *, reallocate=True, interpret=False)
+      steps 2 + 3 after those two, with the valid positions and step 3's alpha found in the kernel
+
+sq.attend(impl="pallas_gpu") runs approx_scores, top_k_positions and gather_attend_scored: three
+kernels per layer (with XLA between them only the group sum of s_hat under group_scores="softmax",
+v_bar, and the combination of split partials).
 
   sparq_gpu   Pallas Triton backend (in-kernel gathers by index vector); interpret=True runs on CPU
   sparq_tpu   Pallas Mosaic TPU backend (scalar-prefetched indices, per-row DMA from HBM);

@@ -36,7 +36,7 @@ _NUM_STAGES = 2
 # 132 SMs, and B * Hkv alone is small for long contexts at small batch.
 _TARGET_PROGRAMS = 512
 
-__all__ = ["approx_logits", "approx_scores", "top_k_positions", "gather_attend"]
+__all__ = ["approx_logits", "approx_scores", "top_k_positions", "gather_attend", "gather_attend_scored"]
 
 
 def _pow2(n: int) -> int:
@@ -490,26 +490,46 @@ def _split_top_k(score, k, splits, *, block, interpret, early_exit):
 # ---------------------------------------------------------------------------------------------
 # Steps 2 + 3: exact attention over the gathered rows, then mean-value reallocation.
 
-def _gather_attend_kernel(q_ref, k_ref, v_ref, idx_ref, alpha_ref, v_bar_ref, *out_refs, G, D, K,
-                          g_pad, d_pad, block_k, chunks_per_split, finalize):
+def _gather_attend_kernel(q_ref, k_ref, v_ref, idx_ref, *refs, G, D, K, g_pad, d_pad, block_k, chunks_per_split,
+                          finalize, scored, n_blocks, reallocate):
     """One program: one (batch row, KV head, split of the K picked rows), all G query heads.
 
-    Refs: q [G, D]; k, v [S, D]; idx int32 [K] (-1 where not valid); alpha fp32 [G];
-    v_bar fp32 [D]. Outputs: out fp32 [G, D] when finalize, else this split's unnormalised
-    partials o fp32 [g_pad, d_pad], m, l fp32 [g_pad] (running max and sum of the softmax).
+    Refs: q [G, D]; k, v [S, D]; idx int32 [K]; then either alpha fp32 [G] (idx -1 where not valid),
+    or, when scored, approx_scores' z fp32 [G, S] and partials m, l fp32 [G, n_blocks] and bounds
+    int32 [4] (valid: first <= idx < length; alpha = s_hat summed over the valid rows, or 1 without
+    reallocation); then v_bar fp32 [D]. Outputs: out fp32 [G, D] when finalize, else this split's
+    unnormalised partials o fp32 [g_pad, d_pad], m, l fp32 [g_pad] (running max and sum of the
+    softmax) and, when scored, its share of alpha fp32 [g_pad].
     """
+    if scored:
+        z_ref, pm_ref, pl_ref, bounds_ref, v_bar_ref, *out_refs = refs
+    else:
+        alpha_ref, v_bar_ref, *out_refs = refs
     g = jnp.arange(g_pad)
+    g_ok = g < G
     d = jnp.arange(d_pad)
-    gd_ok = (g < G)[:, None] & (d < D)[None, :]
+    gd_ok = g_ok[:, None] & (d < D)[None, :]
     q = plgpu.load(q_ref.at[g[:, None], d[None, :]], mask=gd_ok, other=0)
     scale = 1.0 / math.sqrt(D)
     first = pl.program_id(2) * chunks_per_split
+    if scored:
+        bounds = plgpu.load(bounds_ref.at[jnp.arange(4)])
+        lo, hi = (jnp.sum(jnp.where(jnp.arange(4) == i, bounds, 0)) for i in range(2))
+        # s_hat = exp(z - top) / total, from approx_scores' per-block partials
+        blk = jnp.arange(_pow2(n_blocks))
+        part_ok = g_ok[:, None] & (blk < n_blocks)[None, :]
+        pm = plgpu.load(pm_ref.at[g[:, None], blk[None, :]], mask=part_ok, other=-jnp.inf)
+        pls = plgpu.load(pl_ref.at[g[:, None], blk[None, :]], mask=part_ok, other=0.0)
+        top = jnp.max(pm, axis=1)
+        top = jnp.where(top == -jnp.inf, 0.0, top)  # padded heads
+        total = jnp.sum(pls * jnp.exp(pm - top[:, None]), axis=1)
+        total = jnp.where(total > 0, total, 1.0)
 
     def body(c, carry):
-        m, l, acc = carry
+        m, l, acc, covered = carry
         kk = (first + c) * block_k + jnp.arange(block_k)
         rows = plgpu.load(idx_ref.at[kk], mask=kk < K, other=-1)
-        ok = rows >= 0
+        ok = (kk < K) & (rows >= lo) & (rows < hi) if scored else rows >= 0
         kd_ok = ok[:, None] & (d < D)[None, :]
         k = plgpu.load(k_ref.at[rows[:, None], d[None, :]], mask=kd_ok, other=0)
         s = jnp.where(ok[None, :], _dot_nt(q, k) * scale, -jnp.inf)  # [g_pad, block_k]
@@ -519,23 +539,31 @@ def _gather_attend_kernel(q_ref, k_ref, v_ref, idx_ref, alpha_ref, v_bar_ref, *o
         correction = jnp.exp(m - m_shift)
         p = jnp.exp(s - m_shift[:, None])
         v = plgpu.load(v_ref.at[rows[:, None], d[None, :]], mask=kd_ok, other=0)
-        return m_new, correction * l + jnp.sum(p, axis=1), correction[:, None] * acc + _dot(p, v)
+        if scored:
+            zr = plgpu.load(z_ref.at[g[:, None], rows[None, :]], mask=g_ok[:, None] & ok[None, :], other=-jnp.inf)
+            covered = covered + jnp.sum(jnp.exp(zr - top[:, None]), axis=1) / total
+        return m_new, correction * l + jnp.sum(p, axis=1), correction[:, None] * acc + _dot(p, v), covered
 
     init = (jnp.full((g_pad,), -jnp.inf, jnp.float32), jnp.zeros((g_pad,), jnp.float32),
-            jnp.zeros((g_pad, d_pad), jnp.float32))
-    m, l, acc = lax.fori_loop(0, chunks_per_split, body, init)
+            jnp.zeros((g_pad, d_pad), jnp.float32), jnp.zeros((g_pad,), jnp.float32))
+    m, l, acc, covered = lax.fori_loop(0, chunks_per_split, body, init)
     if finalize:
         (out_ref,) = out_refs
-        alpha = plgpu.load(alpha_ref.at[g], mask=g < G, other=1.0)
+        if scored:
+            alpha = covered if reallocate else jnp.ones((g_pad,), jnp.float32)
+        else:
+            alpha = plgpu.load(alpha_ref.at[g], mask=g_ok, other=1.0)
         v_bar = plgpu.load(v_bar_ref.at[d], mask=d < D, other=0.0)
         y = acc / l[:, None]
         out = alpha[:, None] * y + (1.0 - alpha)[:, None] * v_bar[None, :]
         plgpu.store(out_ref.at[g[:, None], d[None, :]], out, mask=gd_ok)
     else:
-        o_ref, m_ref, l_ref = out_refs
+        o_ref, m_ref, l_ref, *alpha_out = out_refs
         o_ref[...] = acc
         m_ref[...] = m
         l_ref[...] = l
+        if scored:
+            alpha_out[0][...] = covered
 
 
 def _splits(B: int, Hkv: int, n_chunks: int, num_splits) -> int:
@@ -549,12 +577,12 @@ def _splits(B: int, Hkv: int, n_chunks: int, num_splits) -> int:
     return num_splits
 
 
-@functools.partial(jax.jit, static_argnames=("block_k", "num_splits", "interpret"))
-def _gather_attend(q, k, v, i2, valid, alpha, v_bar, *, block_k, num_splits, interpret):
-    _require_triton()
-    _check_interpret(interpret)
-    B, Hkv, G, S, D, K = _check_gather_attend(q, k, v, i2, valid, alpha, v_bar)
-    _check_dtypes("gather_attend", q=q, k=k, v=v)
+def _step2_call(q, k, v, idx, middle, middle_specs, v_bar, *, K, block_k, num_splits, interpret, scored,
+                n_blocks=0, reallocate=True):
+    """The pallas_call of steps 2 + 3 (grid, BlockSpecs, splits) -> out fp32 [B, Hkv, G, D], or the
+    splits' partials (o, m, l[, alpha]) when K is split across programs."""
+    B, Hkv, G, D = q.shape
+    S = k.shape[2]
     if block_k is None:
         block_k = max(_MIN_DOT, min(64, _pow2(K)))
     elif not isinstance(block_k, int) or block_k < _MIN_DOT or block_k & (block_k - 1):
@@ -565,10 +593,12 @@ def _gather_attend(q, k, v, i2, valid, alpha, v_bar, *, block_k, num_splits, int
     num_splits = pl.cdiv(n_chunks, chunks_per_split)  # no split left without a chunk
     g_pad = 1 if G == 1 else max(_MIN_DOT, _pow2(G))
     d_pad = max(_MIN_DOT, _pow2(D))
-    _check_tiles("gather_attend", q=(g_pad, d_pad), kv=(block_k, d_pad), logits=(g_pad, block_k))
+    _check_tiles("gather_attend", q=(g_pad, d_pad), kv=(block_k, d_pad), logits=(g_pad, block_k),
+                 partials=(g_pad, _pow2(max(n_blocks, 1))))
     finalize = num_splits == 1
     kernel = functools.partial(_gather_attend_kernel, G=G, D=D, K=K, g_pad=g_pad, d_pad=d_pad,
-                               block_k=block_k, chunks_per_split=chunks_per_split, finalize=finalize)
+                               block_k=block_k, chunks_per_split=chunks_per_split, finalize=finalize,
+                               scored=scored, n_blocks=n_blocks, reallocate=reallocate)
     whole = lambda b, h, c: (b, h, 0, 0)  # noqa: E731
     row = lambda b, h, c: (b, h, 0)  # noqa: E731
     in_specs = [
@@ -576,28 +606,19 @@ def _gather_attend(q, k, v, i2, valid, alpha, v_bar, *, block_k, num_splits, int
         pl.BlockSpec((None, None, S, D), whole),
         pl.BlockSpec((None, None, S, D), whole),
         pl.BlockSpec((None, None, K), row),
-        pl.BlockSpec((None, None, G), row),
+        *middle_specs,
         pl.BlockSpec((None, None, D), row),
     ]
     if finalize:
         out_specs = pl.BlockSpec((None, None, G, D), whole)
         out_shape = jax.ShapeDtypeStruct((B, Hkv, G, D), jnp.float32)
     else:
-        out_specs = [
-            pl.BlockSpec((None, None, None, g_pad, d_pad), lambda b, h, c: (b, h, c, 0, 0)),
-            pl.BlockSpec((None, None, None, g_pad), lambda b, h, c: (b, h, c, 0)),
-            pl.BlockSpec((None, None, None, g_pad), lambda b, h, c: (b, h, c, 0)),
-        ]
-        out_shape = [
-            jax.ShapeDtypeStruct((B, Hkv, num_splits, g_pad, d_pad), jnp.float32),
-            jax.ShapeDtypeStruct((B, Hkv, num_splits, g_pad), jnp.float32),
-            jax.ShapeDtypeStruct((B, Hkv, num_splits, g_pad), jnp.float32),
-        ]
-    # one int32 array carries both the positions and the mask: the kernel reads -1 as "not valid"
-    idx = jnp.where(valid, i2.astype(jnp.int32), -1)
-    alpha = alpha.astype(jnp.float32)
-    v_bar = v_bar.astype(jnp.float32)
-    outs = pl.pallas_call(
+        per_split = pl.BlockSpec((None, None, None, g_pad), lambda b, h, c: (b, h, c, 0))
+        out_specs = [pl.BlockSpec((None, None, None, g_pad, d_pad), lambda b, h, c: (b, h, c, 0, 0)),
+                     per_split, per_split] + [per_split] * scored
+        out_shape = [jax.ShapeDtypeStruct((B, Hkv, num_splits, g_pad, d_pad), jnp.float32)] + \
+            [jax.ShapeDtypeStruct((B, Hkv, num_splits, g_pad), jnp.float32)] * (3 if scored else 2)
+    return pl.pallas_call(
         kernel,
         grid=(B, Hkv, num_splits),
         in_specs=in_specs,
@@ -606,17 +627,88 @@ def _gather_attend(q, k, v, i2, valid, alpha, v_bar, *, block_k, num_splits, int
         compiler_params=_params(),
         interpret=interpret,
         name="sparq_gather_attend",
-    )(q, k, v, idx, alpha, v_bar)
-    if finalize:
-        return outs
-    # Combine the splits' partial softmaxes (flash-decoding); a split without a valid row has
-    # m = -inf and weight 0, and every row has at least one valid entry somewhere.
-    o, m, l = outs
+    )(q, k, v, idx, *middle, v_bar.astype(jnp.float32))
+
+
+def _combine_splits(o, m, l, alpha, v_bar, G, D):
+    """Combine the splits' partial softmaxes (flash-decoding), then reallocate; a split without a
+    valid row has m = -inf and weight 0, and every row has at least one valid entry somewhere."""
     m_max = jnp.max(m, axis=2, keepdims=True)
     w = jnp.exp(m - m_max)
     y = jnp.sum(w[..., None] * o, axis=2) / jnp.sum(w * l, axis=2)[..., None]
     y = y[:, :, :G, :D]
-    return alpha[..., None] * y + (1.0 - alpha[..., None]) * v_bar[:, :, None, :]
+    return alpha[..., None] * y + (1.0 - alpha[..., None]) * v_bar.astype(jnp.float32)[:, :, None, :]
+
+
+@functools.partial(jax.jit, static_argnames=("block_k", "num_splits", "interpret"))
+def _gather_attend(q, k, v, i2, valid, alpha, v_bar, *, block_k, num_splits, interpret):
+    _require_triton()
+    _check_interpret(interpret)
+    B, Hkv, G, S, D, K = _check_gather_attend(q, k, v, i2, valid, alpha, v_bar)
+    _check_dtypes("gather_attend", q=q, k=k, v=v)
+    # one int32 array carries both the positions and the mask: the kernel reads -1 as "not valid"
+    idx = jnp.where(valid, i2.astype(jnp.int32), -1)
+    alpha = alpha.astype(jnp.float32)
+    outs = _step2_call(q, k, v, idx, [alpha], [pl.BlockSpec((None, None, G), lambda b, h, c: (b, h, 0))], v_bar,
+                       K=K, block_k=block_k, num_splits=num_splits, interpret=interpret, scored=False)
+    if not isinstance(outs, (list, tuple)):
+        return outs
+    return _combine_splits(*outs, alpha, v_bar, G, D)
+
+
+@functools.partial(jax.jit, static_argnames=("reallocate", "block_k", "num_splits", "interpret"))
+def _gather_attend_scored(q, k, v, i2, z, m, l, bounds, v_bar, *, reallocate, block_k, num_splits, interpret):
+    _require_triton()
+    _check_interpret(interpret)
+    if not isinstance(reallocate, bool):
+        raise ValueError(f"reallocate={reallocate!r}; expected a bool")
+    B, Hkv, G, D = q.shape
+    K = i2.shape[-1]
+    # the checks of gather_attend, with valid and alpha stood in by their shapes
+    _check_gather_attend(q, k, v, i2, jax.ShapeDtypeStruct((B, Hkv, K), jnp.bool_),
+                         jax.ShapeDtypeStruct((B, Hkv, G), jnp.float32), v_bar)
+    _check_dtypes("gather_attend_scored", q=q, k=k, v=v)
+    S = k.shape[2]
+    if z.shape != (B, Hkv, G, S) or z.dtype != jnp.float32:
+        raise ValueError(f"z has shape {tuple(z.shape)} and dtype {z.dtype}; expected fp32 [B, Hkv, G, S] = "
+                         f"{(B, Hkv, G, S)} (approx_scores' z)")
+    if m.ndim != 4 or m.shape[:3] != (B, Hkv, G) or l.shape != m.shape:
+        raise ValueError(f"m, l have shapes {tuple(m.shape)}, {tuple(l.shape)}; expected fp32 [B, Hkv, G, n_blocks] "
+                         f"with B, Hkv, G = {(B, Hkv, G)} (approx_scores' partials)")
+    if bounds.shape != (B, 3) or not jnp.issubdtype(bounds.dtype, jnp.integer):
+        raise ValueError(f"bounds has shape {tuple(bounds.shape)} and dtype {bounds.dtype}; expected int32 [B={B}, 3]")
+    n_blocks = m.shape[3]
+    whole = lambda b, h, c: (b, h, 0, 0)  # noqa: E731
+    middle = [z, m.astype(jnp.float32), l.astype(jnp.float32), jnp.pad(bounds.astype(jnp.int32), ((0, 0), (0, 1)))]
+    specs = [pl.BlockSpec((None, None, G, S), whole), pl.BlockSpec((None, None, G, n_blocks), whole),
+             pl.BlockSpec((None, None, G, n_blocks), whole), pl.BlockSpec((None, 4), lambda b, h, c: (b, 0))]
+    outs = _step2_call(q, k, v, i2.astype(jnp.int32), middle, specs, v_bar, K=K, block_k=block_k,
+                       num_splits=num_splits, interpret=interpret, scored=True, n_blocks=n_blocks,
+                       reallocate=reallocate)
+    if not isinstance(outs, (list, tuple)):
+        return outs
+    o, pm, pls, covered = outs
+    alpha = jnp.sum(covered, axis=2)[:, :, :G] if reallocate else jnp.ones((B, Hkv, G), jnp.float32)
+    return _combine_splits(o, pm, pls, alpha, v_bar, G, D)
+
+
+def gather_attend_scored(q, k, v, i2, z, m, l, bounds, v_bar, *, reallocate=True, interpret=False):
+    """SparQ steps 2 + 3 after approx_scores and top_k_positions, with step 3's alpha and the valid
+    positions found in the kernel: gather_attend(q, k, v, i2, valid, alpha, v_bar) with
+    valid = first <= i2 < length (bounds) and alpha = the sum over the valid i2 of
+    s_hat = exp(z - M) / L (M, L from the partials m, l), or 1 when not reallocate.
+
+    Args:
+      q, k, v, i2, v_bar: as gather_attend's.
+      z, m, l: approx_scores' outputs (fp32 [B, Hkv, G, S], [B, Hkv, G, n_blocks] twice).
+      bounds: int32 [B, 3], as approx_scores' (the third column is not read).
+      reallocate: mean-value reallocation (step 3); False: alpha = 1.
+      interpret: run in the Pallas interpreter (CPU).
+
+    Returns fp32 [B, Hkv, G, D]. Each row must have at least one valid position among i2.
+    """
+    return _gather_attend_scored(q, k, v, i2, z, m, l, bounds, v_bar, reallocate=reallocate, block_k=None,
+                                 num_splits=None, interpret=interpret)
 
 
 def gather_attend(q, k, v, i2, valid, alpha, v_bar, *, interpret=False):

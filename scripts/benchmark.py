@@ -196,14 +196,19 @@ def stage_breakdown(args, sparq, q, cache, impl: str) -> dict:
             jax.jit(lambda x: sparq_gpu.top_k_positions(x, k, splits=1, interpret=args.interpret)), (score,))
         # what pallas_gpu runs instead of step 1 and the softmax: one kernel (+ the group sum of s_hat
         # from its partials under group_scores="softmax")
-        fused = jax.jit(lambda q, keys: att._fused_scores(q, keys, mask, cache.lengths, sparq, None, True,
-                                                          args.interpret)[0])
+        fused = jax.jit(lambda q, keys: att._gpu_scores(q, keys, mask, cache.lengths, sparq, None, True,
+                                                        args.interpret))
         fns["step 1 + scores, fused"] = (fused, (qf, cache.kt))
+        _, z, m, l, bounds = fused(qf, cache.kt)
+        scored = jax.jit(lambda *a: sparq_gpu.gather_attend_scored(*a, reallocate=sparq.reallocate_mean,
+                                                                   interpret=args.interpret))
+        fns["steps 2+3 + alpha, fused"] = (scored, (qf, cache.k, cache.v, i2, z, m, l, bounds, v_bar))
     ms = time_interleaved({n: f for n, (f, _) in fns.items()}, {n: a for n, (_, a) in fns.items()},
                           args.reps, args.warmup, args.inner)
     item = cache.k.dtype.itemsize
     nbytes = {"step 1": b * hkv * sparq.rank * s * item, "steps 2+3": 2 * b * hkv * k * d * item,
               "step 1 + scores, fused": b * hkv * sparq.rank * s * item + logits.size * 4,
+              "steps 2+3 + alpha, fused": 2 * b * hkv * k * d * item + logits.size * 4 * k // s,
               "softmax + group sum": logits.size * 4 + s_hat.size * 4 + score.size * 4,
               "alpha (s_hat at top-k)": s_hat.size * 4 * k // s}
     for name in fns:

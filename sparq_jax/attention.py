@@ -374,42 +374,57 @@ def _covered_mass(s_hat_at_i2, valid):
     return jnp.sum(jnp.where(valid[:, :, None, :], s_hat_at_i2, 0), axis=-1)
 
 
-def _fused_scores(qf, keys, mask, lengths, method: SparQ, window, transposed: bool, interpret: bool):
+def _gpu_scores(qf, keys, mask, lengths, method: SparQ, window, transposed: bool, interpret: bool):
     """pallas_gpu: step 1 and the scores between the steps from one kernel (sparq_gpu.approx_scores,
-    which also picks the components and the temperature) -> (score [B, Hkv, S] to rank; s_hat_at, a
-    function of i2 giving s_hat [B, Hkv, G, K] there). s_hat = exp(z - M) / L from the kernel's
-    per-block partials: no softmax pass over [B, Hkv, G, S]; with group_scores="logits" nothing
-    between the kernels reads the whole row."""
+    which also picks the components and the temperature) -> (score [B, Hkv, S] to rank, and the
+    kernel's z, m, l and bounds for step 2). With group_scores="softmax" the group sum of s_hat =
+    exp(z - M) / L comes from the kernel's per-block partials (no softmax passes); with "logits"
+    nothing between the kernels reads the whole row."""
     from pallas_kernels import sparq_gpu
 
     first = jnp.zeros_like(lengths) if window is None else jnp.maximum(lengths - window, 0)
     bounds = jnp.stack([first, lengths, lengths - max(method.local_window, 1)], axis=-1).astype(jnp.int32)
     z, m, l, score = sparq_gpu.approx_scores(qf, keys, bounds, rank=method.rank, transposed=transposed,
                                              group_scores=method.group_scores, interpret=interpret)
-    top = jnp.max(m, axis=-1, keepdims=True)                           # every row has a candidate
-    total = jnp.sum(l * jnp.exp(m - top), axis=-1, keepdims=True)
     if score is None:  # "softmax": the group sum of s_hat
+        top = jnp.max(m, axis=-1, keepdims=True)                       # every row has a candidate
+        total = jnp.sum(l * jnp.exp(m - top), axis=-1, keepdims=True)
         score = _ranked(jnp.sum(jnp.exp(z - top) / total, axis=2), mask, lengths, method.local_window)
-    return score, lambda i2: jnp.exp(_at(z, i2) - top) / total
+    return score, z, m, l, bounds
+
+
+def _sparq_gpu(qg, cache: KVCache, mask, method: SparQ, window, interpret):
+    """SparQ as three Pallas Triton kernels (sparq_gpu): step 1 with the scores, the top-k, steps 2
+    and 3 with alpha and the valid positions found in the kernel."""
+    from pallas_kernels import sparq_gpu
+
+    qf = qg.astype(_F32)
+    keys = cache.kt if cache.transposed_keys else cache.k
+    score, z, m, l, bounds = _gpu_scores(qf, keys, mask, cache.lengths, method, window, cache.transposed_keys,
+                                         interpret)
+    i2 = sparq_gpu.top_k_positions(score, min(method.top_k, cache.max_len), interpret=interpret)
+    if method.reallocate_mean:
+        v_bar = _mean_value(cache, window)
+    else:
+        v_bar = jnp.zeros(qg.shape[:2] + qg.shape[-1:], _F32)
+    return sparq_gpu.gather_attend_scored(qf, cache.k, cache.v, i2, z, m, l, bounds, v_bar,
+                                          reallocate=method.reallocate_mean, interpret=interpret)
 
 
 def _sparq(qg, cache: KVCache, mask, method: SparQ, window, impl, interpret):
+    if impl == "pallas_gpu":
+        return _sparq_gpu(qg, cache, mask, method, window, interpret)
     approx_logits, top_k, gather_attend = _step_functions(impl, interpret, transposed=cache.transposed_keys)
     d, s = qg.shape[-1], cache.max_len
     qf = qg.astype(_F32)
+    i1, q1 = _query_components(qf, method.rank)                                        # step 1
     keys = cache.kt if cache.transposed_keys else cache.k
-    if impl == "pallas_gpu":                                                           # step 1
-        score, s_hat_at = _fused_scores(qf, keys, mask, cache.lengths, method, window, cache.transposed_keys,
-                                        interpret)
-    else:
-        i1, q1 = _query_components(qf, method.rank)
-        logits1 = approx_logits(q1, keys, i1)                                          # [B, Hkv, G, S]
-        s_hat, score = _approx_scores(qf, q1, logits1, mask, cache.lengths, method.local_window,
-                                      method.group_scores)
-        s_hat_at = functools.partial(_at, s_hat)
+    logits1 = approx_logits(q1, keys, i1)                                              # [B, Hkv, G, S]
+    s_hat, score = _approx_scores(qf, q1, logits1, mask, cache.lengths, method.local_window,
+                                  method.group_scores)
     i2 = top_k(score, min(method.top_k, s))                                            # [B, Hkv, k]
     valid = jnp.take_along_axis(jnp.broadcast_to(mask[:, None, :], score.shape), i2, axis=-1)
-    alpha = _covered_mass(s_hat_at(i2), valid)                                         # step 3
+    alpha = _covered_mass(_at(s_hat, i2), valid)                                       # step 3
     if method.reallocate_mean:
         v_bar = _mean_value(cache, window)
     else:

@@ -180,6 +180,13 @@ def test_gpu_gather_attend_split_k_interpret(G, num_splits):
 # --------------------------------------------------------------------------------------------
 # Step 1 fused with the scores between the steps (GPU kernel), against the XLA path
 
+def s_hat_from_partials(z, m, l):
+    """NumPy: s_hat = exp(z - M) / L, M and L combined from approx_scores' per-block max and sum of exp."""
+    z, m, l = (np.asarray(x, np.float64) for x in (z, m, l))
+    top = np.max(m, axis=-1, keepdims=True)
+    return np.exp(z - top) / np.sum(l * np.exp(m - top), axis=-1, keepdims=True)
+
+
 def _xla_scores(q, keys, lengths, window, method, transposed):
     """attention's XLA path between the steps: (s_hat [B, Hkv, G, S], score [B, Hkv, S])."""
     mask = attention.candidate_mask(lengths, keys.shape[3] if transposed else keys.shape[2], window)
@@ -220,11 +227,10 @@ def _check_fused_scores(case, interpret):
     lengths = jnp.asarray(lengths, jnp.int32)
     method = sq.SparQ(**kwargs)
     mask = attention.candidate_mask(lengths, S, window)
-    score, s_hat_at = attention._fused_scores(q, keys, mask, lengths, method, window, transposed, interpret)
+    score, z, m, l, _ = attention._gpu_scores(q, keys, mask, lengths, method, window, transposed, interpret)
     with jax.default_matmul_precision("highest"):  # fp32 products on a GPU too (not tf32)
         want_s_hat, want_score = _xla_scores(q, keys, lengths, window, method, transposed)
-    everywhere = jnp.broadcast_to(jnp.arange(S), (B, Hkv, S))
-    s_hat = np.where(np.asarray(mask)[:, None, None, :], np.asarray(s_hat_at(everywhere)), 0)
+    s_hat = np.where(np.asarray(mask)[:, None, None, :], s_hat_from_partials(z, m, l), 0)
     np.testing.assert_allclose(s_hat, np.asarray(want_s_hat), rtol=TOL[dtype], atol=TOL[dtype] / S)
     score, want_score = np.asarray(score), np.asarray(want_score)
     np.testing.assert_array_equal(np.isposinf(score), np.isposinf(want_score))
@@ -255,11 +261,53 @@ def test_approx_scores_component_choice_ties_and_zero_queries():
     z, m, l, score = sparq_gpu.approx_scores(jnp.asarray(q), keys, bounds, rank=4, block_s=16, interpret=True)
     assert score is None and z.shape == (B, Hkv, G, S) and m.shape == l.shape == (B, Hkv, G, 3)
     want_s_hat, _ = _xla_scores(jnp.asarray(q), keys, lengths, None, method, True)
-    top = np.max(np.asarray(m), axis=-1, keepdims=True)
-    s_hat = np.exp(np.asarray(z) - top) / np.sum(np.asarray(l) * np.exp(np.asarray(m) - top), -1, keepdims=True)
+    s_hat = s_hat_from_partials(z, m, l)
     np.testing.assert_allclose(s_hat, np.asarray(want_s_hat), rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(np.asarray(z)[1], 0.0)
     np.testing.assert_allclose(s_hat[1], 1 / S, rtol=1e-6)
+
+
+SCORED_CASES = [
+    # (B, Hkv, G, S, D, K, lengths, window, reallocate, num_splits, dtype)
+    (2, 2, 1, 200, 64, 40, [200, 57], None, True, None, jnp.float32),
+    (2, 1, 4, 150, 48, 70, [150, 30], 40, True, 3, jnp.float32),    # split K; a row with K above its candidates
+    (1, 2, 8, 96, 32, 20, [96], None, False, 2, jnp.bfloat16),
+    (2, 2, 3, 64, 32, 16, [64, 9], 5, True, None, jnp.bfloat16),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("case", SCORED_CASES, ids=lambda c: f"G{c[2]}-K{c[5]}-w{c[7]}-r{int(c[8])}-p{c[9]}-{jnp.dtype(c[10]).name}")
+def test_gather_attend_scored_interpret(case):
+    """Steps 2 + 3 with alpha and the valid positions found in the kernel, against gather_attend's
+    reference given the valid positions and alpha computed in NumPy from the same z, m, l."""
+    _check_gather_attend_scored(case, interpret=True)
+
+
+def _check_gather_attend_scored(case, interpret):
+    B, Hkv, G, S, D, K, lengths, window, reallocate, num_splits, dtype = case
+    rng = np.random.default_rng(13)
+    q = jnp.asarray(rng.standard_normal((B, Hkv, G, D)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((B, Hkv, S, D)), dtype)
+    v = jnp.asarray(rng.standard_normal((B, Hkv, S, D)), dtype)
+    lengths = np.asarray(lengths)
+    first = np.zeros_like(lengths) if window is None else np.maximum(lengths - window, 0)
+    bounds = jnp.asarray(np.stack([first, lengths, lengths - 1], -1), jnp.int32)
+    z, m, l, _ = sparq_gpu.approx_scores(q, jnp.swapaxes(k, 2, 3), bounds, rank=4, block_s=32, interpret=interpret)
+    # K positions per row: the row's candidates first (at least one), then any others
+    i2 = np.stack([[rng.permutation(np.r_[rng.permutation(np.arange(f, n)), rng.permutation(
+        np.r_[np.arange(0, f), np.arange(n, S)])][:K]) for _ in range(Hkv)] for f, n in zip(first, lengths)])
+    valid = (i2 >= first[:, None, None]) & (i2 < lengths[:, None, None])
+    s_hat = s_hat_from_partials(z, m, l)
+    alpha = (np.sum(np.where(valid[:, :, None, :], np.take_along_axis(s_hat, i2[:, :, None, :], -1), 0), -1)
+             if reallocate else np.ones((B, Hkv, G)))
+    v_bar = jnp.asarray(rng.standard_normal((B, Hkv, D)), jnp.float32)
+    i2 = jnp.asarray(i2, jnp.int32)
+    out = sparq_gpu._gather_attend_scored(q, k, v, i2, z, m, l, bounds, v_bar, reallocate=reallocate, block_k=16,
+                                          num_splits=num_splits, interpret=interpret)
+    want = ref_gather_attend(q, k, v, i2, jnp.asarray(valid), jnp.asarray(alpha, jnp.float32), v_bar)
+    assert out.shape == (B, Hkv, G, D) and out.dtype == jnp.float32
+    assert_close(out, want, jnp.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -447,6 +495,15 @@ def test_kernels_lower(backend, platform, G):
                 text = _lower(fused, platform, _shape(B, Hkv, G, D, dtype=jnp.float32), keys,
                               _shape(B, 3, dtype=jnp.int32))
                 assert "custom_call" in text
+        n_blocks = 4
+        scored = (_shape(B, Hkv, G, D, dtype=jnp.float32), _shape(B, Hkv, S, D), _shape(B, Hkv, S, D),
+                  _shape(B, Hkv, K, dtype=jnp.int32), _shape(B, Hkv, G, S, dtype=jnp.float32),
+                  _shape(B, Hkv, G, n_blocks, dtype=jnp.float32), _shape(B, Hkv, G, n_blocks, dtype=jnp.float32),
+                  _shape(B, 3, dtype=jnp.int32), _shape(B, Hkv, D, dtype=jnp.float32))
+        for num_splits in (1, 2):
+            fn = lambda *a: sparq_gpu._gather_attend_scored(  # noqa: E731
+                *a, reallocate=True, block_k=16, num_splits=num_splits, interpret=False)
+            assert "custom_call" in _lower(fn, platform, *scored)
 
 
 # --------------------------------------------------------------------------------------------
@@ -585,6 +642,12 @@ def test_compiled_gpu_fp32_queries_against_bf16_cache():
 @pytest.mark.parametrize("case", SCORES_CASES)
 def test_compiled_gpu_fused_scores(case):
     _check_fused_scores(case, interpret=False)
+
+
+@on_gpu
+@pytest.mark.parametrize("case", SCORED_CASES)
+def test_compiled_gpu_gather_attend_scored(case):
+    _check_gather_attend_scored(case, interpret=False)
 
 
 @on_gpu
