@@ -173,7 +173,7 @@ def stage_breakdown(args, sparq, q, cache, impl: str) -> dict:
     s_hat, score = scores(logits)
     i2 = jax.jit(top_k, static_argnums=1)(score, k)
     valid = jnp.ones(i2.shape, bool)
-    covered = jax.jit(lambda s_hat, i2, valid: att._covered_mass(att._at(s_hat, i2), valid))
+    covered = jax.jit(att._covered_mass)
     alpha = covered(s_hat, i2, valid)
     v_bar = cache.v_sum / s
     fns = {

@@ -363,15 +363,11 @@ def _query_components(qf, rank: int):
     return i1, jnp.take_along_axis(qf, i1[:, :, None, :], axis=-1)
 
 
-def _at(x, i2):
-    """x [B, Hkv, G, S] at the positions i2 [B, Hkv, K] of each group -> [B, Hkv, G, K]."""
-    return jnp.take_along_axis(x, i2[:, :, None, :], axis=-1)
-
-
-def _covered_mass(s_hat_at_i2, valid):
-    """SparQ step 3's alpha [B, Hkv, G]: the approximate attention mass that the chosen positions
-    cover (s_hat at i2 [B, Hkv, G, K], those that are valid [B, Hkv, K]), per query head."""
-    return jnp.sum(jnp.where(valid[:, :, None, :], s_hat_at_i2, 0), axis=-1)
+def _covered_mass(s_hat, i2, valid):
+    """SparQ step 3's alpha [B, Hkv, G]: the approximate attention mass s_hat that the chosen
+    positions i2 cover (those that are valid), per query head."""
+    covered = jnp.take_along_axis(s_hat, i2[:, :, None, :], axis=-1)
+    return jnp.sum(jnp.where(valid[:, :, None, :], covered, 0), axis=-1)
 
 
 def _gpu_scores(qf, keys, mask, lengths, method: SparQ, window, transposed: bool, interpret: bool):
@@ -424,7 +420,7 @@ def _sparq(qg, cache: KVCache, mask, method: SparQ, window, impl, interpret):
                                   method.group_scores)
     i2 = top_k(score, min(method.top_k, s))                                            # [B, Hkv, k]
     valid = jnp.take_along_axis(jnp.broadcast_to(mask[:, None, :], score.shape), i2, axis=-1)
-    alpha = _covered_mass(_at(s_hat, i2), valid)                                       # step 3
+    alpha = _covered_mass(s_hat, i2, valid)                                            # step 3
     if method.reallocate_mean:
         v_bar = _mean_value(cache, window)
     else:
@@ -489,7 +485,8 @@ def _flexgen(qg, cache: KVCache, mask, method: FlexGen):
 # Dispatch
 
 def _step_functions(impl: str, interpret: bool, transposed: bool):
-    """SparQ's (step 1, top-k, steps 2+3) functions for an implementation."""
+    """SparQ's (step 1, top-k, steps 2+3) functions for an implementation (attend's pallas_gpu runs
+    _sparq_gpu's fused kernels instead; the benchmark's breakdown times both)."""
     if impl == "xla":
         return functools.partial(approx_logits_xla, transposed=transposed), select_top_k, gather_attend_xla
     if impl == "pallas_gpu":
