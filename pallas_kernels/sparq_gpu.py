@@ -341,9 +341,13 @@ _INT_MIN = -(1 << 31)
 _TOPK_BLOCK = 8192  # positions a top-k program holds at once; longer rows are visited in chunks
 
 
-def _top_k_kernel(score_ref, out_ref, *, S, k, block, n_chunks, early_exit):
+def _top_k_kernel(score_ref, *refs, S, k, block, n_chunks, early_exit, pieces):
     """One program: one row. score [S] fp32 -> out int32 [k], the positions of the k largest scores
     (ties: lowest positions first) in increasing order.
+
+    With `pieces` (_split_top_k's first pass) the row is piece program_id % pieces of a longer row:
+    out holds positions in that row, and a second output the scores kept. With a positions input
+    (its second pass, refs = (positions [S], out)) out holds positions[kept] instead.
 
     Scores map to order-preserving int32 keys. A threshold is built bit by bit from the top (counting
     passes: keep a bit if at least k keys reach the candidate; at most 32, and with early_exit
@@ -351,6 +355,13 @@ def _top_k_kernel(score_ref, out_ref, *, S, k, block, n_chunks, early_exit):
     k - count(above) keys equal to it, and writes each kept position at its rank among the kept
     (a prefix sum).
     """
+    if pieces:
+        out_ref, values_ref = refs
+        offset = (pl.program_id(0) % pieces) * S
+    elif len(refs) == 2:
+        positions_ref, out_ref = refs
+    else:
+        (out_ref,) = refs
     lane = jnp.arange(block)
 
     def chunk(c):
@@ -393,7 +404,13 @@ def _top_k_kernel(score_ref, out_ref, *, S, k, block, n_chunks, early_exit):
         # lanes not kept point past the end, each at its own slot: the store skips them (masked), and
         # the interpreter, which writes every lane, then drops them instead of overwriting slot 0
         dest = jnp.where(keep, kept_before + jnp.cumsum(kept) - kept, k + lane)
-        plgpu.store(out_ref.at[dest], pos, mask=keep)
+        if pieces:
+            plgpu.store(out_ref.at[dest], pos + offset, mask=keep)
+            plgpu.store(values_ref.at[dest], plgpu.load(score_ref.at[pos], mask=ok, other=0.0), mask=keep)
+        elif len(refs) == 2:
+            plgpu.store(out_ref.at[dest], plgpu.load(positions_ref.at[pos], mask=ok, other=0), mask=keep)
+        else:
+            plgpu.store(out_ref.at[dest], pos, mask=keep)
         return kept_before + jnp.sum(kept), ties_before + jnp.sum(tie)
 
     lax.fori_loop(0, n_chunks, compact, (jnp.int32(0), jnp.int32(0)))
@@ -430,27 +447,37 @@ def top_k_positions(score, k, *, block=None, interpret=False, early_exit=True, s
         splits = _top_k_splits(rows, S, k)
     elif not isinstance(splits, int) or not 1 <= splits <= S:
         raise ValueError(f"splits={splits!r}; expected an int in [1, S={S}] (or None)")
+    if block is not None and (not isinstance(block, int) or block < _MIN_DOT or block & (block - 1)):
+        raise ValueError(f"block={block!r}; expected a power of two >= {_MIN_DOT} (or None)")
+    score = score.astype(jnp.float32).reshape(rows, S)
     if splits > 1:
-        out = _split_top_k(score.astype(jnp.float32).reshape(rows, S), k, splits, block=block,
-                           interpret=interpret, early_exit=early_exit)
-        return out.reshape(*lead, k)
+        out = _split_top_k(score, k, splits, block=block, interpret=interpret, early_exit=early_exit)
+    else:
+        out = _top_k_call(score, k, block=block, interpret=interpret, early_exit=early_exit)
+    return out.reshape(*lead, k)
+
+
+def _top_k_call(score, k, *, block, interpret, early_exit, pieces=0, positions=None):
+    """The top-k kernel over score fp32 [rows, S], one program per row: out int32 [rows, k], and
+    with `pieces` also the kept scores fp32 [rows, k] (see _top_k_kernel)."""
+    rows, S = score.shape
     if block is None:
         block = max(_MIN_DOT, min(_TOPK_BLOCK, _pow2(S)))
-    elif not isinstance(block, int) or block < _MIN_DOT or block & (block - 1):
-        raise ValueError(f"block={block!r}; expected a power of two >= {_MIN_DOT} (or None)")
     kernel = functools.partial(_top_k_kernel, S=S, k=k, block=block, n_chunks=pl.cdiv(S, block),
-                               early_exit=early_exit)
-    out = pl.pallas_call(
+                               early_exit=early_exit, pieces=pieces)
+    row = pl.BlockSpec((None, S), lambda i: (i, 0))
+    out = pl.BlockSpec((None, k), lambda i: (i, 0))
+    out_shape = jax.ShapeDtypeStruct((rows, k), jnp.int32)
+    return pl.pallas_call(
         kernel,
         grid=(rows,),
-        in_specs=[pl.BlockSpec((None, S), lambda i: (i, 0))],
-        out_specs=pl.BlockSpec((None, k), lambda i: (i, 0)),
-        out_shape=jax.ShapeDtypeStruct((rows, k), jnp.int32),
+        in_specs=[row] if positions is None else [row, row],
+        out_specs=[out, out] if pieces else out,
+        out_shape=[out_shape, jax.ShapeDtypeStruct((rows, k), jnp.float32)] if pieces else out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=8 if block >= 4096 else 4, num_stages=1),
         interpret=interpret,
         name="sparq_top_k",
-    )(score.astype(jnp.float32).reshape(rows, S))
-    return out.reshape(*lead, k)
+    )(score, *(() if positions is None else (positions,)))
 
 
 def _top_k_splits(rows: int, S: int, k: int) -> int:
@@ -479,12 +506,11 @@ def _split_top_k(score, k, splits, *, block, interpret, early_exit):
     # -inf padding sorts after every entry of the row, -inf entries included (higher positions)
     padded = jnp.pad(score, ((0, 0), (0, piece * splits - S)), constant_values=-jnp.inf)
     kk = min(k, piece)
-    local = top_k_positions(padded.reshape(rows * splits, piece), kk, block=block, interpret=interpret,
-                            early_exit=early_exit, splits=1).reshape(rows, splits, kk)
-    positions = (local + (jnp.arange(splits, dtype=jnp.int32) * piece)[None, :, None]).reshape(rows, splits * kk)
-    values = jnp.take_along_axis(padded, positions, axis=1)
-    chosen = top_k_positions(values, k, block=block, interpret=interpret, early_exit=early_exit, splits=1)
-    return jnp.take_along_axis(positions, chosen, axis=1)
+    # pass 1 writes positions in the whole row and the kept scores; pass 2 writes positions[chosen]
+    positions, values = _top_k_call(padded.reshape(rows * splits, piece), kk, block=block, interpret=interpret,
+                                    early_exit=early_exit, pieces=splits)
+    return _top_k_call(values.reshape(rows, splits * kk), k, block=block, interpret=interpret,
+                       early_exit=early_exit, positions=positions.reshape(rows, splits * kk))
 
 
 # ---------------------------------------------------------------------------------------------
