@@ -29,8 +29,9 @@ if [ $SMOKE = 1 ]; then
   DECODE_1="--seq-lens 64 --batch 1,2 --steps 3 --reps 1 --compression 1/4"
   DECODE_2="--seq-lens 64 --batch 1 --steps 3 --reps 1 --compression 1/4"
   CALL_B="--batch 2 --q-heads 4 --kv-heads 2 --seq-len 256 --head-dim 16 --compression 1/4"
-  CALL_A="--batch 2 --q-heads 2 --kv-heads 2 --seq-len 256 --head-dim 32 --rank 8 --top-k 32"
+  CALL_A="--batch 2 --q-heads 2 --kv-heads 2 --seq-len 128 --head-dim 32 --rank 8 --top-k 32"
   ATTN="--reps 1 --warmup 1 --interpret"
+  BREAKDOWN_A=""  # stage 3 runs the breakdown's code already
   LIMIT=600
 else
   LLAMA=""
@@ -40,6 +41,7 @@ else
   CALL_B="--batch 8 --q-heads 32 --kv-heads 8 --seq-len 32768 --compression 1/8"
   CALL_A="--batch 64 --q-heads 32 --kv-heads 32 --seq-len 4096 --rank 32 --top-k 128 --single-copy"
   ATTN="--reps 15 --dtype bfloat16"
+  BREAKDOWN_A="--breakdown"
   LIMIT=0
 fi
 limit() { if [ $LIMIT -gt 0 ]; then echo $LIMIT; else echo "$1"; fi; }
@@ -74,14 +76,14 @@ echo "rc=$?"; grep "^B=" "$OUT/decode_smollm2.log"; grep -i "error\|Traceback" "
 
 bench() {  # name, time limit, args...
   local name=$1 seconds=$2; shift 2
-  timeout "$(limit "$seconds")" $PY scripts/benchmark.py attention --impl all --breakdown $ATTN \
+  timeout "$(limit "$seconds")" $PY scripts/benchmark.py attention --impl all $ATTN \
     --json "$OUT/bench_gpu_$name.json" "$@" >"$OUT/bench_$name.log" 2>&1
   echo "rc=$?"; grep -v "^\s*$" "$OUT/bench_$name.log" | grep -v -i "warn\|import decode_attention" | tail -28
 }
 part "3. one call: B=8, 32/8 heads, S=32k, 1/8"
-bench b 50 $CALL_B
+bench b 50 $CALL_B --breakdown
 part "4. one call: the paper's shape"
-bench a 50 $CALL_A
+bench a 50 $CALL_A $BREAKDOWN_A
 
 if [ $SMOKE = 0 ]; then
   part "5. compiled kernel tests"
