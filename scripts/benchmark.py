@@ -50,6 +50,19 @@ def time_interleaved(fns: dict, args: dict, reps: int, warmup: int, inner: int =
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
+def drop_failing(fns: dict, args: dict, rows: dict = None) -> None:
+    """Run each fns[name](*args[name]) once; one that raises (a kernel that does not compile on this
+    device) is reported and dropped, so that the others are still timed."""
+    for name in list(fns):
+        try:
+            jax.block_until_ready(fns[name](*args[name]))
+        except Exception as err:  # noqa: BLE001 - reported, the run goes on without it
+            print(f"{name} failed and is left out: {type(err).__name__}: {str(err)[:2000]}", file=sys.stderr)
+            del fns[name], args[name]
+            if rows is not None:
+                rows.pop(name, None)
+
+
 def kernel_impls(backend: str, interpret: bool = False) -> list[str]:
     """SparQ implementations that run compiled on a backend (--impl all); with interpret, the GPU
     kernels in the Pallas interpreter as well."""
@@ -116,6 +129,7 @@ def attention_case(args, seq_len: int) -> dict:
     # The floor on this device: a plain reduction over as many bytes as SparQ reads.
     stream = jnp.ones((sparq_bytes // itemsize,), dtype)
     fns["stream"], fargs["stream"] = jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32)), (stream,)
+    drop_failing(fns, fargs, rows)
     ms = time_interleaved(fns, fargs, args.reps, args.warmup, args.inner)
     # The device's copy bandwidth (bytes read + written), on a buffer as large as dense's reads (at
     # most 1 GiB), timed after the others: interleaved, freeing its output slowed the next call
@@ -124,7 +138,15 @@ def attention_case(args, seq_len: int) -> dict:
     ms.update(time_interleaved({"copy": jax.jit(lambda x: x * 2)},
                                {"copy": (jnp.ones((copy_bytes // itemsize,), dtype),)},
                                args.reps, args.warmup, args.inner))
-    breakdown = {impl: stage_breakdown(args, sparq, q, twice, impl) for impl in impls} if args.breakdown else None
+    breakdown = None
+    if args.breakdown:
+        breakdown = {}
+        for impl in impls:
+            try:
+                breakdown[impl] = stage_breakdown(args, sparq, q, twice, impl)
+            except Exception as err:  # noqa: BLE001 - reported, the other implementations still run
+                print(f"breakdown of sparq/{impl} failed: {type(err).__name__}: {str(err)[:2000]}", file=sys.stderr)
+                breakdown[impl] = {"error": f"{type(err).__name__}: {str(err)[:2000]}"}
     # Every row's output against the XLA row of its method (||out - xla|| / ||xla||, fp32).
     outs = {name: np.asarray(fns[name](*fargs[name]), np.float32) for name in rows}
     refs = {name: outs[name.split("/")[0] + "/xla"] for name in rows}
@@ -199,21 +221,26 @@ def stage_breakdown(args, sparq, q, cache, impl: str) -> dict:
         fused = jax.jit(lambda q, keys: att._gpu_scores(q, keys, mask, cache.lengths, sparq, None, True,
                                                         args.interpret))
         fns["step 1 + scores, fused"] = (fused, (qf, cache.kt))
-        _, z, m, l, bounds = fused(qf, cache.kt)
-        scored = jax.jit(lambda *a: sparq_gpu.gather_attend_scored(*a, reallocate=sparq.reallocate_mean,
-                                                                   interpret=args.interpret))
-        fns["steps 2+3 + alpha, fused"] = (scored, (qf, cache.k, cache.v, i2, z, m, l, bounds, v_bar))
-    ms = time_interleaved({n: f for n, (f, _) in fns.items()}, {n: a for n, (_, a) in fns.items()},
-                          args.reps, args.warmup, args.inner)
+        try:
+            _, z, m, l, bounds = fused(qf, cache.kt)
+        except Exception as err:  # noqa: BLE001 - dropped (and reported) with its stage below
+            print(f"(no input for 'steps 2+3 + alpha, fused': {type(err).__name__})", file=sys.stderr)
+        else:
+            scored = jax.jit(lambda *a: sparq_gpu.gather_attend_scored(*a, reallocate=sparq.reallocate_mean,
+                                                                       interpret=args.interpret))
+            fns["steps 2+3 + alpha, fused"] = (scored, (qf, cache.k, cache.v, i2, z, m, l, bounds, v_bar))
+    fs, fargs = {n: f for n, (f, _) in fns.items()}, {n: a for n, (_, a) in fns.items()}
+    drop_failing(fs, fargs)
+    ms = time_interleaved(fs, fargs, args.reps, args.warmup, args.inner)
     item = cache.k.dtype.itemsize
     nbytes = {"step 1": b * hkv * sparq.rank * s * item, "steps 2+3": 2 * b * hkv * k * d * item,
               "step 1 + scores, fused": b * hkv * sparq.rank * s * item + logits.size * 4,
               "steps 2+3 + alpha, fused": 2 * b * hkv * k * d * item + logits.size * 4 * k // s,
               "softmax + group sum": logits.size * 4 + s_hat.size * 4 + score.size * 4,
               "alpha (s_hat at top-k)": s_hat.size * 4 * k // s}
-    for name in fns:
+    for name in fs:
         nbytes.setdefault(name, score.size * 4)
-    return {name: {"ms": ms[name], "bytes": nbytes[name], "gbps": nbytes[name] / ms[name] / 1e6} for name in fns}
+    return {name: {"ms": ms[name], "bytes": nbytes[name], "gbps": nbytes[name] / ms[name] / 1e6} for name in fs}
 
 
 def print_case(result: dict) -> None:
@@ -233,8 +260,11 @@ def print_case(result: dict) -> None:
     print(line)
     for impl, stages in (result.get("breakdown") or {}).items():
         print(f"  stages of sparq/{impl}:")
+        if "error" in stages:
+            print(f"    failed: {stages['error'][:300]}")
+            continue
         for name, st in stages.items():
-            print(f"    {name:<26}{st['ms']:>10.3f} ms{st['bytes'] / 1e6:>10.1f} MB{st['gbps']:>8.1f} GB/s")
+            print(f"    {name:<34}{st['ms']:>10.3f} ms{st['bytes'] / 1e6:>10.1f} MB{st['gbps']:>8.1f} GB/s")
 
 
 def plot_sweep(results: list[dict], path: str) -> None:

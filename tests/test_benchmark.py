@@ -33,6 +33,19 @@ def test_attention_breakdown_times_every_stage(tmp_path):
     assert stages["steps 2+3"]["bytes"] == 2 * 2 * 2 * 64 * 16 * 4
 
 
+def test_a_failing_candidate_is_left_out(capsys):
+    """A kernel that does not compile on the device costs its own row, not the run."""
+    import jax.numpy as jnp
+
+    def broken():
+        raise RuntimeError("no such kernel")
+
+    fns, args, rows = {"ok": lambda: jnp.ones(2), "bad": broken}, {"ok": (), "bad": ()}, {"ok": 1, "bad": 2}
+    benchmark.drop_failing(fns, args, rows)
+    assert list(fns) == list(args) == list(rows) == ["ok"]
+    assert "bad failed and is left out: RuntimeError: no such kernel" in capsys.readouterr().err
+
+
 def test_approx_scores_match_the_paper():
     """attention._approx_scores (what the breakdown times) against a NumPy transcription of Eq. 9 and
     the group-summed softmax, with the local window forced in and masked positions last."""
