@@ -10,8 +10,20 @@ Each backend module exposes the same two functions (the wrappers own grid and Bl
 sparq_gpu adds the selection between the steps (on a GPU, lax.top_k and the CPU path's counting
 passes were the slowest part of SparQ):
 
-  top_k_positions(score, k, *, block=None, interpret=False, early_exit=True)
-      the k largest of each row [..., S] (ties: lowest positions), in increasing position order, int32
+  top_k_positions(score, k, *, block=None, interpret=False, early_exit=True, splits=None)
+      the k largest of each row [..., S] (ties: lowest positions), in increasing position order, int32;
+      few long rows are spread over several programs (a local top-k per piece, then an exact merge)
+  approx_scores(q, keys, bounds, *, rank, transposed=True, group_scores="softmax", block_s=None,
+                interpret=False)
+      step 1 fused with what lies between the steps: the r components and the temperature chosen in
+      the kernel, the scaled approximate logits, per-block softmax partials (max, sum of exp) and, for
+      group_scores="logits", the score the top-k ranks
+  gather_attend_scored(q, k, v, i2, z, m, l, bounds, v_bar, *, reallocate=True, interpret=False)
+      steps 2 + 3 after those two, with the valid positions and step 3's alpha found in the kernel
+
+sq.attend(impl="pallas_gpu") runs approx_scores, top_k_positions and gather_attend_scored: three
+kernels per layer (with XLA between them only the group sum of s_hat under group_scores="softmax",
+v_bar, and the combination of split partials).
 
   sparq_gpu   Pallas Triton backend (in-kernel gathers by index vector); interpret=True runs on CPU
   sparq_tpu   Pallas Mosaic TPU backend (scalar-prefetched indices, per-row DMA from HBM);

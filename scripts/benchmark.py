@@ -3,7 +3,8 @@
 
     python scripts/benchmark.py attention --batch 4 --kv-heads 8 --seq-len 32768 --compression 1/8
     python scripts/benchmark.py attention --sweep 1024,4096,16384,65536 --plot sweep.png
-    python scripts/benchmark.py decode --seq-lens 8192,32768
+    python scripts/benchmark.py decode --seq-lens 8192,32768 --batch 1,8
+    python scripts/benchmark.py decode --preset smollm2-135m --seq-lens 8192 --dtype bfloat16
 
 Every timing is measured side by side in one process: the candidates run interleaved, repetition
 after repetition, and each reports the median after warm-up. Speedups are ratios of those medians.
@@ -12,7 +13,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import json
+import os
+import re
 import statistics
 import sys
 import time
@@ -46,8 +50,24 @@ def time_interleaved(fns: dict, args: dict, reps: int, warmup: int, inner: int =
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def kernel_impls(backend: str) -> list[str]:
-    """SparQ implementations that run compiled on a backend (--impl all)."""
+def drop_failing(fns: dict, args: dict, rows: dict = None) -> None:
+    """Run each fns[name](*args[name]) once; one that raises (a kernel that does not compile on this
+    device) is reported and dropped, so that the others are still timed."""
+    for name in list(fns):
+        try:
+            jax.block_until_ready(fns[name](*args[name]))
+        except Exception as err:  # noqa: BLE001 - reported, the run goes on without it
+            print(f"{name} failed and is left out: {type(err).__name__}: {str(err)[:2000]}", file=sys.stderr)
+            del fns[name], args[name]
+            if rows is not None:
+                rows.pop(name, None)
+
+
+def kernel_impls(backend: str, interpret: bool = False) -> list[str]:
+    """SparQ implementations that run compiled on a backend (--impl all); with interpret, the GPU
+    kernels in the Pallas interpreter as well."""
+    if interpret:
+        return ["xla", "pallas_gpu"]
     return {"gpu": ["xla", "pallas_gpu"], "tpu": ["xla", "pallas_tpu"]}.get(backend, ["xla"])
 
 
@@ -82,7 +102,7 @@ def attention_case(args, seq_len: int) -> dict:
     del k, v
 
     def run(method, impl):
-        return jax.jit(lambda q, c: sq.attend(q, c, method, impl=impl)[0])
+        return jax.jit(lambda q, c: sq.attend(q, c, method, impl=impl, interpret=args.interpret)[0])
 
     itemsize = jnp.dtype(dtype).itemsize
     dense_bytes = b * hkv * sq.Dense().transfers(seq_len, d) * itemsize
@@ -98,7 +118,7 @@ def attention_case(args, seq_len: int) -> dict:
             rows["dense/pallas"] = ("dense", "pallas_gpu(jax decode_attention)", dense_bytes)
         except Exception as err:  # noqa: BLE001 - optional comparison only
             print(f"(jax's pallas decode_attention unavailable: {type(err).__name__}: {err})", file=sys.stderr)
-    impls = kernel_impls(jax.default_backend()) if args.impl == "all" else [args.impl]
+    impls = kernel_impls(jax.default_backend(), args.interpret) if args.impl == "all" else [args.impl]
     for impl in impls:
         name = f"sparq/{impl}"
         fns[name], fargs[name] = run(sparq, impl), (q, twice)
@@ -109,6 +129,7 @@ def attention_case(args, seq_len: int) -> dict:
     # The floor on this device: a plain reduction over as many bytes as SparQ reads.
     stream = jnp.ones((sparq_bytes // itemsize,), dtype)
     fns["stream"], fargs["stream"] = jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32)), (stream,)
+    drop_failing(fns, fargs, rows)
     ms = time_interleaved(fns, fargs, args.reps, args.warmup, args.inner)
     # The device's copy bandwidth (bytes read + written), on a buffer as large as dense's reads (at
     # most 1 GiB), timed after the others: interleaved, freeing its output slowed the next call
@@ -117,7 +138,15 @@ def attention_case(args, seq_len: int) -> dict:
     ms.update(time_interleaved({"copy": jax.jit(lambda x: x * 2)},
                                {"copy": (jnp.ones((copy_bytes // itemsize,), dtype),)},
                                args.reps, args.warmup, args.inner))
-    breakdown = {impl: stage_breakdown(args, sparq, q, twice, impl) for impl in impls} if args.breakdown else None
+    breakdown = None
+    if args.breakdown:
+        breakdown = {}
+        for impl in impls:
+            try:
+                breakdown[impl] = stage_breakdown(args, sparq, q, twice, impl)
+            except Exception as err:  # noqa: BLE001 - reported, the other implementations still run
+                print(f"breakdown of sparq/{impl} failed: {type(err).__name__}: {str(err)[:2000]}", file=sys.stderr)
+                breakdown[impl] = {"error": f"{type(err).__name__}: {str(err)[:2000]}"}
     # Every row's output against the XLA row of its method (||out - xla|| / ||xla||, fp32).
     outs = {name: np.asarray(fns[name](*fargs[name]), np.float32) for name in rows}
     refs = {name: outs[name.split("/")[0] + "/xla"] for name in rows}
@@ -134,7 +163,7 @@ def attention_case(args, seq_len: int) -> dict:
                    "dtype": args.dtype, "rank": sparq.rank, "top_k": sparq.top_k,
                    "local_window": sparq.local_window, "reallocate_mean": sparq.reallocate_mean,
                    "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
-                   "jax": jax.__version__, "reps": args.reps, "inner": args.inner},
+                   "jax": jax.__version__, "reps": args.reps, "inner": args.inner, "interpret": args.interpret},
         "rows": out_rows,
         "dense_ms": dense_ms,
         "sparq_ms": sparq_ms,
@@ -153,7 +182,7 @@ def stage_breakdown(args, sparq, q, cache, impl: str) -> dict:
     from sparq_jax import attention as att
     from sparq_jax import native
 
-    step1, top_k, step2 = att._step_functions(impl, False, transposed=True)
+    step1, top_k, step2 = att._step_functions(impl, args.interpret, transposed=True)
     b, hq, d = q.shape
     hkv, s = cache.k.shape[1], cache.max_len
     qf = q.reshape(b, hkv, hq // hkv, d).astype(jnp.float32)
@@ -181,18 +210,37 @@ def stage_breakdown(args, sparq, q, cache, impl: str) -> dict:
         fns["top-k: native (CPU)"] = (jax.jit(lambda x: native.top_k_positions(x, k)), (score,))
     if impl == "pallas_gpu":
         from pallas_kernels import sparq_gpu
-        fns["top-k: Pallas kernel"] = (jax.jit(lambda x: sparq_gpu.top_k_positions(x, k)), (score,))
-        fns["top-k: Pallas, 32 passes"] = (jax.jit(lambda x: sparq_gpu.top_k_positions(x, k, early_exit=False)),
-                                           (score,))
-    ms = time_interleaved({n: f for n, (f, _) in fns.items()}, {n: a for n, (_, a) in fns.items()},
-                          args.reps, args.warmup, args.inner)
+        fns["top-k: Pallas kernel"] = (jax.jit(lambda x: sparq_gpu.top_k_positions(x, k, interpret=args.interpret)),
+                                       (score,))
+        fns["top-k: Pallas, 32 passes"] = (
+            jax.jit(lambda x: sparq_gpu.top_k_positions(x, k, early_exit=False, interpret=args.interpret)), (score,))
+        fns["top-k: Pallas, a program per row"] = (
+            jax.jit(lambda x: sparq_gpu.top_k_positions(x, k, splits=1, interpret=args.interpret)), (score,))
+        # what pallas_gpu runs instead of step 1 and the softmax: one kernel (+ the group sum of s_hat
+        # from its partials under group_scores="softmax")
+        fused = jax.jit(lambda q, keys: att._gpu_scores(q, keys, mask, cache.lengths, sparq, None, True,
+                                                        args.interpret))
+        fns["step 1 + scores, fused"] = (fused, (qf, cache.kt))
+        try:
+            _, z, m, l, bounds = fused(qf, cache.kt)
+        except Exception as err:  # noqa: BLE001 - dropped (and reported) with its stage below
+            print(f"(no input for 'steps 2+3 + alpha, fused': {type(err).__name__})", file=sys.stderr)
+        else:
+            scored = jax.jit(lambda *a: sparq_gpu.gather_attend_scored(*a, reallocate=sparq.reallocate_mean,
+                                                                       interpret=args.interpret))
+            fns["steps 2+3 + alpha, fused"] = (scored, (qf, cache.k, cache.v, i2, z, m, l, bounds, v_bar))
+    fs, fargs = {n: f for n, (f, _) in fns.items()}, {n: a for n, (_, a) in fns.items()}
+    drop_failing(fs, fargs)
+    ms = time_interleaved(fs, fargs, args.reps, args.warmup, args.inner)
     item = cache.k.dtype.itemsize
     nbytes = {"step 1": b * hkv * sparq.rank * s * item, "steps 2+3": 2 * b * hkv * k * d * item,
+              "step 1 + scores, fused": b * hkv * sparq.rank * s * item + logits.size * 4,
+              "steps 2+3 + alpha, fused": 2 * b * hkv * k * d * item + logits.size * 4 * k // s,
               "softmax + group sum": logits.size * 4 + s_hat.size * 4 + score.size * 4,
               "alpha (s_hat at top-k)": s_hat.size * 4 * k // s}
-    for name in fns:
+    for name in fs:
         nbytes.setdefault(name, score.size * 4)
-    return {name: {"ms": ms[name], "bytes": nbytes[name], "gbps": nbytes[name] / ms[name] / 1e6} for name in fns}
+    return {name: {"ms": ms[name], "bytes": nbytes[name], "gbps": nbytes[name] / ms[name] / 1e6} for name in fs}
 
 
 def print_case(result: dict) -> None:
@@ -212,8 +260,11 @@ def print_case(result: dict) -> None:
     print(line)
     for impl, stages in (result.get("breakdown") or {}).items():
         print(f"  stages of sparq/{impl}:")
+        if "error" in stages:
+            print(f"    failed: {stages['error'][:300]}")
+            continue
         for name, st in stages.items():
-            print(f"    {name:<26}{st['ms']:>10.3f} ms{st['bytes'] / 1e6:>10.1f} MB{st['gbps']:>8.1f} GB/s")
+            print(f"    {name:<34}{st['ms']:>10.3f} ms{st['bytes'] / 1e6:>10.1f} MB{st['gbps']:>8.1f} GB/s")
 
 
 def plot_sweep(results: list[dict], path: str) -> None:
@@ -260,92 +311,244 @@ def cmd_attention(args) -> None:
         plot_sweep(results, args.plot)
 
 
-def _random_caches(key, layers, batch, kv_heads, length, capacity, head_dim, transposed):
-    """One cache per layer ([B, Hkv, capacity, D]) holding `length` random positions per row."""
+def _random_caches(key, layers, batch, kv_heads, length, capacity, head_dim, dtype):
+    """The state lm.prefill returns (one sq.KVCache per layer, [B, Hkv, capacity, D], K^T kept so
+    that every method can read it), holding `length` random positions per row."""
     caches = []
+    valid = (jnp.arange(capacity) < length)[:, None]
     for i in range(layers):
         kk, kv = jax.random.split(jax.random.fold_in(key, i))
         shape = (batch, kv_heads, capacity, head_dim)
-        valid = (jnp.arange(capacity) < length)[:, None]
-        k = jnp.where(valid, jax.random.normal(kk, shape, jnp.float32), 0)
-        v = jnp.where(valid, jax.random.normal(kv, shape, jnp.float32), 0)
-        caches.append(sq.KVCache(k=k, kt=jnp.swapaxes(k, -1, -2) if transposed else None, v=v,
-                                 v_sum=jnp.sum(v, axis=2), lengths=jnp.full((batch,), length, jnp.int32)))
+        k = jnp.where(valid, jax.random.normal(kk, shape, jnp.float32), 0).astype(dtype)
+        v = jnp.where(valid, jax.random.normal(kv, shape, jnp.float32), 0).astype(dtype)
+        caches.append(sq.KVCache(k=k, kt=jnp.swapaxes(k, -1, -2), v=v,
+                                 v_sum=jnp.sum(v.astype(jnp.float32), axis=2),
+                                 lengths=jnp.full((batch,), length, jnp.int32)))
     return tuple(caches)
 
 
-def cmd_decode(args) -> None:
-    """Decode-step throughput of a Llama-shaped random model on random caches (no prefill)."""
+# Model shapes for `decode` (random weights). "llama-8l": 8 layers with TinyLlama's widths and a
+# 32/8-head, D=128 attention (the README's decode shape); "smollm2-135m": SmolLM2-135M's shape.
+PRESETS = {
+    "llama-8l": dict(layers=8, hidden=2048, q_heads=32, kv_heads=8, head_dim=128, intermediate=5632,
+                     vocab=32000, tied=False),
+    "smollm2-135m": dict(layers=30, hidden=576, q_heads=9, kv_heads=3, head_dim=64, intermediate=1536,
+                         vocab=49152, tied=True),
+}
+
+
+def decode_config(args):
+    """The ModelConfig of --preset with any shape flag given on the command line in its place."""
     import models
 
-    if args.q_heads % args.kv_heads:
-        raise SystemExit(f"--q-heads={args.q_heads} must be a multiple of --kv-heads={args.kv_heads}")
-    d = args.head_dim
-    config = models.ModelConfig(
-        model_type="llama", vocab_size=args.vocab, hidden_size=args.hidden,
-        intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-        num_attention_heads=args.q_heads, num_key_value_heads=args.kv_heads, head_dim=d,
-        max_position_embeddings=max(args.seq_lens) + 1024)
-    lm = models.LanguageModel(config, models.init_weights(config, seed=0))
-    steps = args.warmup + args.reps
-    results = []
-    for s in args.seq_lens:
-        sparq = sq.SparQ.for_compression(args.compression, d, s, reallocate_mean=False)
-        methods = {"dense": sq.Dense(), "sparq": sparq}
-        states = {name: _random_caches(jax.random.PRNGKey(s), args.layers, 1, args.kv_heads, s,
-                                              s + steps + 1, d, m.reads_transposed_keys)
-                  for name, m in methods.items()}
-        token = np.zeros((1,), np.int32)
-        q = jax.random.normal(jax.random.PRNGKey(1), (args.layers, 1, args.q_heads, d), jnp.float32)
-        kv_new = jax.random.normal(jax.random.PRNGKey(2), (2, 1, args.kv_heads, d), jnp.float32)
+    shape = {name: getattr(args, name) if getattr(args, name) is not None else value
+             for name, value in PRESETS[args.preset].items()}
+    if shape["q_heads"] % shape["kv_heads"]:
+        raise SystemExit(f"--q-heads={shape['q_heads']} must be a multiple of --kv-heads={shape['kv_heads']}")
+    return models.ModelConfig(
+        model_type="llama", vocab_size=shape["vocab"], hidden_size=shape["hidden"],
+        intermediate_size=shape["intermediate"], num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["q_heads"], num_key_value_heads=shape["kv_heads"],
+        head_dim=shape["head_dim"], tie_word_embeddings=shape["tied"],
+        max_position_embeddings=max(args.seq_lens) + args.steps + 1)
 
-        def attention_only(caches, method):
-            # What a decode step spends in attention: the same appends and attends, no projections.
-            # Each layer's query depends on the previous layer's output, as in the model, so that
-            # XLA cannot run the layers' attention side by side (it would on independent inputs).
-            outs, new = [], []
-            out = jnp.zeros_like(q[0])
+
+def decode_case(args, lm, seq_len: int, batch: int) -> dict:
+    """Whole decode loops of one (S, B): lm.decode of --steps tokens per method (one jitted
+    while_loop, the cache donated, one host sync at the end), interleaved, and the same number of
+    steps of attention alone (each layer's cache append and attend, no projections) as a jitted
+    fori_loop."""
+    c = lm.config
+    d, layers, hkv = c.head_dim, c.num_hidden_layers, c.num_key_value_heads
+    dtype = DTYPES[args.dtype]
+    n = args.steps
+    sparq = sq.SparQ.for_compression(args.compression, d, seq_len, reallocate_mean=False)
+    methods = {"dense": sq.Dense(), "sparq": sparq}
+    state = _random_caches(jax.random.PRNGKey(seq_len), layers, batch, hkv, seq_len, seq_len + n, d, dtype)
+    logits = jnp.zeros((batch, c.vocab_size), jnp.float32)
+    q = jax.random.normal(jax.random.PRNGKey(1), (layers, batch, c.num_attention_heads, d), dtype)
+    kv_new = jax.random.normal(jax.random.PRNGKey(2), (2, batch, hkv, 1, d), dtype)
+
+    def attention_loop(caches, method):
+        # Each layer's query depends on the previous layer's output, as in the model, so that XLA
+        # cannot run the layers' attention side by side (it would on independent inputs).
+        def step(_, carry):
+            caches, out = carry
+            new = []
             for i, cache in enumerate(caches):
-                qi = q[i] + 0 * out
-                out, cache = sq.attend(qi, cache.append(kv_new[0][:, :, None], kv_new[1][:, :, None]), method)
-                outs.append(out)
+                out, cache = sq.attend(q[i] + 0 * out, cache.append(kv_new[0], kv_new[1]), method)
                 new.append(cache)
-            return tuple(new), jnp.stack(outs)
+            return tuple(new), out
+        return jax.lax.fori_loop(0, n, step, (caches, jnp.zeros_like(q[0])))
 
-        rewind = lambda caches: tuple(dataclasses.replace(c, lengths=c.lengths - 1) for c in caches)
-        attn = {name: jax.jit(attention_only, static_argnames="method", donate_argnums=0) for name in methods}
-        step_ms = {name: [] for name in methods}
-        attn_ms = {name: [] for name in methods}
-        for rep in range(steps):
-            for name, method in methods.items():
-                start = time.perf_counter()
-                logits, states[name] = lm.decode_step(token, states[name], method=method)
-                jax.block_until_ready(logits)
-                step_ms[name].append((time.perf_counter() - start) * 1e3)
-            for name, method in methods.items():
-                # Rewind the lengths so the cache never fills; the timings do not depend on contents.
-                states[name] = rewind(states[name])
-                start = time.perf_counter()
-                states[name], out = attn[name](states[name], method=method)
-                jax.block_until_ready(out)
-                attn_ms[name].append((time.perf_counter() - start) * 1e3)
-                states[name] = rewind(states[name])
-        row = {"seq_len": s, "sparq": {"rank": sparq.rank, "top_k": sparq.top_k, "local_window": sparq.local_window}}
-        for name in methods:
-            ms = statistics.median(step_ms[name][args.warmup:])
-            a = statistics.median(attn_ms[name][args.warmup:])
-            row[name] = {"step_ms": ms, "tokens_per_s": 1e3 / ms, "attention_ms": a, "attention_share": a / ms}
-        row["speedup"] = row["dense"]["step_ms"] / row["sparq"]["step_ms"]
-        results.append(row)
-        del states
-        print(f"S={s:>6}: dense {row['dense']['tokens_per_s']:.2f} tok/s (attention {row['dense']['attention_share']:.0%}"
-              f" of the step), SparQ(r={sparq.rank}, k={sparq.top_k}) {row['sparq']['tokens_per_s']:.2f} tok/s "
-              f"(attention {row['sparq']['attention_share']:.0%}): {row['speedup']:.2f}x", flush=True)
+    attention = jax.jit(attention_loop, static_argnames="method", donate_argnums=0)
+    # lengths back to S after each timed loop, so that the cache never fills
+    rewind = jax.jit(lambda caches: tuple(dataclasses.replace(x, lengths=x.lengths - n) for x in caches),
+                     donate_argnums=0)
+    own = {name: jax.tree.map(jnp.copy, state) for name in methods}
+    copy = jax.jit(lambda s: jax.tree.map(jnp.copy, s))
+    samples = {key: [] for key in ("copy", *(f"{m}/{part}" for m in methods for part in ("loop", "attention")))}
+    tokens = {}
+
+    def timed(key, fn):
+        start = time.perf_counter()
+        out = jax.block_until_ready(fn())
+        samples[key].append((time.perf_counter() - start) * 1e3)
+        return out
+
+    for _ in range(args.warmup + args.reps):
+        for name, method in methods.items():
+            tokens[name] = timed(f"{name}/loop", lambda: lm.decode(logits, state, n, method=method, eos_token_id=[]))
+        timed("copy", lambda: copy(state))
+        for name, method in methods.items():
+            own[name], _ = timed(f"{name}/attention", lambda: attention(own[name], method=method))
+            own[name] = rewind(own[name])
+    ms = {key: statistics.median(s[args.warmup:]) for key, s in samples.items()}
+    row = {"seq_len": seq_len, "batch": batch, "steps": n,
+           "sparq_config": {"rank": sparq.rank, "top_k": sparq.top_k, "local_window": sparq.local_window}}
+    for name in methods:
+        loop_ms = ms[f"{name}/loop"]
+        step_ms = loop_ms / n
+        attention_ms = ms[f"{name}/attention"] / n
+        row[name] = {"loop_ms": loop_ms, "step_ms": step_ms, "tokens_per_s": batch * 1e3 / step_ms,
+                     "attention_ms": attention_ms, "attention_share": attention_ms / step_ms}
+    row["cache_copy_ms"] = ms["copy"]
+    row["speedup"] = row["dense"]["loop_ms"] / row["sparq"]["loop_ms"]
+    # lm.decode copies the state before its loop (the caller keeps theirs): the same copy for both
+    row["speedup_without_copy"] = ((row["dense"]["loop_ms"] - ms["copy"])
+                                   / max(row["sparq"]["loop_ms"] - ms["copy"], 1e-9))
+    row["tokens_agree"] = float(np.mean(tokens["dense"] == tokens["sparq"]))
+    return row
+
+
+def cmd_decode(args) -> None:
+    """Whole decode loops of a random-weight model on random caches (no prefill), Dense vs SparQ."""
+    import models
+
+    config = decode_config(args)
+    lm = models.LanguageModel(config, models.init_weights(config, seed=0, dtype=DTYPES[args.dtype]))
+    documents = []
+    for batch in args.batch:
+        results = []
+        for s in args.seq_lens:
+            start = time.perf_counter()
+            row = decode_case(args, lm, s, batch)
+            results.append(row)
+            sp = row["sparq_config"]
+            print(f"B={batch} S={s:>6}: dense {row['dense']['step_ms']:.3f} ms/step (attention "
+                  f"{row['dense']['attention_share']:.0%}), SparQ(r={sp['rank']}, k={sp['top_k']}) "
+                  f"{row['sparq']['step_ms']:.3f} ms/step (attention {row['sparq']['attention_share']:.0%}): "
+                  f"{row['speedup']:.2f}x ({row['speedup_without_copy']:.2f}x without lm.decode's cache copy "
+                  f"of {row['cache_copy_ms']:.2f} ms); {time.perf_counter() - start:.1f} s with compiles",
+                  flush=True)
+        documents.append({"config": {**config.to_dict(), "preset": args.preset, "batch": batch,
+                                     "dtype": args.dtype, "steps": args.steps, "compression": args.compression,
+                                     "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
+                                     "jax": jax.__version__, "reps": args.reps},
+                          "results": results})
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"config": {**config.to_dict(), "batch": 1, "compression": args.compression,
-                                  "device": str(jax.devices()[0].device_kind), "jax": jax.__version__},
-                       "results": results}, f, indent=2)
+            json.dump(documents[0] if len(documents) == 1 else documents, f, indent=2)
+        print(f"wrote {args.json}")
+
+
+# Instructions of an optimized HLO module that launch nothing of their own.
+_NO_LAUNCH = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "conditional", "call",
+              "opt-barrier", "after-all", "add-dependency", "partition-id", "replica-id", "domain"}
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$")
+_OPCODE = re.compile(r" = .*?[\]\})] ([a-z][a-z0-9\-]*)\(")
+
+
+def _computations(hlo: str) -> dict[str, list[str]]:
+    comps, name = {}, None
+    for line in hlo.splitlines():
+        if name is None:
+            m = _COMPUTATION.match(line)
+            if m:
+                name = m.group(1)
+                comps[name] = []
+                if line.startswith("ENTRY"):
+                    comps["__entry__"] = comps[name]
+        elif line == "}":
+            name = None
+        else:
+            comps[name].append(line)
+    return comps
+
+
+def hlo_launches(hlo: str) -> dict:
+    """Kernel launches per iteration of the largest `while` loop of an optimized HLO module's entry
+    (a decode loop: one iteration = one decode step), counted statically.
+
+    Every instruction of the loop's body and condition counts as one launch except those in
+    _NO_LAUNCH (a fusion is one kernel); nested loops, conditionals and calls are entered (a nested
+    loop's body once, its trip count unknown; a conditional's largest branch). Returns {"launches",
+    "pallas": Pallas Triton calls among them, "nested_loops"}; all zero if the entry has no loop.
+    """
+    comps = _computations(hlo)
+
+    def count(name, seen=()):
+        total = {"launches": 0, "pallas": 0, "nested_loops": 0}
+        if name in seen or name not in comps:
+            return total
+        for line in comps[name]:
+            m = _OPCODE.search(line)
+            if not m:
+                continue
+            op = m.group(1)
+            if op not in _NO_LAUNCH:
+                total["launches"] += 1
+                total["pallas"] += op == "custom-call" and "xla.gpu.triton" in line
+                continue
+            if op == "while":
+                inner = [count(c, seen + (name,)) for c in re.findall(r"(?:body|condition)=%?([\w.\-]+)", line)]
+                inner.append({"nested_loops": 1})
+            elif op == "conditional":
+                branches = re.search(r"branch_computations=\{([^}]*)\}", line)
+                names = re.findall(r"%?([\w.\-]+)", branches.group(1)) if branches else \
+                    re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", line)
+                inner = [max((count(c, seen + (name,)) for c in names), key=lambda t: t["launches"],
+                             default={})]
+            elif op == "call":
+                inner = [count(c, seen + (name,)) for c in re.findall(r"to_apply=%?([\w.\-]+)", line)]
+            else:
+                continue
+            for t in inner:
+                for key, value in t.items():
+                    total[key] += value
+        return total
+
+    best = {"launches": 0, "pallas": 0, "nested_loops": 0}
+    for line in comps.get("__entry__", []):
+        m = _OPCODE.search(line)
+        if m and m.group(1) == "while":
+            names = re.findall(r"(?:body|condition)=%?([\w.\-]+)", line)
+            found = {"launches": 0, "pallas": 0, "nested_loops": 0}
+            for c in names:
+                for key, value in count(c).items():
+                    found[key] += value
+            if found["launches"] > best["launches"]:
+                best = found
+    return best
+
+
+def cmd_launches(args) -> None:
+    """Launches per decode step (and per layer) in the decode loops of an XLA dump folder."""
+    paths = sorted(glob.glob(os.path.join(args.dump, f"*{args.module}*after_optimizations.txt")))
+    if not paths:
+        raise SystemExit(f"no '*{args.module}*after_optimizations.txt' in {args.dump!r}: dump with "
+                         f"XLA_FLAGS='--xla_dump_to={args.dump} --xla_dump_hlo_as_text'")
+    rows = []
+    for path in paths:
+        with open(path) as f:
+            found = hlo_launches(f.read())
+        found = {"file": os.path.basename(path), **found, "per_layer": found["launches"] / args.layers}
+        rows.append(found)
+        print(f"{found['file']}: {found['launches']} launches per step ({found['per_layer']:.1f} per layer of "
+              f"{args.layers}), {found['pallas']} Pallas, {found['nested_loops']} nested loops")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
         print(f"wrote {args.json}")
 
 
@@ -367,6 +570,8 @@ def main(argv=None) -> None:
     a.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     a.add_argument("--impl", choices=["xla", "pallas_gpu", "pallas_tpu", "all"], default="xla")
     a.add_argument("--single-copy", action="store_true", help="also time SparQ with K stored once")
+    a.add_argument("--interpret", action="store_true",
+                   help="run the Pallas kernels in interpret mode (a CPU check of the GPU code path; slow)")
     a.add_argument("--reps", type=positive_int, default=7)
     a.add_argument("--warmup", type=positive_int, default=2)
     a.add_argument("--inner", type=positive_int, default=None,
@@ -378,20 +583,28 @@ def main(argv=None) -> None:
     a.add_argument("--plot", help="PNG of time and speedup vs S (with --sweep)")
     a.add_argument("--json", help="write the results as JSON")
     a.set_defaults(func=cmd_attention)
-    d = sub.add_parser("decode", help="decode-step throughput of a Llama-shaped random model")
+    d = sub.add_parser("decode", help="whole decode loops (lm.decode) of a random-weight model: Dense vs SparQ")
+    d.add_argument("--preset", choices=sorted(PRESETS), default="llama-8l",
+                   help="model shape; the flags below override its fields")
     d.add_argument("--seq-lens", type=int_list, default=[8192, 32768, 65536])
-    d.add_argument("--layers", type=positive_int, default=8)
-    d.add_argument("--hidden", type=positive_int, default=2048)
-    d.add_argument("--q-heads", type=positive_int, default=32)
-    d.add_argument("--kv-heads", type=positive_int, default=8)
-    d.add_argument("--head-dim", type=positive_int, default=128)
-    d.add_argument("--intermediate", type=positive_int, default=5632, help="MLP width (TinyLlama's by default)")
-    d.add_argument("--vocab", type=positive_int, default=32000)
+    d.add_argument("--batch", type=int_list, default=[1], help="comma-separated batch sizes")
+    d.add_argument("--steps", type=positive_int, default=32, help="decode steps per timed loop")
+    d.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights and cache")
+    for flag in ("layers", "hidden", "q-heads", "kv-heads", "head-dim", "intermediate", "vocab"):
+        d.add_argument(f"--{flag}", type=positive_int)
+    d.add_argument("--tied", action=argparse.BooleanOptionalAction, default=None,
+                   help="tie the output head to the embedding")
     d.add_argument("--compression", type=ratio, default=0.125)
-    d.add_argument("--reps", type=positive_int, default=7)
-    d.add_argument("--warmup", type=positive_int, default=2)
+    d.add_argument("--reps", type=positive_int, default=5)
+    d.add_argument("--warmup", type=positive_int, default=1)
     d.add_argument("--json", help="write the results as JSON")
     d.set_defaults(func=cmd_decode)
+    n = sub.add_parser("launches", help="kernel launches per step in the decode loops of an XLA dump")
+    n.add_argument("dump", help="the --xla_dump_to folder (with --xla_dump_hlo_as_text)")
+    n.add_argument("--layers", type=positive_int, required=True, help="the model's layers (for launches per layer)")
+    n.add_argument("--module", default="decode_loop", help="modules whose name contains this")
+    n.add_argument("--json", help="write the counts as JSON")
+    n.set_defaults(func=cmd_launches)
     args = parser.parse_args(argv)
     if getattr(args, "inner", 0) is None:
         args.inner = 1 if jax.default_backend() == "cpu" else 20

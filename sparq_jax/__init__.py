@@ -3,11 +3,18 @@
     import sparq_jax as sq
     cache = sq.KVCache.from_kv(k, v, lengths)            # K stored twice by default
     out, cache = sq.attend(q, cache, sq.SparQ(rank=16, top_k=256))
+
+On a CUDA backend the package adds one XLA flag at import, before jax starts its backends, unless
+XLA_FLAGS already sets it: see sparq_jax/xla_flags.py.
 """
-from . import sharding
-from .attention import attend
-from .cache import KVCache
-from .methods import H2O, METHODS, Dense, FlexGen, SparQ, Streaming, dense_transfers
+from . import xla_flags
+
+xla_flags.configure()
+
+from . import sharding  # noqa: E402
+from .attention import attend  # noqa: E402
+from .cache import KVCache  # noqa: E402
+from .methods import H2O, METHODS, Dense, FlexGen, SparQ, Streaming, dense_transfers  # noqa: E402
 
 __all__ = ["sharding", "attend", "KVCache", "Dense", "SparQ", "H2O", "Streaming", "FlexGen", "METHODS", "dense_transfers"]
 __version__ = "0.1.0"

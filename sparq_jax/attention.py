@@ -346,8 +346,14 @@ def _approx_scores(qf, q1, logits1, mask, lengths, local_window: int, group_scor
         score = jnp.sum(z, axis=2)
     else:
         raise ValueError(f"group_scores must be 'softmax' or 'logits', got {group_scores!r}")
+    return s_hat, _ranked(score, mask, lengths, local_window)
+
+
+def _ranked(score, mask, lengths, local_window: int):
+    """score [B, Hkv, S] as the top-k ranks it: +inf on the always-kept positions, -inf where mask
+    [B, S] is False."""
     score = jnp.where(_always_kept(lengths, mask.shape[-1], local_window)[:, None, :], jnp.inf, score)
-    return s_hat, jnp.where(mask[:, None, :], score, _NEG_INF)
+    return jnp.where(mask[:, None, :], score, _NEG_INF)
 
 
 def _query_components(qf, rank: int):
@@ -364,7 +370,46 @@ def _covered_mass(s_hat, i2, valid):
     return jnp.sum(jnp.where(valid[:, :, None, :], covered, 0), axis=-1)
 
 
+def _gpu_scores(qf, keys, mask, lengths, method: SparQ, window, transposed: bool, interpret: bool):
+    """pallas_gpu: step 1 and the scores between the steps from one kernel (sparq_gpu.approx_scores,
+    which also picks the components and the temperature) -> (score [B, Hkv, S] to rank, and the
+    kernel's z, m, l and bounds for step 2). With group_scores="softmax" the group sum of s_hat =
+    exp(z - M) / L comes from the kernel's per-block partials (no softmax passes); with "logits"
+    nothing between the kernels reads the whole row."""
+    from pallas_kernels import sparq_gpu
+
+    first = jnp.zeros_like(lengths) if window is None else jnp.maximum(lengths - window, 0)
+    bounds = jnp.stack([first, lengths, lengths - max(method.local_window, 1)], axis=-1).astype(jnp.int32)
+    z, m, l, score = sparq_gpu.approx_scores(qf, keys, bounds, rank=method.rank, transposed=transposed,
+                                             group_scores=method.group_scores, interpret=interpret)
+    if score is None:  # "softmax": the group sum of s_hat
+        top = jnp.max(m, axis=-1, keepdims=True)                       # every row has a candidate
+        total = jnp.sum(l * jnp.exp(m - top), axis=-1, keepdims=True)
+        score = _ranked(jnp.sum(jnp.exp(z - top) / total, axis=2), mask, lengths, method.local_window)
+    return score, z, m, l, bounds
+
+
+def _sparq_gpu(qg, cache: KVCache, mask, method: SparQ, window, interpret):
+    """SparQ as three Pallas Triton kernels (sparq_gpu): step 1 with the scores, the top-k, steps 2
+    and 3 with alpha and the valid positions found in the kernel."""
+    from pallas_kernels import sparq_gpu
+
+    qf = qg.astype(_F32)
+    keys = cache.kt if cache.transposed_keys else cache.k
+    score, z, m, l, bounds = _gpu_scores(qf, keys, mask, cache.lengths, method, window, cache.transposed_keys,
+                                         interpret)
+    i2 = sparq_gpu.top_k_positions(score, min(method.top_k, cache.max_len), interpret=interpret)
+    if method.reallocate_mean:
+        v_bar = _mean_value(cache, window)
+    else:
+        v_bar = jnp.zeros(qg.shape[:2] + qg.shape[-1:], _F32)
+    return sparq_gpu.gather_attend_scored(qf, cache.k, cache.v, i2, z, m, l, bounds, v_bar,
+                                          reallocate=method.reallocate_mean, interpret=interpret)
+
+
 def _sparq(qg, cache: KVCache, mask, method: SparQ, window, impl, interpret):
+    if impl == "pallas_gpu":
+        return _sparq_gpu(qg, cache, mask, method, window, interpret)
     approx_logits, top_k, gather_attend = _step_functions(impl, interpret, transposed=cache.transposed_keys)
     d, s = qg.shape[-1], cache.max_len
     qf = qg.astype(_F32)
@@ -440,7 +485,8 @@ def _flexgen(qg, cache: KVCache, mask, method: FlexGen):
 # Dispatch
 
 def _step_functions(impl: str, interpret: bool, transposed: bool):
-    """SparQ's (step 1, top-k, steps 2+3) functions for an implementation."""
+    """SparQ's (step 1, top-k, steps 2+3) functions for an implementation (attend's pallas_gpu runs
+    _sparq_gpu's fused kernels instead; the benchmark's breakdown times both)."""
     if impl == "xla":
         return functools.partial(approx_logits_xla, transposed=transposed), select_top_k, gather_attend_xla
     if impl == "pallas_gpu":

@@ -33,6 +33,19 @@ def test_attention_breakdown_times_every_stage(tmp_path):
     assert stages["steps 2+3"]["bytes"] == 2 * 2 * 2 * 64 * 16 * 4
 
 
+def test_a_failing_candidate_is_left_out(capsys):
+    """A kernel that does not compile on the device costs its own row, not the run."""
+    import jax.numpy as jnp
+
+    def broken():
+        raise RuntimeError("no such kernel")
+
+    fns, args, rows = {"ok": lambda: jnp.ones(2), "bad": broken}, {"ok": (), "bad": ()}, {"ok": 1, "bad": 2}
+    benchmark.drop_failing(fns, args, rows)
+    assert list(fns) == list(args) == list(rows) == ["ok"]
+    assert "bad failed and is left out: RuntimeError: no such kernel" in capsys.readouterr().err
+
+
 def test_approx_scores_match_the_paper():
     """attention._approx_scores (what the breakdown times) against a NumPy transcription of Eq. 9 and
     the group-summed softmax, with the local window forced in and masked positions last."""
@@ -61,6 +74,89 @@ def test_approx_scores_match_the_paper():
     np.testing.assert_allclose(np.asarray(score), want_score, rtol=1e-5, atol=1e-7)
 
 
+# An optimized module in the shape XLA:GPU prints: a decode loop whose body holds fusions, a Triton
+# call, a cuBLAS call, a nested loop (its body: 2 launches, its condition: 1) and a conditional.
+_HLO = """HloModule jit__decode_loop, is_scheduled=true
+
+%fused_a (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  ROOT %n = f32[4]{0} negate(%p)
+}
+
+%inner_body (t: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %t = (s32[], f32[4]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%t), index=0
+  %x = f32[4]{0} get-tuple-element(%t), index=1
+  %f1 = f32[4]{0} fusion(%x), kind=kLoop, calls=%fused_a
+  %inc = s32[] fusion(%i), kind=kLoop, calls=%fused_a
+  ROOT %r = (s32[], f32[4]{0}) tuple(%inc, %f1)
+}
+
+%inner_cond (t: (s32[], f32[4])) -> pred[] {
+  %t = (s32[], f32[4]{0}) parameter(0)
+  ROOT %c = pred[] fusion(%t), kind=kLoop, calls=%fused_a
+}
+
+%branch_small (x: f32[4]) -> f32[4] {
+  %x = f32[4]{0} parameter(0)
+  ROOT %b = f32[4]{0} fusion(%x), kind=kLoop, calls=%fused_a
+}
+
+%branch_big (x: f32[4]) -> f32[4] {
+  %x = f32[4]{0} parameter(0)
+  %b1 = f32[4]{0} fusion(%x), kind=kLoop, calls=%fused_a
+  %b2 = f32[4]{0} copy(%b1)
+  ROOT %b3 = f32[4]{0} sort(%b2), dimensions={0}, to_apply=%fused_a
+}
+
+%body (s: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %s = (s32[], f32[4]{0}) parameter(0)
+  %x = f32[4]{0} get-tuple-element(%s), index=1
+  %k = f32[4]{0} custom-call(%x), custom_call_target="__gpu$xla.gpu.triton", backend_config={"name":"sparq_top_k"}
+  %g = (f32[4]{0}, s8[0]{0}) custom-call(%k, %x), custom_call_target="__cublas$gemm"
+  %g0 = f32[4]{0} get-tuple-element(%g), index=0
+  %w = (s32[], f32[4]{0}) while(%s), condition=%inner_cond, body=%inner_body
+  %wx = f32[4]{0} get-tuple-element(%w), index=1
+  %p = pred[] constant(true)
+  %c = f32[4]{0} conditional(%p, %wx, %wx), true_computation=%branch_big, false_computation=%branch_small
+  %b = f32[4]{0} bitcast(%c)
+  ROOT %r = (s32[], f32[4]{0}) tuple(%g0, %b)
+}
+
+%cond (s: (s32[], f32[4])) -> pred[] {
+  %s = (s32[], f32[4]{0}) parameter(0)
+  ROOT %lt = pred[] fusion(%s), kind=kLoop, calls=%fused_a
+}
+
+ENTRY %main (a: f32[4]) -> f32[4] {
+  %a = f32[4]{0} parameter(0)
+  %init = (s32[], f32[4]{0}) tuple(%a, %a)
+  %small = (s32[], f32[4]{0}) while(%init), condition=%inner_cond, body=%inner_body
+  %loop = (s32[], f32[4]{0}) while(%small), condition=%cond, body=%body
+  ROOT %out = f32[4]{0} get-tuple-element(%loop), index=1
+}
+"""
+
+
+def test_hlo_launches_counts_one_decode_step():
+    # body: triton + gemm + (nested loop: 2 + 1) + (larger branch: 3) = 8; condition: 1
+    assert benchmark.hlo_launches(_HLO) == {"launches": 9, "pallas": 1, "nested_loops": 1}
+    assert benchmark.hlo_launches("HloModule m\n\nENTRY %main (a: f32[]) -> f32[] {\n"
+                                  "  ROOT %a = f32[] parameter(0)\n}\n") == {"launches": 0, "pallas": 0,
+                                                                             "nested_loops": 0}
+
+
+def test_launches_reads_an_xla_dump(tmp_path):
+    (tmp_path / "module_0001.jit__decode_loop.sm_9.0_gpu_after_optimizations.txt").write_text(_HLO)
+    (tmp_path / "module_0002.jit_other.sm_9.0_gpu_after_optimizations.txt").write_text(_HLO)
+    out = tmp_path / "launches.json"
+    benchmark.main(["launches", str(tmp_path), "--layers", "3", "--json", str(out)])
+    (row,) = json.loads(out.read_text())
+    assert row["launches"] == 9 and row["per_layer"] == 3.0 and row["file"].startswith("module_0001")
+    with pytest.raises(SystemExit, match="no '\\*decode_loop\\*after_optimizations.txt'"):
+        benchmark.main(["launches", str(tmp_path / "missing"), "--layers", "3"])
+
+
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
 def test_row_reads_probe_runs_and_rejects_bad_arguments(tmp_path):
     exe = tmp_path / "row_reads"
@@ -73,3 +169,45 @@ def test_row_reads_probe_runs_and_rejects_bad_arguments(tmp_path):
     bad = subprocess.run([str(exe), "4", "16", "32", "16"], capture_output=True, text=True)
     assert bad.returncode == 2 and "k <= S" in bad.stderr and "4 16 32 16" in bad.stderr
     assert subprocess.run([str(exe), "--help"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
+def test_device_check_smoke_runs_every_stage(tmp_path):
+    """scripts/device_check.sh --smoke: every stage of the GPU run at tiny shapes on CPU (the kernels
+    interpreted), so the prepared script has no Python piece that fails before it reaches a GPU."""
+    env = {**os.environ, "OUT": str(tmp_path), "PY": sys.executable}
+    run = subprocess.run(["bash", os.path.join(ROOT, "scripts", "device_check.sh"), "--smoke"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "rc=0" in run.stdout and "rc=1" not in run.stdout and "Traceback" not in run.stdout, run.stdout[-4000:]
+    docs = json.loads((tmp_path / "decode_gpu.json").read_text())
+    assert [d["config"]["batch"] for d in docs] == [1, 2]
+    assert all(r["speedup"] > 0 for d in docs for r in d["results"])
+    for name in ("decode_smollm2_gpu", "decode_gpu_xla_command_buffers"):
+        doc = json.loads((tmp_path / f"{name}.json").read_text())
+        assert doc["config"]["batch"] == 1 and doc["results"][0]["speedup"] > 0
+    # SmolLM2-135M's widths, its depth and vocabulary overridden
+    smol = json.loads((tmp_path / "decode_smollm2_gpu.json").read_text())
+    c = smol["config"]
+    assert (c["num_hidden_layers"], c["vocab_size"], c["hidden_size"], c["num_attention_heads"],
+            c["num_key_value_heads"], c["head_dim"], c["intermediate_size"], c["tie_word_embeddings"]) == \
+        (2, 256, 576, 9, 3, 64, 1536, True)
+    (row,) = smol["results"]
+    assert (row["seq_len"], row["batch"], row["steps"]) == (64, 1, 3)
+    for name in ("dense", "sparq"):
+        r = row[name]
+        assert r["loop_ms"] > 0 and r["attention_ms"] > 0
+        assert r["step_ms"] == pytest.approx(r["loop_ms"] / 3)
+        assert r["tokens_per_s"] == pytest.approx(1e3 / r["step_ms"])
+    assert row["speedup"] == pytest.approx(row["dense"]["loop_ms"] / row["sparq"]["loop_ms"])
+    assert 0 <= row["tokens_agree"] <= 1 and row["cache_copy_ms"] > 0
+    assert (row["sparq_config"]["rank"], row["sparq_config"]["top_k"]) == (16, 6)   # for_compression(1/4, 64, 64)
+    for name in ("a", "b"):
+        bench = json.loads((tmp_path / f"bench_gpu_{name}.json").read_text())
+        rows = {(r["method"], r["impl"]): r for r in bench["rows"]}
+        assert rows[("sparq", "pallas_gpu")]["rel_err_vs_xla"] < 1e-5   # fp32 on CPU
+    stages = json.loads((tmp_path / "bench_gpu_b.json").read_text())["breakdown"]["pallas_gpu"]
+    assert {"step 1 + scores, fused", "steps 2+3 + alpha, fused", "top-k: Pallas, a program per row"} <= set(stages)
+    launches = json.loads((tmp_path / "launches.json").read_text())
+    assert len(launches) == 4 and all(r["launches"] > 0 for r in launches)   # 2 methods x 2 batch sizes
+    assert len(list((tmp_path / "xla_dump").glob("*decode_loop*after_optimizations.txt"))) == 4

@@ -664,3 +664,55 @@ def test_pallas_impl_off_its_device_says_what_to_do(impl):
                                          r"backend is 'cpu'.*interpret=True.*impl='xla'"):
         sq.attend(q, cache, sq.SparQ(4, 8), impl=impl)
     sq.attend(q, cache, sq.SparQ(4, 8), impl=impl, interpret=True)      # the interpreter still runs
+
+
+# --------------------------------------------------------------------------------------------
+# The XLA flag the package sets on a CUDA backend (sparq_jax/xla_flags.py)
+
+def test_command_buffer_flag_is_added_once_and_never_over_the_users():
+    from sparq_jax import xla_flags as xf
+
+    want = "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"
+    assert xf.with_command_buffer_flag(None) == want
+    assert xf.with_command_buffer_flag("--xla_dump_to=/tmp/d") == "--xla_dump_to=/tmp/d " + want
+    for users in ("--xla_gpu_enable_command_buffer=", "--xla_gpu_enable_command_buffer=FUSION",
+                  "--xla_dump_to=/tmp/d --xla_gpu_enable_command_buffer=-WHILE", want):
+        assert xf.with_command_buffer_flag(users) is None, users
+    # a different flag that shares the prefix is not the user's setting
+    other = "--xla_gpu_enable_command_buffer_va_remapping=true"
+    assert xf.with_command_buffer_flag(other) == other + " " + want
+
+    assert not xf.may_use_cuda({}, plugin_installed=False)
+    assert xf.may_use_cuda({}, plugin_installed=True)
+    assert xf.may_use_cuda({"JAX_PLATFORMS": "cuda,cpu"}, plugin_installed=True)
+    assert not xf.may_use_cuda({"JAX_PLATFORMS": "cpu"}, plugin_installed=True)
+
+
+def test_command_buffer_flag_configure_only_before_a_cuda_backend(monkeypatch):
+    from sparq_jax import xla_flags as xf
+
+    monkeypatch.setattr(xf, "_cuda_plugin_installed", lambda: True)
+    monkeypatch.setattr(xf, "_backends_started", lambda: False)
+    env = {"XLA_FLAGS": "--xla_dump_to=/tmp/d"}
+    assert xf.configure(env) and env["XLA_FLAGS"] == "--xla_dump_to=/tmp/d " + xf.FLAG + "=" + xf.VALUE
+    assert not xf.configure(env)                                    # set once
+    users = {"XLA_FLAGS": xf.FLAG + "=FUSION"}
+    assert not xf.configure(users) and users["XLA_FLAGS"] == xf.FLAG + "=FUSION"
+    assert not xf.configure({"JAX_PLATFORMS": "cpu"})
+    monkeypatch.setattr(xf, "_backends_started", lambda: True)     # XLA has read its flags already
+    late = {}
+    assert not xf.configure(late) and late == {}
+
+
+def test_command_buffer_flag_is_one_this_xla_knows():
+    """An unknown flag in XLA_FLAGS aborts the process (as jax issue 27988's
+    --legacy_command_buffer_custom_call_targets does in jax >= 0.10.2)."""
+    import subprocess
+    import sys
+
+    from sparq_jax import xla_flags as xf
+
+    env = {**__import__("os").environ, "XLA_FLAGS": xf.with_command_buffer_flag(None), "JAX_PLATFORMS": "cpu"}
+    run = subprocess.run([sys.executable, "-c", "import jax.numpy as jnp; print(float(jnp.ones(3).sum()))"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "3.0", run.stderr[-2000:]

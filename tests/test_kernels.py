@@ -178,6 +178,138 @@ def test_gpu_gather_attend_split_k_interpret(G, num_splits):
 
 
 # --------------------------------------------------------------------------------------------
+# Step 1 fused with the scores between the steps (GPU kernel), against the XLA path
+
+def s_hat_from_partials(z, m, l):
+    """NumPy: s_hat = exp(z - M) / L, M and L combined from approx_scores' per-block max and sum of exp."""
+    z, m, l = (np.asarray(x, np.float64) for x in (z, m, l))
+    top = np.max(m, axis=-1, keepdims=True)
+    return np.exp(z - top) / np.sum(l * np.exp(m - top), axis=-1, keepdims=True)
+
+
+def _xla_scores(q, keys, lengths, window, method, transposed):
+    """attention's XLA path between the steps: (s_hat [B, Hkv, G, S], score [B, Hkv, S])."""
+    mask = attention.candidate_mask(lengths, keys.shape[3] if transposed else keys.shape[2], window)
+    i1, q1 = attention._query_components(q, method.rank)
+    logits1 = attention.approx_logits_xla(q1, keys, i1, transposed=transposed)
+    return attention._approx_scores(q, q1, logits1, mask, lengths, method.local_window, method.group_scores)
+
+
+SCORES_CASES = [
+    # (B, Hkv, G, D, S, lengths, window, transposed, dtype, SparQ kwargs): S mostly not a multiple of 64
+    (2, 2, 1, 64, 200, [200, 57], None, True, jnp.float32, dict(rank=8, top_k=32, local_window=4)),
+    (2, 2, 4, 48, 150, [150, 9], None, False, jnp.float32, dict(rank=5, top_k=16, group_scores="logits")),
+    (1, 2, 8, 32, 130, [130], 40, True, jnp.bfloat16, dict(rank=4, top_k=16, local_window=8)),
+    (2, 1, 3, 64, 77, [77, 30], 20, True, jnp.bfloat16,
+     dict(rank=64, top_k=8, local_window=2, group_scores="logits")),                  # r = D
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("case", SCORES_CASES,
+                         ids=lambda c: f"G{c[2]}-D{c[3]}-S{c[4]}-w{c[6]}-{'kt' if c[7] else 'k'}-"
+                                       f"{jnp.dtype(c[8]).name}-{c[9].get('group_scores', 'softmax')}")
+def test_fused_scores_match_xla(case):
+    """sparq_gpu.approx_scores (component choice, temperature, scaled logits, per-block softmax partials,
+    the "logits" score) through attention._fused_scores against the XLA path's s_hat and score."""
+    _check_fused_scores(case, interpret=True)
+
+
+def _check_fused_scores(case, interpret):
+    import sparq_jax as sq
+
+    B, Hkv, G, D, S, lengths, window, transposed, dtype, kwargs = case
+    rng = np.random.default_rng(5)
+    q = jnp.asarray(rng.standard_normal((B, Hkv, G, D)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((B, Hkv, S, D)), dtype)
+    keys = jnp.swapaxes(k, 2, 3) if transposed else k
+    lengths = jnp.asarray(lengths, jnp.int32)
+    method = sq.SparQ(**kwargs)
+    mask = attention.candidate_mask(lengths, S, window)
+    score, z, m, l, _ = attention._gpu_scores(q, keys, mask, lengths, method, window, transposed, interpret)
+    with jax.default_matmul_precision("highest"):  # fp32 products on a GPU too (not tf32)
+        want_s_hat, want_score = _xla_scores(q, keys, lengths, window, method, transposed)
+    s_hat = np.where(np.asarray(mask)[:, None, None, :], s_hat_from_partials(z, m, l), 0)
+    np.testing.assert_allclose(s_hat, np.asarray(want_s_hat), rtol=TOL[dtype], atol=TOL[dtype] / S)
+    score, want_score = np.asarray(score), np.asarray(want_score)
+    np.testing.assert_array_equal(np.isposinf(score), np.isposinf(want_score))
+    np.testing.assert_array_equal(np.isneginf(score), np.isneginf(want_score))
+    finite = np.isfinite(want_score)
+    np.testing.assert_allclose(score[finite], want_score[finite], rtol=TOL[dtype], atol=TOL[dtype] / S)
+
+
+@needs_triton
+def test_approx_scores_component_choice_ties_and_zero_queries():
+    """The r components: |q| summed over the group, ties to the lower component as lax.top_k; a query
+    of zeros keeps the temperature sqrt(D) (uniform s_hat), as in the XLA path."""
+    import sparq_jax as sq
+
+    B, Hkv, G, D, S = 2, 1, 2, 16, 40
+    rng = np.random.default_rng(6)
+    q = rng.uniform(-1, 1, (B, Hkv, G, D)).astype(np.float32)
+    q[0, 0, :, [12, 1, 5]] = 10.0          # the three largest
+    q[0, 0, :, 9] = q[0, 0, :, 3] = [4.0, -2.0]   # then a tie that the cut at r = 4 falls inside
+    q[1] = 0.0
+    k = jnp.asarray(rng.standard_normal((B, Hkv, S, D)), jnp.float32)
+    keys = jnp.swapaxes(k, 2, 3)
+    lengths = jnp.asarray([S, S], jnp.int32)
+    method = sq.SparQ(rank=4, top_k=8)
+    i1, _ = attention._query_components(jnp.asarray(q), 4)
+    assert 3 in np.asarray(i1)[0, 0] and 9 not in np.asarray(i1)[0, 0]
+    bounds = jnp.stack([jnp.zeros_like(lengths), lengths, lengths - 1], axis=-1)
+    z, m, l, score = sparq_gpu.approx_scores(jnp.asarray(q), keys, bounds, rank=4, block_s=16, interpret=True)
+    assert score is None and z.shape == (B, Hkv, G, S) and m.shape == l.shape == (B, Hkv, G, 3)
+    want_s_hat, _ = _xla_scores(jnp.asarray(q), keys, lengths, None, method, True)
+    s_hat = s_hat_from_partials(z, m, l)
+    np.testing.assert_allclose(s_hat, np.asarray(want_s_hat), rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(z)[1], 0.0)
+    np.testing.assert_allclose(s_hat[1], 1 / S, rtol=1e-6)
+
+
+SCORED_CASES = [
+    # (B, Hkv, G, S, D, K, lengths, window, reallocate, num_splits, dtype)
+    (2, 2, 1, 200, 64, 40, [200, 57], None, True, None, jnp.float32),
+    (2, 1, 4, 150, 48, 70, [150, 30], 40, True, 3, jnp.float32),    # split K; a row with K above its candidates
+    (1, 2, 8, 96, 32, 20, [96], None, False, 2, jnp.bfloat16),
+    (2, 2, 3, 64, 32, 16, [64, 9], 5, True, None, jnp.bfloat16),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("case", SCORED_CASES, ids=lambda c: f"G{c[2]}-K{c[5]}-w{c[7]}-r{int(c[8])}-p{c[9]}-{jnp.dtype(c[10]).name}")
+def test_gather_attend_scored_interpret(case):
+    """Steps 2 + 3 with alpha and the valid positions found in the kernel, against gather_attend's
+    reference given the valid positions and alpha computed in NumPy from the same z, m, l."""
+    _check_gather_attend_scored(case, interpret=True)
+
+
+def _check_gather_attend_scored(case, interpret):
+    B, Hkv, G, S, D, K, lengths, window, reallocate, num_splits, dtype = case
+    rng = np.random.default_rng(13)
+    q = jnp.asarray(rng.standard_normal((B, Hkv, G, D)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((B, Hkv, S, D)), dtype)
+    v = jnp.asarray(rng.standard_normal((B, Hkv, S, D)), dtype)
+    lengths = np.asarray(lengths)
+    first = np.zeros_like(lengths) if window is None else np.maximum(lengths - window, 0)
+    bounds = jnp.asarray(np.stack([first, lengths, lengths - 1], -1), jnp.int32)
+    z, m, l, _ = sparq_gpu.approx_scores(q, jnp.swapaxes(k, 2, 3), bounds, rank=4, block_s=32, interpret=interpret)
+    # K positions per row: the row's candidates first (at least one), then any others
+    i2 = np.stack([[rng.permutation(np.r_[rng.permutation(np.arange(f, n)), rng.permutation(
+        np.r_[np.arange(0, f), np.arange(n, S)])][:K]) for _ in range(Hkv)] for f, n in zip(first, lengths)])
+    valid = (i2 >= first[:, None, None]) & (i2 < lengths[:, None, None])
+    s_hat = s_hat_from_partials(z, m, l)
+    alpha = (np.sum(np.where(valid[:, :, None, :], np.take_along_axis(s_hat, i2[:, :, None, :], -1), 0), -1)
+             if reallocate else np.ones((B, Hkv, G)))
+    v_bar = jnp.asarray(rng.standard_normal((B, Hkv, D)), jnp.float32)
+    i2 = jnp.asarray(i2, jnp.int32)
+    out = sparq_gpu._gather_attend_scored(q, k, v, i2, z, m, l, bounds, v_bar, reallocate=reallocate, block_k=16,
+                                          num_splits=num_splits, interpret=interpret)
+    want = ref_gather_attend(q, k, v, i2, jnp.asarray(valid), jnp.asarray(alpha, jnp.float32), v_bar)
+    assert out.shape == (B, Hkv, G, D) and out.dtype == jnp.float32
+    assert_close(out, want, jnp.float32)
+
+
+# --------------------------------------------------------------------------------------------
 # Top-k between the steps (GPU kernel)
 
 def ref_top_k_positions(x, k):
@@ -216,6 +348,36 @@ def test_top_k_positions_interpret(case):
         got = sparq_gpu.top_k_positions(jnp.asarray(x), k, block=block, interpret=True, early_exit=early_exit)
         assert got.shape == (*shape[:-1], k) and got.dtype == jnp.int32
         np.testing.assert_array_equal(np.asarray(got), ref_top_k_positions(x, k))
+
+
+SPLIT_TOP_K_CASES = [
+    # (shape, k, splits, block, ties): pieces of cdiv(S, splits), the last one padded
+    ((3, 200), 17, 4, None, False),
+    ((2, 301), 40, 3, 32, True),        # ties straddle pieces and chunks
+    ((2, 64), 64, 4, None, True),       # k = S: every piece keeps all of itself
+    ((1, 100), 90, 8, None, True),      # k above a piece (13)
+    ((2, 2, 90), 5, 2, None, True),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("case", SPLIT_TOP_K_CASES, ids=lambda c: f"S{c[0][-1]}-k{c[1]}-p{c[2]}-{'ties' if c[4] else 'spread'}")
+def test_top_k_positions_split_interpret(case):
+    """Each row spread over several programs (a local top-k per piece, then an exact merge)."""
+    shape, k, splits, block, ties = case
+    x = top_k_scores(3, shape, ties)
+    got = sparq_gpu.top_k_positions(jnp.asarray(x), k, splits=splits, block=block, interpret=True)
+    assert got.shape == (*shape[:-1], k) and got.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(got), ref_top_k_positions(x, k))
+
+
+def test_top_k_splits_only_few_long_rows():
+    from pallas_kernels.sparq_gpu import _top_k_splits
+
+    assert _top_k_splits(8, 32768, 2048) == 4        # B=1, 8 KV heads: pieces of 8192 fit in registers
+    assert _top_k_splits(64, 32768, 2048) == 4
+    assert _top_k_splits(512, 4096, 128) == 1        # the paper's shape: many short rows
+    assert _top_k_splits(8, 32768, 16384) == 1       # the candidates would outnumber the row
 
 
 @needs_triton
@@ -320,10 +482,27 @@ def test_kernels_lower(backend, platform, G):
     if backend == "gpu":  # the split-K variant and the top-k (one block, and in chunks)
         split = lambda *a: sparq_gpu._gather_attend(*a, block_k=16, num_splits=2, interpret=False)  # noqa: E731
         assert "custom_call" in _lower(split, platform, *step2)
-        for block in (None, 256):
-            text = _lower(lambda x: sparq_gpu.top_k_positions(x, K, block=block), platform,
+        for block, splits in ((None, 1), (256, 1), (None, 4)):
+            text = _lower(lambda x: sparq_gpu.top_k_positions(x, K, block=block, splits=splits), platform,
                           _shape(B, Hkv, S, dtype=jnp.float32))
-            assert "custom_call" in text
+            assert text.count("custom_call") == (1 if splits == 1 else 2)
+        for transposed in (True, False):
+            keys = _shape(B, Hkv, D, S) if transposed else _shape(B, Hkv, S, D)
+            for group_scores in ("softmax", "logits"):
+                fused = lambda q, keys, bounds: sparq_gpu.approx_scores(  # noqa: E731
+                    q, keys, bounds, rank=r, transposed=transposed, group_scores=group_scores)
+                text = _lower(fused, platform, _shape(B, Hkv, G, D, dtype=jnp.float32), keys,
+                              _shape(B, 3, dtype=jnp.int32))
+                assert "custom_call" in text
+        n_blocks = 4
+        scored = (_shape(B, Hkv, G, D, dtype=jnp.float32), _shape(B, Hkv, S, D), _shape(B, Hkv, S, D),
+                  _shape(B, Hkv, K, dtype=jnp.int32), _shape(B, Hkv, G, S, dtype=jnp.float32),
+                  _shape(B, Hkv, G, n_blocks, dtype=jnp.float32), _shape(B, Hkv, G, n_blocks, dtype=jnp.float32),
+                  _shape(B, 3, dtype=jnp.int32), _shape(B, Hkv, D, dtype=jnp.float32))
+        for num_splits in (1, 2):
+            fn = lambda *a: sparq_gpu._gather_attend_scored(  # noqa: E731
+                *a, reallocate=True, block_k=16, num_splits=num_splits, interpret=False)
+            assert "custom_call" in _lower(fn, platform, *scored)
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,8 +538,20 @@ def test_bad_arguments_name_the_argument(backend):
             jax.eval_shape(lambda x: sparq_gpu.top_k_positions(x, 51), score)
         with pytest.raises(ValueError, match="block=48"):
             jax.eval_shape(lambda x: sparq_gpu.top_k_positions(x, 5, block=48), score)
+        with pytest.raises(ValueError, match=r"splits=0; expected an int in \[1, S=50\]"):
+            jax.eval_shape(lambda x: sparq_gpu.top_k_positions(x, 5, splits=0), score)
         with pytest.raises(ValueError, match=r"score has shape \(2, 50\) and dtype int32"):
             jax.eval_shape(lambda x: sparq_gpu.top_k_positions(x, 5), _shape(2, 50, dtype=jnp.int32))
+        q, keys, bounds = _shape(1, 2, 4, 32, dtype=jnp.float32), _shape(1, 2, 32, 64), _shape(1, 3, dtype=jnp.int32)
+        fused = lambda rank=4, **kw: lambda a, b, c: sparq_gpu.approx_scores(a, b, c, rank=rank, **kw)  # noqa: E731
+        with pytest.raises(ValueError, match=r"rank=33; expected an int in \[1, D=32\]"):
+            jax.eval_shape(fused(33), q, keys, bounds)
+        with pytest.raises(ValueError, match=r"bounds has shape \(2, 3\)"):
+            jax.eval_shape(fused(), q, keys, _shape(2, 3, dtype=jnp.int32))
+        with pytest.raises(ValueError, match="group_scores='max'"):
+            jax.eval_shape(fused(group_scores="max"), q, keys, bounds)
+        with pytest.raises(ValueError, match=r"keys has shape \(1, 2, 64, 32\)"):
+            jax.eval_shape(fused(), q, _shape(1, 2, 64, 32), bounds)   # K^T [D=32, S] expected
 
 
 @needs_triton
@@ -429,9 +620,9 @@ def test_compiled_gpu(case):
                                             ((4, 8192), 1000, True), ((3, 40000), 5000, True)])
 def test_compiled_gpu_top_k(shape, k, ties):
     x = top_k_scores(12, shape, ties)
-    for early_exit in (True, False):
-        np.testing.assert_array_equal(np.asarray(sparq_gpu.top_k_positions(jnp.asarray(x), k, early_exit=early_exit)),
-                                      ref_top_k_positions(x, k))
+    for early_exit, splits in ((True, None), (False, None), (True, 1), (True, 4)):
+        got = sparq_gpu.top_k_positions(jnp.asarray(x), k, early_exit=early_exit, splits=splits)
+        np.testing.assert_array_equal(np.asarray(got), ref_top_k_positions(x, k))
 
 
 @on_gpu
@@ -444,6 +635,18 @@ def test_compiled_gpu_fp32_queries_against_bf16_cache():
     q = q.astype(jnp.float32) + jnp.asarray(np.random.default_rng(11).uniform(-1e-2, 1e-2, q.shape), jnp.float32)
     args = (q, k, v, *rest)
     assert_close(sparq_gpu.gather_attend(*args), ref_gather_attend(*args), jnp.float32)
+
+
+@on_gpu
+@pytest.mark.parametrize("case", SCORES_CASES)
+def test_compiled_gpu_fused_scores(case):
+    _check_fused_scores(case, interpret=False)
+
+
+@on_gpu
+@pytest.mark.parametrize("case", SCORED_CASES)
+def test_compiled_gpu_gather_attend_scored(case):
+    _check_gather_attend_scored(case, interpret=False)
 
 
 @on_gpu
