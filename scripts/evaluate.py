@@ -31,6 +31,7 @@ row's cache length at that step (the same for every layer).
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import json
 import os
@@ -302,7 +303,7 @@ def configurations(methods, ratios):
 
 
 def evaluate(lm, task_names, methods, ratios, limit=None, context_length=None, seed=0, heldout=None,
-             batch=16, progress=True, done=(), on_result=None):
+             batch=16, progress=True, done=(), on_result=None, bpc_tokens=BPC_SCORED):
     """Result rows {"task", "method", "compression", "transfer_ratio", "score", "n"} for the grid.
 
     Per task and batch of samples: one dense prefill, then every method from it. Cells in `done`
@@ -340,6 +341,8 @@ def evaluate(lm, task_names, methods, ratios, limit=None, context_length=None, s
     for task, cells in plan.items():
         samples = samples_of[task]
         prefill_fn, run_fn = RUNNERS[task]
+        if task == "bpc":
+            prefill_fn = functools.partial(prefill_fn, scored=bpc_tokens)
         scores = {c: [] for c in cells}
         moved = {c: [0, 0] for c in cells}
         for b0 in range(0, len(samples), batch):
@@ -441,6 +444,9 @@ def parse_args(argv=None):
                    help="prompt tokens per sample (default: the model's max_position_embeddings)")
     p.add_argument("--seed", type=int, default=0, help="seed of the task builders")
     p.add_argument("--batch", type=positive_int, default=16, help="rows per prefill / decode batch (default 16)")
+    p.add_argument("--bpc-tokens", type=positive_int, default=BPC_SCORED,
+                   help=f"bpc: tokens of each window scored through decode steps (default {BPC_SCORED}, at most "
+                        f"half the window)")
     p.add_argument("--heldout", default=HELDOUT, help="folder of *.txt held-out texts for repetition and bpc "
                                                       "(default: the plays shipped in models/bundled/heldout)")
     p.add_argument("--json", help="write the results here as JSON; if it exists with the same model, "
@@ -500,7 +506,8 @@ def main(argv=None):
             _write(args.json, header, rows)
 
     evaluate(lm, args.tasks, args.methods, args.compression, args.limit, ctx, args.seed, heldout,
-             batch=args.batch, done={(r["task"], r["method"], r["compression"]) for r in rows}, on_result=save)
+             batch=args.batch, done={(r["task"], r["method"], r["compression"]) for r in rows}, on_result=save,
+             bpc_tokens=args.bpc_tokens)
     wanted = {(t, m, r) for t in args.tasks for m, r in configurations(args.methods, args.compression)}
     results = [r for r in rows if (r["task"], r["method"], r["compression"]) in wanted]
     print(format_table(results))

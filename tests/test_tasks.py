@@ -164,7 +164,8 @@ def test_evaluate_main_json_schema(evaluate, tmp_path, monkeypatch):
     out = tmp_path / "r.json"
     plot = tmp_path / "r.png"
     evaluate.main(["--tasks", "passkey,repetition,bpc", "--methods", "dense,sparq,flexgen", "--compression",
-                   "1/4", "--limit", "2", "--context-length", "800", "--json", str(out), "--plot", str(plot)])
+                   "1/4", "--limit", "2", "--context-length", "800", "--bpc-tokens", "64", "--json", str(out),
+                   "--plot", str(plot)])
     data = json.loads(out.read_text())
     assert data["model"] == "bundled" and data["context_length"] == 800 and data["seed"] == 0
     rows = data["results"]
@@ -196,3 +197,12 @@ def test_evaluate_rejects_bad_flags(evaluate):
     for argv in (["--compression", "2"], ["--methods", "magic"], ["--tasks", "qa"], ["--limit", "0"]):
         with pytest.raises(SystemExit):
             evaluate.parse_args(argv)
+
+
+@needs_bundled
+def test_bpc_scores_the_requested_tail(lm, evaluate):
+    windows = tasks.bpc_windows(evaluate.heldout_text(), 2, 300, seed=0)
+    p = evaluate.prefill_bpc(lm, windows, scored=16)
+    assert p.forced.shape == (2, 17)                   # 16 scored tokens, fed from the one before them
+    assert p.info["chars"] == [16, 16]                 # byte-level: a token is a character
+    assert evaluate.prefill_bpc(lm, windows, scored=1000).forced.shape == (2, 151)   # at most half (301 // 2)
