@@ -288,7 +288,7 @@ def cmd_decode(args) -> None:
         intermediate_size=args.intermediate, num_hidden_layers=args.layers,
         num_attention_heads=args.q_heads, num_key_value_heads=args.kv_heads, head_dim=d,
         max_position_embeddings=max(args.seq_lens) + 1024)
-    lm = models.LanguageModel(config, models.init_weights(config, seed=0))
+    lm = models.LanguageModel(models.init_model(config, seed=0))
     steps = args.warmup + args.reps
     results = []
     for s in args.seq_lens:
