@@ -427,7 +427,7 @@ def cmd_model(args) -> None:
                     decode_s[name].append(stats.decode_s / stats.decode_steps)
             del state
             row = {"batch": b, "context": s, "new_tokens": n,
-                   "sparq": {"rank": sparq.rank, "top_k": sparq.top_k, "local_window": sparq.local_window},
+                   "sparq_method": {"rank": sparq.rank, "top_k": sparq.top_k, "local_window": sparq.local_window},
                    "prefill_compile_s": prefill_s[0] - statistics.median(prefill_s[1:]),
                    "prefill_tokens_per_s": b * s / statistics.median(prefill_s[1:])}
             for name in methods:

@@ -329,6 +329,27 @@ def test_decode_loop_compiles_once_per_bucket(loaded):
     assert lm_module.decode_loop_jit._cache_size() == before + 3   # another method
 
 
+def test_decode_loop_copies_no_cache_and_no_weight():
+    """The compiled decode loop updates the donated caches in place and reads every weight where it
+    lies (a per-step copy of a cache or a weight costs more than SparQ saves)."""
+    import re
+
+    config = models.ModelConfig(model_type="llama", vocab_size=300, hidden_size=32, intermediate_size=48,
+                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                max_position_embeddings=256)
+    lm = models.LanguageModel(models.init_model(config))
+    logits, state = lm.prefill(np.ones((1, 100), np.int32), max_len=120, transposed_keys=True)
+    weights = {",".join(map(str, x.shape)) for x in jax.tree.leaves(lm.params) if x.ndim > 1}
+    for method in [sq.Dense(), sq.SparQ(rank=2, top_k=16)]:
+        hlo = lm_module.decode_loop_jit.lower(
+            lm._graphdef, lm.params, logits, state, jax.random.key(0), jnp.float32(1), jnp.float32(1),
+            jnp.zeros((0,), jnp.int32), jnp.int32(0), method=method, max_new_tokens=8, do_sample=False,
+        ).compile().as_text()
+        assert not re.findall(r"f32\[1,2,(120,8|8,120)\]\{[0-9,]+\} copy\(", hlo), method
+        for shape in weights:
+            assert not re.findall(rf"f32\[{shape}\]\{{[0-9,]+\}} (copy|transpose)\(", hlo), (method, shape)
+
+
 def test_generate_validates_arguments(loaded):
     lm, _ = loaded("llama_gqa_llama3")
     ids, mask = left_padded_batch([4, 3])
