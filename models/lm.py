@@ -18,7 +18,6 @@ and each layer's cache update and attention run per shard under shard_map.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 import weakref
 from typing import Optional, Sequence
@@ -125,18 +124,23 @@ def transfer_ratio(method, prompt_lengths, decode_steps: int, head_dim: int, win
     return num / den if den else float("nan")
 
 
-def _merged(fn):
-    """fn(model, ...) as a function of (graphdef, state, ...), to jit with graphdef static."""
-    @functools.wraps(fn)
-    def run(graphdef, state, *args, **kwargs):
-        return fn(nnx.merge(graphdef, state), *args, **kwargs)
-    return run
+# The model comes in as (graphdef, state) from nnx.split, graphdef static, and is merged at trace time.
+def _logits(graphdef, state, input_ids, attention_mask, *, mesh):
+    return llama.logits(nnx.merge(graphdef, state), input_ids, attention_mask, mesh=mesh)
 
 
-_logits_jit = jax.jit(_merged(llama.logits), static_argnums=0, static_argnames=("chunk", "mesh"))
-_prefill_jit = jax.jit(_merged(llama.prefill), static_argnums=0,
-                       static_argnames=("max_len", "transposed_keys", "h2o", "chunk", "mesh"))
-_decode_step_jit = jax.jit(_merged(llama.decode_step), static_argnums=0, static_argnames=("method", "mesh"),
+def _prefill(graphdef, state, input_ids, attention_mask, *, max_len, transposed_keys, h2o, mesh):
+    return llama.prefill(nnx.merge(graphdef, state), input_ids, attention_mask, max_len=max_len,
+                         transposed_keys=transposed_keys, h2o=h2o, mesh=mesh)
+
+
+def _decode_step(graphdef, state, tokens, cache, *, method, mesh):
+    return llama.decode_step(nnx.merge(graphdef, state), tokens, cache, method=method, mesh=mesh)
+
+
+_logits_jit = jax.jit(_logits, static_argnums=0, static_argnames=("mesh",))
+_prefill_jit = jax.jit(_prefill, static_argnums=0, static_argnames=("max_len", "transposed_keys", "h2o", "mesh"))
+_decode_step_jit = jax.jit(_decode_step, static_argnums=0, static_argnames=("method", "mesh"),
                            donate_argnames=("cache",))
 decode_loop_jit = jax.jit(_decode_loop, static_argnums=0,
                           static_argnames=("method", "max_new_tokens", "do_sample", "mesh"), donate_argnames=("cache",))

@@ -176,6 +176,17 @@ def test_teacher_forced_decode_equals_logits(loaded, name):
         lm.decode_step(ids[:, -1], state)
 
 
+def test_decode_step_donates_the_state(loaded):
+    """decode_step reuses the state's buffers (a copy of every cache per token would cost more than
+    SparQ saves)."""
+    lm, _ = loaded("llama_gqa_llama3")
+    ids, mask = left_padded_batch(LENGTHS, seed=4)
+    _, state = lm.prefill(ids, mask, method=sq.SparQ(rank=4, top_k=8))
+    _, new = lm.decode_step(ids[:, -1], state, method=sq.SparQ(rank=4, top_k=8))
+    assert all(c.k.is_deleted() and c.kt.is_deleted() and c.v.is_deleted() for c in state)
+    assert not any(c.k.is_deleted() for c in new)
+
+
 def test_prefill_in_blocks_equals_one_block(loaded):
     lm, _ = loaded("mistral_window")
     ids, mask = left_padded_batch(LENGTHS, seed=5)
