@@ -1,4 +1,4 @@
-"""Flax-style (pure JAX) ports of Llama and Mistral, loaded from Hugging Face checkpoints.
+"""Flax NNX ports of Llama and Mistral, loaded from Hugging Face checkpoints.
 
     import models, sparq_jax as sq
     lm = models.from_pretrained("path/to/checkpoint")   # a folder, a .gguf, "smollm2-135m-instruct", a repo id
@@ -9,9 +9,9 @@
 from .config import CheckpointError, ConfigError, ModelConfig, RopeParameters
 from .hf import BUNDLED, from_pretrained, save_pretrained
 from .known import KNOWN_MODELS
-from .llama import Weights, init_weights
+from .llama import Llama, init_model
 from .lm import LanguageModel, bucket_length
 from .tokenizer import byte_tokenizer
 
-__all__ = ["BUNDLED", "CheckpointError", "ConfigError", "KNOWN_MODELS", "LanguageModel", "ModelConfig", "RopeParameters",
-           "Weights", "bucket_length", "byte_tokenizer", "from_pretrained", "init_weights", "save_pretrained"]
+__all__ = ["BUNDLED", "CheckpointError", "ConfigError", "KNOWN_MODELS", "LanguageModel", "Llama", "ModelConfig",
+           "RopeParameters", "bucket_length", "byte_tokenizer", "from_pretrained", "init_model", "save_pretrained"]

@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints: from_pretrained (safetensors -> llama.Weights) and save_pretrained; GGUF
+"""Hugging Face checkpoints: from_pretrained (safetensors -> llama.Llama) and save_pretrained; GGUF
 files (models/gguf.py) and known names (models/known.py) are found here and feed the same loader.
 
 Of Hugging Face's formats only safetensors are read: unpickling a pytorch_model.bin runs arbitrary code. The safetensors
@@ -18,6 +18,8 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from flax import nnx
 from tqdm.auto import tqdm
 
 from sparq_jax import sharding
@@ -39,12 +41,12 @@ BUNDLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bundled")
 
 
 # ---------------------------------------------------------------------------------------------
-# Tensor names: Hugging Face's LlamaForCausalLM / MistralForCausalLM <-> llama.Weights
+# Tensor names: Hugging Face's LlamaForCausalLM / MistralForCausalLM <-> llama.Llama's params
 
 @dataclasses.dataclass(frozen=True)
 class _Slot:
     field: str                 # a key of llama.weight_shapes
-    layer: Optional[int]       # index on the stacked layer axis, None for embed / norm / lm_head
+    layer: Optional[int]       # the layer, None for embed / norm / lm_head (llama.param_path)
     hf_shape: tuple[int, ...]
     transposed: bool           # torch Linear weights are [out, in]; ours are input-major
 
@@ -204,6 +206,11 @@ def _resolve(path_or_repo_id) -> tuple[str, str]:
             f"here, then models.from_pretrained('DIR')") from None
 
 
+def resolve_path(path_or_repo_id) -> str:
+    """The local path (a folder or a .gguf file) behind what from_pretrained takes, fetched if need be."""
+    return _resolve(path_or_repo_id)[1]
+
+
 def _weight_entries(folder: str) -> dict[str, _Entry]:
     """Every tensor of the folder's safetensors weights (single file or sharded index)."""
     index = os.path.join(folder, "model.safetensors.index.json")
@@ -285,12 +292,7 @@ def _load_dtype(dtype) -> jnp.dtype:
 # ---------------------------------------------------------------------------------------------
 # The entry points
 
-def _set(stacked, x, layer):
-    return stacked.at[layer].set(x)
-
-
-_set_layer = jax.jit(_set, donate_argnums=0)
-# The K / V fields and their head axis (without L): the fields a replicated KV head is copied in.
+# The K / V fields and their head axis: the fields a replicated KV head is copied in.
 _KV_HEAD_AXES = {"layers.k": 1, "layers.v": 1, "layers.k_bias": 0, "layers.v_bias": 0}
 
 
@@ -302,17 +304,10 @@ def _placed(x: np.ndarray, target) -> jax.Array:
     return jax.make_array_from_callback(x.shape, target, lambda index: x[index])
 
 
-def _zeros(shape, dtype, target) -> jax.Array:
-    if target is None:
-        return jnp.zeros(shape, dtype)
-    return jax.jit(jnp.zeros, static_argnums=(0, 1), out_shardings=target)(shape, dtype)
-
-
-def _flatten(weights: llama.Weights) -> dict:
-    """{"embed": ..., "layers.q": ..., ...}: the keys of llama.weight_shapes (absent fields None)."""
-    flat = {"embed": weights.embed, "norm": weights.norm, "lm_head": weights.lm_head}
-    flat.update({"layers." + f.name: getattr(weights.layers, f.name) for f in dataclasses.fields(weights.layers)})
-    return flat
+def _param(state: nnx.State, field: str, layer: Optional[int]) -> nnx.Param:
+    for key in llama.param_path(field, layer):
+        state = state[key]
+    return state
 
 
 def mesh_config(config: ModelConfig, mesh) -> tuple[ModelConfig, int]:
@@ -325,45 +320,38 @@ def mesh_config(config: ModelConfig, mesh) -> tuple[ModelConfig, int]:
     return config, replicas
 
 
-def load_weights(folder_or_entries, config: ModelConfig, dtype="float32", mesh=None) -> llama.Weights:
-    """A checkpoint's weights as llama.Weights in `dtype`, read one tensor at a time.
+def load_weights(folder_or_entries, config: ModelConfig, dtype="float32", mesh=None) -> llama.Llama:
+    """A checkpoint's weights as a llama.Llama in `dtype`, read one tensor at a time.
 
     folder_or_entries: a safetensors folder, or {Hugging Face tensor name: entry} with entries as
     _Entry (dtype, shape, read()), which is how GGUF files come in (models/gguf.py).
 
-    Each stacked layer field is allocated once on the device and filled in place (a donated update),
-    so host memory holds one tensor at a time (in two or three forms) and the device one copy of
-    the weights. With a mesh, every tensor goes straight to its shards (llama.weight_shardings), and
-    when the "model" axis outnumbers the KV heads, each KV head's K and V projections are copied
-    sharding.kv_replicas times (adjacent copies, so each query group's heads stay with a copy of
-    their KV head): the weights then match mesh_config(config, mesh)[0].
+    The model is built abstractly (nnx.eval_shape: shapes, no arrays), split, each of its params
+    filled with its tensor, then merged: host memory holds one tensor at a time (in two or three
+    forms) and the device one copy of the weights. With a mesh, every tensor goes straight to its
+    shards (llama.weight_specs), and when the "model" axis outnumbers the KV heads, each KV head's
+    K and V projections are copied sharding.kv_replicas times (adjacent copies, so each query
+    group's heads stay with a copy of their KV head): the model then has mesh_config(config, mesh)[0].
     """
     dtype = _load_dtype(dtype)
     entries = (folder_or_entries if isinstance(folder_or_entries, dict)
                else _weight_entries(folder_or_entries))
     layout = _check_entries(config, entries)
     file_shapes = llama.weight_shapes(config)
-    replicas, stacked, per_layer = 1, {}, {}
+    replicas, targets = 1, {}
     if mesh is not None:
         config, replicas = mesh_config(config, mesh)
-        stacked = _flatten(llama.weight_shardings(config, mesh))
-        unstacked = llama.weight_shardings(config, mesh, per_layer=True)
-        per_layer = _flatten(dataclasses.replace(unstacked, layers=unstacked.layers[0]))
-    shapes = llama.weight_shapes(config)
-    flat = {f: _zeros((config.num_hidden_layers, *s), dtype, stacked.get(f)) for f, s in shapes.items()
-            if f.startswith("layers.")}
+        targets = {f: NamedSharding(mesh, spec) for f, spec in
+                   llama.weight_specs(config, mesh.shape[sharding.MODEL]).items()}
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: llama.Llama(config, dtype=dtype, rngs=nnx.Rngs(0))))
     for name, slot in tqdm(layout.items(), desc="loading weights", unit="tensor", leave=False):
         x = entries[name].read()
         x = (x.T if slot.transposed else x).reshape(file_shapes[slot.field])
         if replicas > 1 and slot.field in _KV_HEAD_AXES:
             x = np.repeat(x, replicas, axis=_KV_HEAD_AXES[slot.field])
-        x = x.astype(dtype, copy=False)
-        if slot.layer is None:
-            flat[slot.field] = _placed(x, stacked.get(slot.field))
-        else:
-            flat[slot.field] = _set_layer(flat[slot.field], _placed(x, per_layer.get(slot.field)), slot.layer)
+        _param(state, slot.field, slot.layer).set_value(_placed(x.astype(dtype, copy=False), targets.get(slot.field)))
         del x
-    return llama.weights_from_flat(flat)
+    return nnx.merge(graphdef, state)
 
 
 def _generation_defaults(folder: str, config: ModelConfig) -> tuple[tuple[int, ...], Optional[int]]:
@@ -408,9 +396,10 @@ def from_pretrained(path_or_repo_id, dtype="float32", mesh=None) -> LanguageMode
     _load_dtype(dtype)
     checkpoint = open_checkpoint(path_or_repo_id)
     config = checkpoint.config
-    placed = config if mesh is None else mesh_config(config, mesh)[0]  # mesh errors before any read
-    params = load_weights(checkpoint.entries, config, dtype, mesh)
-    return LanguageModel(placed, params, tokenizer=checkpoint.tokenizer(), eos_token_id=checkpoint.eos_token_id,
+    if mesh is not None:
+        mesh_config(config, mesh)                                       # mesh errors before any read
+    model = load_weights(checkpoint.entries, config, dtype, mesh)
+    return LanguageModel(model, tokenizer=checkpoint.tokenizer(), eos_token_id=checkpoint.eos_token_id,
                          pad_token_id=checkpoint.pad_token_id, mesh=mesh)
 
 
@@ -461,15 +450,14 @@ def _tokenizer(folder: str):
     return tokenizer
 
 
-def save_pretrained(params: llama.Weights, config: ModelConfig, path: str) -> None:
-    """Write config.json and model.safetensors (Hugging Face names and layout, the params' dtype) into
-    folder `path`, loadable by from_pretrained and by transformers' Llama/MistralForCausalLM."""
+def save_pretrained(model: llama.Llama, path: str) -> None:
+    """Write config.json and model.safetensors (Hugging Face names and layout, the params' dtype) of a
+    llama.Llama into folder `path`, loadable by from_pretrained and by transformers'
+    Llama/MistralForCausalLM."""
     os.makedirs(path, exist_ok=True)
-    flat = _flatten(params)
-    tensors = {}
-    for name, slot in _layout(config).items():
-        x = flat[slot.field] if slot.layer is None else flat[slot.field][slot.layer]
-        tensors[name] = _to_hf(np.asarray(x), slot)
+    config, state = model.config, nnx.state(model, nnx.Param)
+    tensors = {name: _to_hf(np.asarray(_param(state, slot.field, slot.layer)[...]), slot)
+               for name, slot in _layout(config).items()}
     write_safetensors(os.path.join(path, "model.safetensors"), tensors, {"format": "pt"})
     d = config.to_dict()
     d["dtype"] = str(next(iter(tensors.values())).dtype)

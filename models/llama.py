@@ -1,21 +1,28 @@
-"""Llama and Mistral (= Llama + sliding window) as pure functions of (weights, tokens, cache).
+"""Llama and Mistral (= Llama + sliding window) as Flax NNX modules: one forward, weights once.
 
-Weights are pytrees of arrays with the layers stacked on a leading axis, and every layer loop is a
-lax.scan, so compile time does not grow with depth. Nothing lives in object state: the config is a
-static (hashable) argument, the KV cache a sparq_jax.KVCache stacked over layers.
+Llama holds the embedding, an nnx.List of DecoderLayers (input norm, Attention, post-attention norm,
+MLP) and the final norm; each weight is an nnx.Param of its own layer, the only copy. Llama.__call__
+is the one forward pass. Prefill, logits, decode and training all run it and differ only in the
+attention they hand it, a function (layer index, q, k, v) -> (output, what the caller keeps):
+  - prompt_attention: dense causal attention over a padded prompt, in blocks (prefill, logits) or
+    as one differentiable [T, T] block (chunk=None: training);
+  - decode_step: append the token's k, v to that layer's sq.KVCache and sq.attend with a method.
+The KV cache is not model state: it is an explicit tuple of per-layer sq.KVCaches that jitted loops
+carry and donate. Jitted callers pass (graphdef, state) from nnx.split and merge at trace time.
 
 Shapes: B batch, T tokens, H hidden, Hq / Hkv query / KV heads, D head dim, I MLP width, V vocab,
 L layers, S cache positions. Softmax, RMSNorm and RoPE run in fp32 whatever the weights' dtype.
 """
 from __future__ import annotations
 
-import dataclasses
+import functools
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -27,49 +34,20 @@ from .config import ModelConfig, RopeParameters
 
 _F32 = jnp.float32
 # Queries per block of the chunked prefill: scores are [B, Hq, chunk, T], never [B, Hq, T, T].
-PREFILL_CHUNK = 512
+PREFILL_CHUNK = 256
 
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class LayerWeights:
-    """One transformer block's weights, every field stacked on a leading layer axis L.
-
-    Projections are stored input-major (x @ W), split per head. Biases are None unless the config's
-    attention_bias / mlp_bias says otherwise.
-    """
-
-    input_norm: jax.Array                 # [L, H]
-    q: jax.Array                          # [L, H, Hq, D]
-    k: jax.Array                          # [L, H, Hkv, D]
-    v: jax.Array                          # [L, H, Hkv, D]
-    o: jax.Array                          # [L, Hq, D, H]
-    post_norm: jax.Array                  # [L, H]
-    gate: jax.Array                       # [L, H, I]
-    up: jax.Array                         # [L, H, I]
-    down: jax.Array                       # [L, I, H]
-    q_bias: Optional[jax.Array] = None    # [L, Hq, D]
-    k_bias: Optional[jax.Array] = None    # [L, Hkv, D]
-    v_bias: Optional[jax.Array] = None    # [L, Hkv, D]
-    o_bias: Optional[jax.Array] = None    # [L, H]
-    gate_bias: Optional[jax.Array] = None  # [L, I]
-    up_bias: Optional[jax.Array] = None   # [L, I]
-    down_bias: Optional[jax.Array] = None  # [L, H]
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Weights:
-    embed: jax.Array                      # [V, H]
-    layers: LayerWeights
-    norm: jax.Array                       # [H]
-    lm_head: Optional[jax.Array] = None   # [H, V]; None when tied to embed
+# Where each per-layer weight lives in a DecoderLayer (keys of weight_shapes without "layers.").
+_LAYER_PARAMS = {
+    "input_norm": ("input_norm",), "post_norm": ("post_norm",),
+    **{f: ("attn", f) for f in ("q", "k", "v", "o", "q_bias", "k_bias", "v_bias", "o_bias")},
+    **{f: ("mlp", f) for f in ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")},
+}
 
 
 def weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """The shape of every field of Weights (layer fields without their L axis), as the config implies.
-
-    Keys are "embed", "norm", "lm_head" and "layers.<field>"; absent biases / a tied head are left out.
+    """The shape of every weight, as the config implies: keys "embed", "norm", "lm_head" and
+    "layers.<field>" (one layer's; param_path says where each lives); absent biases / a tied head
+    are left out.
     """
     h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
     hq, hkv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -89,16 +67,9 @@ def weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def weights_from_flat(flat: dict[str, jax.Array]) -> Weights:
-    """Weights from {"embed": ..., "layers.q": [L, ...], ...} as keyed by weight_shapes."""
-    layers = {k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith("layers.")}
-    return Weights(embed=flat["embed"], layers=LayerWeights(**layers), norm=flat["norm"],
-                   lm_head=flat.get("lm_head"))
-
-
 def weight_specs(config: ModelConfig, model: int) -> dict[str, P]:
     """PartitionSpecs (Megatron-style tensor parallelism over a "model" axis of this size) for each
-    key of weight_shapes, layer fields without their L axis.
+    key of weight_shapes.
 
     q, k, v, gate and up are split by output (heads, MLP width) and o, down by input, so each layer
     needs one all-reduce after attention and one after the MLP. The embedding and the lm head are
@@ -133,33 +104,124 @@ def weight_specs(config: ModelConfig, model: int) -> dict[str, P]:
     return {name: specs[name] for name in weight_shapes(config)}
 
 
-def weight_shardings(config: ModelConfig, mesh, per_layer: bool = False) -> Weights:
-    """NamedShardings of Weights on mesh: layer fields stacked on L, or per_layer as unstack_layers
-    lays them out."""
-    flat = {}
-    for name, spec in weight_specs(config, mesh.shape[MODEL]).items():
-        if name.startswith("layers.") and not per_layer:
-            spec = P(None, *spec)
-        flat[name] = NamedSharding(mesh, spec)
-    weights = weights_from_flat(flat)
-    if per_layer:
-        weights = dataclasses.replace(weights, layers=(weights.layers,) * config.num_hidden_layers)
-    return weights
+def param_path(field: str, layer: Optional[int] = None) -> tuple:
+    """The nnx state path of a weight_shapes key: ("embed",), or for "layers.q" in layer 3
+    ("layers", 3, "attn", "q")."""
+    if not field.startswith("layers."):
+        return (field,)
+    return ("layers", layer, *_LAYER_PARAMS[field.split(".", 1)[1]])
 
 
-def init_weights(config: ModelConfig, seed: int = 0, dtype=jnp.float32, std: float = 0.02) -> Weights:
-    """Random weights as transformers initialises them: N(0, std) matrices, unit norms, zero biases."""
-    key = jax.random.key(seed)
-    flat = {}
-    for n, (name, shape) in enumerate(weight_shapes(config).items()):
-        full = shape if not name.startswith("layers.") else (config.num_hidden_layers, *shape)
-        if name.endswith("norm"):
-            flat[name] = jnp.ones(full, dtype)
-        elif name.endswith("_bias"):
-            flat[name] = jnp.zeros(full, dtype)
-        else:
-            flat[name] = (std * jax.random.normal(jax.random.fold_in(key, n), full, _F32)).astype(dtype)
-    return weights_from_flat(flat)
+def _normal(rngs: nnx.Rngs, shape, dtype, std: float) -> nnx.Param:
+    return nnx.Param((std * jax.random.normal(rngs.params(), shape, _F32)).astype(dtype))
+
+
+def _bias(x: jax.Array, b: Optional[nnx.Param]) -> jax.Array:
+    return x if b is None else x + b[...]
+
+
+class Attention(nnx.Module):
+    """Projections input-major (x @ W), split per head: q [H, Hq, D], k, v [H, Hkv, D], o [Hq, D, H];
+    biases (None unless config.attention_bias) q [Hq, D], k, v [Hkv, D], o [H]."""
+
+    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs, std: float = 0.02):
+        h, hq, hkv, d = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.q = _normal(rngs, (h, hq, d), dtype, std)
+        self.k = _normal(rngs, (h, hkv, d), dtype, std)
+        self.v = _normal(rngs, (h, hkv, d), dtype, std)
+        self.o = _normal(rngs, (hq, d, h), dtype, std)
+        bias = config.attention_bias
+        self.q_bias = nnx.Param(jnp.zeros((hq, d), dtype)) if bias else None
+        self.k_bias = nnx.Param(jnp.zeros((hkv, d), dtype)) if bias else None
+        self.v_bias = nnx.Param(jnp.zeros((hkv, d), dtype)) if bias else None
+        self.o_bias = nnx.Param(jnp.zeros((h,), dtype)) if bias else None
+
+    def __call__(self, h: jax.Array, cos: jax.Array, sin: jax.Array, attention: Callable):
+        """h [B, T, H] (normed) -> ([B, T, H], what attention returned beside its output).
+        attention(q [B, T, Hq, D], k, v [B, T, Hkv, D]) -> (out [B, T, Hq, D], kept); q, k after RoPE."""
+        q = _bias(jnp.einsum("...h,hnd->...nd", h, self.q[...]), self.q_bias)
+        k = _bias(jnp.einsum("...h,hnd->...nd", h, self.k[...]), self.k_bias)
+        v = _bias(jnp.einsum("...h,hnd->...nd", h, self.v[...]), self.v_bias)
+        out, kept = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+        # One [Hq*D, H] matrix product: with the heads contracted as two axes, XLA:CPU transposed the
+        # whole o weight every decode step rather than the small activation.
+        o = self.o[...]
+        o = o.reshape(-1, o.shape[-1])
+        return _bias(out.reshape(*out.shape[:-2], o.shape[0]) @ o, self.o_bias), kept
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(h)) * up(h)); gate, up [H, I], down [I, H], biases if config.mlp_bias."""
+
+    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs, std: float = 0.02):
+        h, i = config.hidden_size, config.intermediate_size
+        self.gate = _normal(rngs, (h, i), dtype, std)
+        self.up = _normal(rngs, (h, i), dtype, std)
+        self.down = _normal(rngs, (i, h), dtype, std)
+        bias = config.mlp_bias
+        self.gate_bias = nnx.Param(jnp.zeros((i,), dtype)) if bias else None
+        self.up_bias = nnx.Param(jnp.zeros((i,), dtype)) if bias else None
+        self.down_bias = nnx.Param(jnp.zeros((h,), dtype)) if bias else None
+
+    def __call__(self, h: jax.Array) -> jax.Array:
+        gate = _bias(h @ self.gate[...], self.gate_bias)
+        up = _bias(h @ self.up[...], self.up_bias)
+        return _bias((jax.nn.silu(gate) * up) @ self.down[...], self.down_bias)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs, std: float = 0.02):
+        self.eps = config.rms_norm_eps
+        self.input_norm = nnx.Param(jnp.ones((config.hidden_size,), dtype))
+        self.attn = Attention(config, dtype=dtype, rngs=rngs, std=std)
+        self.post_norm = nnx.Param(jnp.ones((config.hidden_size,), dtype))
+        self.mlp = MLP(config, dtype=dtype, rngs=rngs, std=std)
+
+    def __call__(self, x, cos, sin, attention: Callable):
+        out, kept = self.attn(rms_norm(x, self.input_norm[...], self.eps), cos, sin, attention)
+        x = x + out
+        return x + self.mlp(rms_norm(x, self.post_norm[...], self.eps)), kept
+
+
+class Llama(nnx.Module):
+    """A Llama / Mistral decoder: embed [V, H], layers, norm [H], lm_head [H, V] (None when tied to
+    embed). Random weights as transformers initialises them: N(0, std) matrices, unit norms, zero
+    biases; from_pretrained builds it abstractly (nnx.eval_shape) and fills in a checkpoint's."""
+
+    def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs, std: float = 0.02):
+        self.config = config
+        self.embed = _normal(rngs, (config.vocab_size, config.hidden_size), dtype, std)
+        self.layers = nnx.List([DecoderLayer(config, dtype=dtype, rngs=rngs, std=std)
+                                for _ in range(config.num_hidden_layers)])
+        self.norm = nnx.Param(jnp.ones((config.hidden_size,), dtype))
+        self.lm_head = (None if config.tie_word_embeddings
+                        else _normal(rngs, (config.hidden_size, config.vocab_size), dtype, std))
+
+    def __call__(self, input_ids: jax.Array, positions: jax.Array, attention: Callable, mesh=None):
+        """The forward pass: input_ids, positions [B, T] -> (hidden states [B, T, H] after the final
+        norm, a tuple with what attention(layer, q, k, v) kept in each layer).
+
+        mesh: weights placed by weight_specs; activations are pinned to rows over "data" and the
+        partitioner splits the rest from the weights.
+        """
+        cos, sin = rope_tables(self.config, positions)                          # [B, T, D/2]
+        x = _rows(self.embed[...][input_ids], mesh)
+        kept = []
+        for i, layer in enumerate(self.layers):
+            x, k = layer(x, cos, sin, functools.partial(attention, i))
+            kept.append(k)
+        return rms_norm(x, self.norm[...], self.config.rms_norm_eps), tuple(kept)
+
+    def head(self, x: jax.Array) -> jax.Array:
+        """x [..., H] -> fp32 logits [..., V]."""
+        if self.lm_head is None:
+            return jnp.einsum("...h,vh->...v", x, self.embed[...], preferred_element_type=_F32)
+        return jnp.einsum("...h,hv->...v", x, self.lm_head[...], preferred_element_type=_F32)
+
+
+def init_model(config: ModelConfig, seed: int = 0, dtype=jnp.float32, std: float = 0.02) -> Llama:
+    """A Llama of random weights (see Llama), seeded."""
+    return Llama(config, dtype=dtype, rngs=nnx.Rngs(seed), std=std)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,41 +323,8 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def _bias(x, b):
-    return x if b is None else x + b
-
-
-def _qkv(w: LayerWeights, h: jax.Array):
-    """h [..., H] -> q [..., Hq, D], k and v [..., Hkv, D]."""
-    q = _bias(jnp.einsum("...h,hnd->...nd", h, w.q), w.q_bias)
-    k = _bias(jnp.einsum("...h,hnd->...nd", h, w.k), w.k_bias)
-    v = _bias(jnp.einsum("...h,hnd->...nd", h, w.v), w.v_bias)
-    return q, k, v
-
-
-def _out_proj(w: LayerWeights, attn: jax.Array) -> jax.Array:
-    """attn [..., Hq, D] -> [..., H]. One [Hq*D, H] matrix product: with the heads contracted as two
-    axes, XLA:CPU transposed the whole o weight every decode step rather than the small activation."""
-    o = w.o.reshape(-1, w.o.shape[-1])
-    return _bias(attn.reshape(*attn.shape[:-2], o.shape[0]) @ o, w.o_bias)
-
-
-def _mlp(w: LayerWeights, h: jax.Array) -> jax.Array:
-    """SwiGLU: down(silu(gate(h)) * up(h))."""
-    gate = _bias(jnp.einsum("...h,hi->...i", h, w.gate), w.gate_bias)
-    up = _bias(jnp.einsum("...h,hi->...i", h, w.up), w.up_bias)
-    return _bias(jnp.einsum("...i,ih->...h", jax.nn.silu(gate) * up, w.down), w.down_bias)
-
-
-def _lm_head(weights: Weights, x: jax.Array) -> jax.Array:
-    """x [..., H] -> fp32 logits [..., V]."""
-    if weights.lm_head is None:
-        return jnp.einsum("...h,vh->...v", x, weights.embed, preferred_element_type=_F32)
-    return jnp.einsum("...h,hv->...v", x, weights.lm_head, preferred_element_type=_F32)
-
-
 # ---------------------------------------------------------------------------------------------
-# Prefill: dense causal attention over the prompt, in query chunks
+# The forward pass's attentions
 
 def causal_attention(q, k, v, valid, positions, window: Optional[int], chunk: int = PREFILL_CHUNK,
                      column_sums: bool = False):
@@ -383,41 +412,67 @@ def _rows(x: jax.Array, mesh) -> jax.Array:
     return lax.with_sharding_constraint(x, NamedSharding(mesh, P(DATA, *(None,) * (x.ndim - 1))))
 
 
-def forward_prompt(weights: Weights, input_ids, attention_mask, *, config: ModelConfig,
-                   keep_kv: bool = False, column_sums: bool = False, chunk: int = PREFILL_CHUNK, mesh=None):
-    """Run the layers over a padded prompt.
+def dense_causal_attention(q, k, v, valid, positions, window: Optional[int]):
+    """causal_attention's result from one [T, T] block of scores: O(B Hq T^2) memory, but
+    differentiable in reverse mode (causal_attention's block loops have data-dependent bounds).
+    Arguments and output as causal_attention's (out only)."""
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    logits = jnp.einsum("bqhgd,bkhd->bhgqk", q.reshape(b, t, hkv, hq // hkv, d), k,
+                        preferred_element_type=_F32) / math.sqrt(d)
+    index = jnp.arange(t)
+    mask = valid[:, None, :] & (index[None, None, :] <= index[None, :, None])        # [B, Tq, Tk]
+    if window is not None:
+        mask &= (positions[:, :, None] - positions[:, None, :]) < window
+    logits = jnp.where(mask[:, None, None], logits, -jnp.inf)
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    p = jnp.exp(logits - lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0)))
+    total = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(total > 0, total, 1.0)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", p.astype(v.dtype), v, preferred_element_type=_F32)
+    return out.reshape(b, t, hq, d).astype(q.dtype)
 
-    input_ids, attention_mask [B, T] (any padding; position ids are cumsum(mask) - 1, as transformers'
-    generate). Returns hidden states [B, T, H] after the final norm, and per layer (stacked on L), if
-    keep_kv: k, v [L, B, T, Hkv, D] after RoPE; if column_sums: H2O's prefill scores [L, B, Hkv, T].
-    mesh: weights placed by weight_shardings; the partitioner splits the rest from them.
-    """
+
+def prompt_positions(attention_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(valid bool [B, T], position ids int32 [B, T]): cumsum(mask) - 1, as transformers' generate."""
     valid = attention_mask.astype(bool)
-    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
-    cos, sin = rope_tables(config, positions)                                 # [B, T, D/2]
-    x = _rows(weights.embed[input_ids], mesh)
-
-    def layer(x, w: LayerWeights):
-        h = rms_norm(x, w.input_norm, config.rms_norm_eps)
-        q, k, v = _qkv(w, h)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        attn, sums = causal_attention(q, k, v, valid, positions, config.sliding_window, chunk, column_sums)
-        x = x + _out_proj(w, attn)
-        x = x + _mlp(w, rms_norm(x, w.post_norm, config.rms_norm_eps))
-        return x, ((k, v) if keep_kv else None, sums)
-
-    x, (kv, sums) = lax.scan(layer, x, weights.layers)
-    return rms_norm(x, weights.norm, config.rms_norm_eps), kv, sums
+    return valid, jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
 
 
-def logits(weights: Weights, input_ids, attention_mask, *, config: ModelConfig, mesh=None) -> jax.Array:
-    """fp32 logits [B, T, V] of every position."""
-    x, _, _ = forward_prompt(weights, input_ids, attention_mask, config=config, mesh=mesh)
-    return _lm_head(weights, x)
+def forward_prompt(model: Llama, input_ids, attention_mask, *, keep_kv: bool = False, column_sums: bool = False,
+                   chunk: Optional[int] = PREFILL_CHUNK, mesh=None):
+    """The forward pass over a padded prompt with dense causal attention.
+
+    input_ids, attention_mask [B, T] (any padding). Returns hidden states [B, T, H] after the final
+    norm and, per layer (tuples of L), if keep_kv: (k, v) [B, T, Hkv, D] after RoPE; if column_sums:
+    H2O's prefill scores [B, Hkv, T]. chunk: queries per block of causal_attention, or None for
+    dense_causal_attention (differentiable; no column_sums).
+    """
+    if chunk is None and column_sums:
+        raise ValueError("column_sums needs the blockwise attention (chunk=None computes none)")
+    valid, positions = prompt_positions(attention_mask)
+    window = model.config.sliding_window
+
+    def attention(layer, q, k, v):
+        if chunk is None:
+            out, sums = dense_causal_attention(q, k, v, valid, positions, window), None
+        else:
+            out, sums = causal_attention(q, k, v, valid, positions, window, chunk, column_sums)
+        return out, ((k, v) if keep_kv else None, sums)
+
+    x, kept = model(input_ids, positions, attention, mesh=mesh)
+    kv = tuple(kv for kv, _ in kept) if keep_kv else None
+    return x, kv, (tuple(sums for _, sums in kept) if column_sums else None)
 
 
-def prefill(weights: Weights, input_ids, attention_mask, *, config: ModelConfig, max_len: int,
-            transposed_keys: bool, h2o: bool, chunk: int = PREFILL_CHUNK, mesh=None):
+def logits(model: Llama, input_ids, attention_mask, *, chunk: Optional[int] = PREFILL_CHUNK, mesh=None) -> jax.Array:
+    """fp32 logits [B, T, V] of every position (chunk=None: differentiable, see forward_prompt)."""
+    x, _, _ = forward_prompt(model, input_ids, attention_mask, chunk=chunk, mesh=mesh)
+    return model.head(x)
+
+
+def prefill(model: Llama, input_ids, attention_mask, *, max_len: int, transposed_keys: bool, h2o: bool,
+            chunk: int = PREFILL_CHUNK, mesh=None):
     """Dense prefill that fills one KVCache per layer, each row left-aligned.
 
     Returns fp32 logits [B, V] of each row's last valid token and the caches: a tuple of L KVCaches
@@ -425,65 +480,39 @@ def prefill(weights: Weights, input_ids, attention_mask, *, config: ModelConfig,
     scores. mesh: the caches come out split as sharding.cache_specs.
     """
     valid = attention_mask.astype(bool)
-    x, (k, v), sums = forward_prompt(weights, input_ids, attention_mask, config=config, keep_kv=True,
-                                     column_sums=h2o, chunk=chunk, mesh=mesh)
+    x, kv, sums = forward_prompt(model, input_ids, attention_mask, keep_kv=True, column_sums=h2o, chunk=chunk,
+                                 mesh=mesh)
     t = input_ids.shape[1]
     lengths = jnp.sum(valid, axis=1).astype(jnp.int32)
     last = jnp.max(jnp.where(valid, jnp.arange(t)[None, :], 0), axis=1)
-    out = _lm_head(weights, x[jnp.arange(x.shape[0]), last])
+    out = model.head(x[jnp.arange(x.shape[0]), last])
     # Valid tokens first, in order: row b's prompt lands at cache positions [0, lengths[b]).
     order = jnp.argsort(~valid, axis=1, stable=True)                            # [B, T]
-    k = jnp.take_along_axis(k, order[None, :, :, None, None], axis=2).transpose(0, 1, 3, 2, 4)
-    v = jnp.take_along_axis(v, order[None, :, :, None, None], axis=2).transpose(0, 1, 3, 2, 4)
-    if h2o:
-        sums = jnp.take_along_axis(sums, order[None, :, None, :], axis=3)
 
-    # One cache per layer, not a stacked one: XLA:CPU copies a layer sliced out of a stacked buffer
-    # (for a dot or a gather) on every decode step, which costs more than SparQ saves.
+    def left_aligned(x):                                                         # [B, T, Hkv, D] -> [B, Hkv, T, D]
+        return jnp.take_along_axis(x, order[:, :, None, None], axis=1).transpose(0, 2, 1, 3)
+
     caches = tuple(
-        sq.KVCache.from_kv(k[i], v[i], lengths, max_len=max_len, transposed_keys=transposed_keys,
-                           h2o_scores=sums[i] if h2o else None)
-        for i in range(config.num_hidden_layers))
+        sq.KVCache.from_kv(left_aligned(k), left_aligned(v), lengths, max_len=max_len,
+                           transposed_keys=transposed_keys,
+                           h2o_scores=jnp.take_along_axis(sums[i], order[:, None, :], axis=2) if h2o else None)
+        for i, (k, v) in enumerate(kv))
     if mesh is not None:
         caches = tuple(sharding.constrain_cache(c, mesh) for c in caches)
     return out, caches
 
 
-# ---------------------------------------------------------------------------------------------
-# Decode: one token per row, attention through sq.attend with any method
-
-def unstack_layers(weights: Weights) -> Weights:
-    """The same weights with `layers` as a tuple of per-layer LayerWeights, for decode_step.
-
-    Decoding reads every weight once per token; XLA:CPU would copy a layer sliced out of the stacked
-    arrays first (three times the traffic), so decode runs over separate per-layer arrays.
-    """
-    n = weights.layers.input_norm.shape[0]
-    layers = tuple(jax.tree.map(lambda a, i=i: a[i], weights.layers) for i in range(n))
-    return dataclasses.replace(weights, layers=layers)
-
-
-def decode_step(weights: Weights, tokens: jax.Array, cache: tuple, *, config: ModelConfig, method, mesh=None):
+def decode_step(model: Llama, tokens: jax.Array, cache: tuple, *, method, mesh=None):
     """tokens [B] (each row's newest token) -> fp32 logits [B, V] of the next token, and the caches.
 
-    weights: with per-layer `layers` (unstack_layers); cache: prefill's tuple of per-layer KVCaches.
-    Each layer appends the token's k, v at its row's length, then attends with `method`. The layers
-    run as a Python loop over separate buffers (see unstack_layers), so compile time grows with depth.
-    mesh: weights placed by weight_shardings(per_layer=True), caches by sharding.cache_specs; each
-    layer's append and attention run per shard (sharding.append_and_attend), and the caches keep
-    their sharding.
+    cache: prefill's tuple of per-layer KVCaches. Each layer appends the token's k, v at its row's
+    length, then attends with `method`. mesh: caches placed by sharding.cache_specs; each layer's
+    append and attention run per shard (sharding.append_and_attend), and the caches keep their sharding.
     """
-    positions = cache[0].lengths                                                 # [B]
-    cos, sin = rope_tables(config, positions)                                    # [B, D/2]
-    x = _rows(weights.embed[tokens], mesh)
-    new_cache = []
-    for w, layer_cache in zip(weights.layers, cache):
-        h = rms_norm(x, w.input_norm, config.rms_norm_eps)
-        q, k, v = _qkv(w, h)                                                     # [B, heads, D]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out, layer_cache = sharding.append_and_attend(q, k[:, :, None], v[:, :, None], layer_cache, method,
-                                                      mesh=mesh, window=config.sliding_window)
-        new_cache.append(layer_cache)
-        x = x + _out_proj(w, out)
-        x = x + _mlp(w, rms_norm(x, w.post_norm, config.rms_norm_eps))
-    return _lm_head(weights, rms_norm(x, weights.norm, config.rms_norm_eps)), tuple(new_cache)
+    def attention(layer, q, k, v):                          # q [B, 1, Hq, D]; k, v [B, 1, Hkv, D]
+        out, new = sharding.append_and_attend(q[:, 0], k.swapaxes(1, 2), v.swapaxes(1, 2), cache[layer], method,
+                                              mesh=mesh, window=model.config.sliding_window)
+        return out[:, None], new
+
+    x, new_cache = model(tokens[:, None], cache[0].lengths[:, None], attention, mesh=mesh)
+    return model.head(x[:, 0]), new_cache

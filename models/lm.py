@@ -8,6 +8,9 @@ generate is a jitted prefill, then one jitted lax.while_loop of decode steps (th
 stops once every row is done, sampling on device: no host round trip per token. Prompt widths are
 left-padded to buckets so nearby lengths share one compile.
 
+The jitted functions take the model as (graphdef, state) from nnx.split, made once per
+LanguageModel, and merge it at trace time: one compile per shape and method, whatever the weights.
+
 On a device mesh (from_pretrained(..., mesh=...)) the same jitted functions run SPMD: inputs are split
 by rows over "data", the weights as llama.weight_specs, the caches as sparq_jax.sharding.cache_specs,
 and each layer's cache update and attention run per shard under shard_map.
@@ -16,11 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import weakref
 from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -55,7 +60,7 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature, top_p) -> jax.
     return jax.random.categorical(key, jnp.where(logits >= threshold, logits, -jnp.inf), axis=-1)
 
 
-def _decode_loop(weights, logits, cache, key, temperature, top_p, eos, pad, *, config: ModelConfig, method,
+def _decode_loop(graphdef, state, logits, cache, key, temperature, top_p, eos, pad, *, method,
                  max_new_tokens: int, do_sample: bool, mesh=None):
     """From the prefill's logits [B, V] and cache, pick and feed tokens until every row is done.
 
@@ -63,6 +68,7 @@ def _decode_loop(weights, logits, cache, key, temperature, top_p, eos, pad, *, c
     run, and the final cache (returned so that the donated input buffers carry the loop's cache in
     place). eos int32 [E] (E may be 0); pad int32 scalar. One lax.while_loop, no host round trip.
     """
+    model = nnx.merge(graphdef, state)
     b = logits.shape[0]
 
     def pick(logits, step, done):
@@ -82,7 +88,7 @@ def _decode_loop(weights, logits, cache, key, temperature, top_p, eos, pad, *, c
 
     def body(state):
         step, token, done, out, cache = state
-        logits, cache = llama.decode_step(weights, token, cache, config=config, method=method, mesh=mesh)
+        logits, cache = llama.decode_step(model, token, cache, method=method, mesh=mesh)
         token, done = pick(logits, step, done)
         return step + 1, token, done, lax.dynamic_update_slice(out, token[:, None], (0, step)), cache
 
@@ -118,29 +124,47 @@ def transfer_ratio(method, prompt_lengths, decode_steps: int, head_dim: int, win
     return num / den if den else float("nan")
 
 
-_logits_jit = jax.jit(llama.logits, static_argnames=("config", "mesh"))
-_prefill_jit = jax.jit(llama.prefill, static_argnames=("config", "max_len", "transposed_keys", "h2o", "mesh"))
-_decode_step_jit = jax.jit(llama.decode_step, static_argnames=("config", "method", "mesh"),
+# The model comes in as (graphdef, state) from nnx.split, graphdef static, and is merged at trace time.
+def _logits(graphdef, state, input_ids, attention_mask, *, mesh):
+    return llama.logits(nnx.merge(graphdef, state), input_ids, attention_mask, mesh=mesh)
+
+
+def _prefill(graphdef, state, input_ids, attention_mask, *, max_len, transposed_keys, h2o, mesh):
+    return llama.prefill(nnx.merge(graphdef, state), input_ids, attention_mask, max_len=max_len,
+                         transposed_keys=transposed_keys, h2o=h2o, mesh=mesh)
+
+
+def _decode_step(graphdef, state, tokens, cache, *, method, mesh):
+    return llama.decode_step(nnx.merge(graphdef, state), tokens, cache, method=method, mesh=mesh)
+
+
+_logits_jit = jax.jit(_logits, static_argnums=0, static_argnames=("mesh",))
+_prefill_jit = jax.jit(_prefill, static_argnums=0, static_argnames=("max_len", "transposed_keys", "h2o", "mesh"))
+_decode_step_jit = jax.jit(_decode_step, static_argnums=0, static_argnames=("method", "mesh"),
                            donate_argnames=("cache",))
-decode_loop_jit = jax.jit(_decode_loop, static_argnames=("config", "method", "max_new_tokens", "do_sample", "mesh"),
-                          donate_argnames=("cache",))
+decode_loop_jit = jax.jit(_decode_loop, static_argnums=0,
+                          static_argnames=("method", "max_new_tokens", "do_sample", "mesh"), donate_argnames=("cache",))
 
 
 class LanguageModel:
-    """A loaded Llama / Mistral: config, params (llama.Weights), tokenizer (or None), the
-    generation defaults (eos_token_id: a tuple, possibly empty; pad_token_id) and the device mesh
-    (None: one device). With a mesh, params are placed as llama.weight_shardings (from_pretrained
-    does it) and every batch is split over its "data" axis, so B must be a multiple of that size."""
+    """A loaded Llama / Mistral: model (the llama.Llama nnx.Module), its config, tokenizer (or None),
+    the generation defaults (eos_token_id: a tuple, possibly empty; pad_token_id) and the device mesh
+    (None: one device). params is the model's nnx.State (the same arrays, not a copy): a change to
+    the model's params shows in every later call. With a mesh, the params are placed as
+    llama.weight_specs (from_pretrained does it) and every batch is split over its "data" axis, so B
+    must be a multiple of that size."""
 
-    def __init__(self, config: ModelConfig, params: llama.Weights, tokenizer=None,
-                 eos_token_id: Optional[Sequence[int]] = None, pad_token_id: Optional[int] = None,
-                 mesh: Optional[jax.sharding.Mesh] = None):
-        self.config = config
-        self.params = params
+    def __init__(self, model: llama.Llama, tokenizer=None, eos_token_id: Optional[Sequence[int]] = None,
+                 pad_token_id: Optional[int] = None, mesh: Optional[jax.sharding.Mesh] = None):
+        self.model = model
+        self.config: ModelConfig = model.config
+        self._graphdef, self.params = nnx.split(model)
         self.mesh = mesh
-        self._decode_params = None
+        # id(state[0].lengths) -> the longest row, for the states this object made: decode_step's
+        # "cache is full" check then needs no read from the device.
+        self._longest: dict[int, int] = {}
         self.tokenizer = tokenizer
-        self.eos_token_id = tuple(config.eos_token_id if eos_token_id is None else eos_token_id)
+        self.eos_token_id = tuple(self.config.eos_token_id if eos_token_id is None else eos_token_id)
         self.pad_token_id = pad_token_id
 
     def __repr__(self):
@@ -152,7 +176,7 @@ class LanguageModel:
     def logits(self, input_ids, attention_mask=None) -> jax.Array:
         """fp32 logits [B, T, V]. input_ids, attention_mask [B, T] (left padding as transformers)."""
         ids, mask = self._batch(input_ids, attention_mask)
-        return _logits_jit(self.params, *self._place(ids, mask), config=self.config, mesh=self.mesh)
+        return _logits_jit(self._graphdef, self.params, *self._place(ids, mask), mesh=self.mesh)
 
     def prefill(self, input_ids, attention_mask=None, max_len: Optional[int] = None, method=sq.Dense(),
                 transposed_keys: Optional[bool] = None):
@@ -168,17 +192,15 @@ class LanguageModel:
             raise ValueError(f"max_len must be an integer >= the prompt width {t}, got {max_len!r}")
         if transposed_keys is None:
             transposed_keys = method.reads_transposed_keys
-        return _prefill_jit(self.params, *self._place(ids, mask), config=self.config, max_len=int(max_len),
-                            transposed_keys=bool(transposed_keys), h2o=method.stateful, mesh=self.mesh)
+        logits, state = _prefill_jit(self._graphdef, self.params, *self._place(ids, mask), max_len=int(max_len),
+                                     transposed_keys=bool(transposed_keys), h2o=method.stateful, mesh=self.mesh)
+        self._remember(state, int(mask.sum(axis=1).max()))
+        return logits, state
 
-    @property
-    def decode_params(self) -> llama.Weights:
-        """params with per-layer layer weights (llama.unstack_layers), made on first use. It holds a
-        second copy of the layer weights: on CPU, decoding from stacked arrays is several times slower."""
-        if self._decode_params is None:
-            out = None if self.mesh is None else llama.weight_shardings(self.config, self.mesh, per_layer=True)
-            self._decode_params = jax.jit(llama.unstack_layers, out_shardings=out)(self.params)
-        return self._decode_params
+    def _remember(self, state: tuple, longest: int) -> None:
+        lengths = state[0].lengths
+        self._longest[id(lengths)] = longest
+        weakref.finalize(lengths, self._longest.pop, id(lengths), None)
 
     def decode_step(self, tokens, state: tuple, method=sq.Dense()):
         """tokens [B] (each row's next token) -> (fp32 logits [B, V], state). The state passed in is
@@ -190,14 +212,18 @@ class LanguageModel:
         if tokens.shape != (first.batch,) or not np.issubdtype(tokens.dtype, np.integer):
             raise ValueError(f"tokens must be integers of shape ({first.batch},), got {tokens.dtype} {tokens.shape}")
         self._check_ids(tokens, "tokens")
-        longest = int(jnp.max(first.lengths))
+        longest = self._longest.get(id(first.lengths))
+        if longest is None:                      # a state made elsewhere: read its lengths
+            longest = int(jnp.max(first.lengths))
         if longest >= first.max_len:
             raise ValueError(f"the cache is full ({longest} of max_len={first.max_len} positions); "
                              f"prefill with a larger max_len")
         if method.stateful and first.h2o_scores is None:
             raise ValueError(f"{method!r} keeps state in the cache: prefill with that method")
-        return _decode_step_jit(self.decode_params, self._place(tokens.astype(np.int32))[0], state,
-                                config=self.config, method=method, mesh=self.mesh)
+        logits, state = _decode_step_jit(self._graphdef, self.params, self._place(tokens.astype(np.int32))[0],
+                                         state, method=method, mesh=self.mesh)
+        self._remember(state, longest + 1)
+        return logits, state
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32, method=sq.Dense(),
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
@@ -218,7 +244,7 @@ class LanguageModel:
         ids_p = np.pad(ids, ((0, 0), (width - t, 0)), constant_values=pad_token_id)
         mask_p = np.pad(mask, ((0, 0), (width - t, 0)))
         start = time.perf_counter()
-        logits, cache = _prefill_jit(self.params, *self._place(ids_p, mask_p), config=self.config,
+        logits, cache = _prefill_jit(self._graphdef, self.params, *self._place(ids_p, mask_p),
                                      max_len=width + max_new_tokens,
                                      transposed_keys=method.reads_transposed_keys, h2o=method.stateful,
                                      mesh=self.mesh)
@@ -273,9 +299,9 @@ class LanguageModel:
     def _decode(self, logits, cache, max_new_tokens, method, do_sample, temperature, top_p, seed, eos,
                 pad_token_id, prompt_lengths, return_stats):
         start = time.perf_counter()
-        new, steps, _ = decode_loop_jit(self.decode_params, logits, cache, jax.random.key(int(seed)),
+        new, steps, _ = decode_loop_jit(self._graphdef, self.params, logits, cache, jax.random.key(int(seed)),
                                         jnp.float32(temperature), jnp.float32(top_p), jnp.asarray(eos, jnp.int32),
-                                        jnp.int32(pad_token_id), config=self.config, method=method,
+                                        jnp.int32(pad_token_id), method=method,
                                         max_new_tokens=max_new_tokens, do_sample=do_sample, mesh=self.mesh)
         new = self._on_host(new)
         if not return_stats:

@@ -5,6 +5,7 @@
     python scripts/benchmark.py attention --sweep 1024,4096,16384,65536 --plot sweep.png
     python scripts/benchmark.py decode --seq-lens 8192,32768 --batch 1,8
     python scripts/benchmark.py decode --preset smollm2-135m --seq-lens 8192 --dtype bfloat16
+    python scripts/benchmark.py model --model smollm2-135m-instruct --contexts 2048,4096,8192 --batches 1,4
 
 Every timing is measured side by side in one process: the candidates run interleaved, repetition
 after repetition, and each reports the median after warm-up. Speedups are ratios of those medians.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import glob
+import inspect
 import json
 import os
 import re
@@ -426,7 +428,7 @@ def cmd_decode(args) -> None:
     import models
 
     config = decode_config(args)
-    lm = models.LanguageModel(config, models.init_weights(config, seed=0, dtype=DTYPES[args.dtype]))
+    lm = models.LanguageModel(models.init_model(config, seed=0, dtype=DTYPES[args.dtype]))
     documents = []
     for batch in args.batch:
         results = []
@@ -552,6 +554,119 @@ def cmd_launches(args) -> None:
         print(f"wrote {args.json}")
 
 
+def _torch_peer(path: str, dtype: str):
+    """transformers' model of the same checkpoint (torch, this machine), or (None, why not)."""
+    try:
+        import torch
+        import transformers
+    except ImportError as err:
+        return None, f"torch / transformers not importable ({err})"
+    import os
+    kwargs = {"dtype": getattr(torch, dtype)}
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        folder, kwargs["gguf_file"] = os.path.split(path)
+    elif os.path.isdir(path) and any(f.endswith(".safetensors") for f in os.listdir(path)):
+        folder = path
+    else:
+        return None, f"{path} is neither a safetensors folder nor a .gguf file"
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
+    except Exception as err:  # an architecture or file transformers cannot read: no peer, say why
+        return None, f"transformers could not load {path} ({type(err).__name__}: {err})"
+    return model, None
+
+
+def _time_torch(model, ids: np.ndarray, new_tokens: int) -> tuple[float, float]:
+    """(prefill seconds, decode seconds for new_tokens - 1 steps) of transformers' model with its KV cache."""
+    import torch
+
+    with torch.inference_mode():
+        x = torch.tensor(ids, dtype=torch.long)
+        start = time.perf_counter()
+        out = model(input_ids=x, use_cache=True)
+        prefill = time.perf_counter() - start
+        # transformers 5 calls the KV cache `cache`, 4 `past_key_values`
+        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        past, token = getattr(out, name), out.logits[:, -1].argmax(-1, keepdim=True)
+        start = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            out = model(input_ids=token, use_cache=True, **{name: past})
+            past, token = getattr(out, name), out.logits[:, -1].argmax(-1, keepdim=True)
+        return prefill, time.perf_counter() - start
+
+
+def cmd_model(args) -> None:
+    """Prefill and decode throughput of a real checkpoint: ours (Dense, SparQ) and transformers' torch model."""
+    import models
+
+    lm = models.from_pretrained(args.model, dtype=args.dtype)
+    config, d = lm.config, lm.config.head_dim
+    peer, why = (None, "--no-torch") if args.no_torch else _torch_peer(_checkpoint_path(args.model), args.dtype)
+    if peer is None:
+        print(f"no torch peer: {why}")
+    else:
+        _time_torch(peer, np.zeros((1, 16), np.int64), 2)       # warm-up: first calls set up torch's kernels
+    results = []
+    rng = np.random.default_rng(args.seed)
+    n = args.new_tokens
+    for s in args.contexts:
+        if s + n > config.max_position_embeddings:
+            print(f"note: context {s} + {n} new tokens exceeds max_position_embeddings="
+                  f"{config.max_position_embeddings}")
+        sparq = sq.SparQ.for_compression(args.compression, d, s, reallocate_mean=False)
+        methods = {"dense": sq.Dense(), "sparq": sparq}
+        for b in args.batches:
+            ids = rng.integers(0, config.vocab_size, (b, s)).astype(np.int32)
+            prefill_s = []
+            for _ in range(1 + args.reps):          # the first call compiles
+                start = time.perf_counter()
+                logits, state = lm.prefill(ids, max_len=s + n, transposed_keys=True)
+                jax.block_until_ready(logits)
+                prefill_s.append(time.perf_counter() - start)
+            decode_s = {name: [] for name in methods}
+            for _ in range(1 + args.reps):
+                for name, method in methods.items():
+                    _, stats = lm.decode(logits, state, n, method=method, eos_token_id=[], return_stats=True)
+                    decode_s[name].append(stats.decode_s / stats.decode_steps)
+            del state
+            row = {"batch": b, "context": s, "new_tokens": n,
+                   "sparq_method": {"rank": sparq.rank, "top_k": sparq.top_k, "local_window": sparq.local_window},
+                   "prefill_compile_s": prefill_s[0] - statistics.median(prefill_s[1:]),
+                   "prefill_tokens_per_s": b * s / statistics.median(prefill_s[1:])}
+            for name in methods:
+                step = statistics.median(decode_s[name][1:])
+                row[name] = {"step_ms": step * 1e3, "tokens_per_s": b / step}
+            row["sparq_speedup"] = row["dense"]["step_ms"] / row["sparq"]["step_ms"]
+            if peer is not None:
+                tp, td = zip(*(_time_torch(peer, ids, n) for _ in range(args.reps)))
+                row["torch"] = {"prefill_tokens_per_s": b * s / statistics.median(tp),
+                                "step_ms": statistics.median(td) / (n - 1) * 1e3,
+                                "tokens_per_s": b * (n - 1) / statistics.median(td)}
+            results.append(row)
+            peer_text = "" if peer is None else (
+                f"; torch prefill {row['torch']['prefill_tokens_per_s']:.0f} tok/s, "
+                f"decode {row['torch']['tokens_per_s']:.2f} tok/s")
+            print(f"B={b} S={s}: prefill {row['prefill_tokens_per_s']:.0f} tok/s (compile "
+                  f"{row['prefill_compile_s']:.1f} s); decode dense {row['dense']['tokens_per_s']:.2f} tok/s, "
+                  f"SparQ(r={sparq.rank}, k={sparq.top_k}) {row['sparq']['tokens_per_s']:.2f} tok/s "
+                  f"({row['sparq_speedup']:.2f}x){peer_text}", flush=True)
+    if args.json:
+        import platform
+        with open(args.json, "w") as f:
+            json.dump({"config": {**config.to_dict(), "model": args.model, "dtype": args.dtype,
+                                  "compression": args.compression, "device": str(jax.devices()[0].device_kind),
+                                  "cpu_count": __import__("os").cpu_count(), "machine": platform.machine(),
+                                  "jax": jax.__version__, "torch_peer": why or "transformers"},
+                       "results": results}, f, indent=2)
+        print(f"wrote {args.json}")
+
+
+def _checkpoint_path(name: str) -> str:
+    """The local path behind a model name from_pretrained accepts (a folder, a file or a known name)."""
+    from models import hf
+    return hf.resolve_path(name)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -605,9 +720,23 @@ def main(argv=None) -> None:
     n.add_argument("--module", default="decode_loop", help="modules whose name contains this")
     n.add_argument("--json", help="write the counts as JSON")
     n.set_defaults(func=cmd_launches)
+    m = sub.add_parser("model", help="prefill and decode throughput of a real checkpoint, with transformers as peer")
+    m.add_argument("--model", required=True, help="what models.from_pretrained takes: a folder, a .gguf, a name")
+    m.add_argument("--contexts", type=int_list, default=[2048, 4096, 8192], help="prompt lengths")
+    m.add_argument("--batches", type=int_list, default=[1, 4])
+    m.add_argument("--new-tokens", type=positive_int, default=16, help="decode steps timed per run (+1 from prefill)")
+    m.add_argument("--compression", type=ratio, default=0.125)
+    m.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    m.add_argument("--reps", type=positive_int, default=2, help="timed repetitions after the compiling one")
+    m.add_argument("--no-torch", action="store_true", help="skip transformers' model")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--json", help="write the results as JSON")
+    m.set_defaults(func=cmd_model)
     args = parser.parse_args(argv)
     if getattr(args, "inner", 0) is None:
         args.inner = 1 if jax.default_backend() == "cpu" else 20
+    if args.command == "model" and args.new_tokens < 2:
+        parser.error("--new-tokens must be >= 2 (the first token comes from the prefill)")
     if getattr(args, "plot", None) and not getattr(args, "sweep", None):
         parser.error("--plot needs --sweep")
     args.func(args)

@@ -122,7 +122,7 @@ def random_model_path() -> str:
     config = models.ModelConfig(model_type="llama", vocab_size=tok.VOCAB_SIZE, bos_token_id=tok.BOS_ID,
                                 eos_token_id=(tok.EOS_ID,), pad_token_id=tok.PAD_ID, **RANDOM_MODEL)
     staging = tempfile.mkdtemp(dir=root)
-    models.save_pretrained(models.init_weights(config, seed=0), config, staging)
+    models.save_pretrained(models.init_model(config, seed=0), staging)
     models.byte_tokenizer().save_pretrained(staging)
     os.replace(staging, path)  # atomic: a concurrent or interrupted run never sees half a model
     return path

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import math
 import os
 import subprocess
 import sys
@@ -44,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -214,47 +214,17 @@ def make_config(args) -> models.ModelConfig:
         bos_token_id=BOS_ID, eos_token_id=(EOS_ID,), pad_token_id=PAD_ID)
 
 
-def forward(params, ids, config):
-    """Final hidden states [B, T, H] of unpadded rows: the same Llama as models.llama, written out
-    here with one [T, T] attention block per layer so that it is differentiable whatever prefill
-    strategy the inference code uses (its blockwise loops need not support reverse mode)."""
-    b, t = ids.shape
-    hkv = config.num_key_value_heads
-    g = config.num_attention_heads // hkv
-    eps = config.rms_norm_eps
-    cos, sin = llama.rope_tables(config, jnp.arange(t)[None, :])
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    x = params.embed[ids]
-
-    def layer(x, w):
-        h = llama.rms_norm(x, w.input_norm, eps)
-        q = llama.apply_rope(jnp.einsum("bth,hnd->btnd", h, w.q), cos, sin)
-        k = llama.apply_rope(jnp.einsum("bth,hnd->btnd", h, w.k), cos, sin)
-        v = jnp.einsum("bth,hnd->btnd", h, w.v)
-        qg = q.reshape(b, t, hkv, g, -1)
-        logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-        logits = jnp.where(causal, logits / math.sqrt(q.shape[-1]), -jnp.inf)
-        p = jax.nn.softmax(logits, axis=-1)
-        attn = jnp.einsum("bkgts,bskd->btkgd", p, v).reshape(q.shape)
-        x = x + jnp.einsum("btnd,ndh->bth", attn, w.o)
-        h = llama.rms_norm(x, w.post_norm, eps)
-        x = x + jnp.einsum("bti,ih->bth", jax.nn.silu(h @ w.gate) * (h @ w.up), w.down)
-        return x, None
-
-    x, _ = jax.lax.scan(layer, x, params.layers)
-    return llama.rms_norm(x, params.norm, eps)
-
-
-def token_nll(params, rows, config):
-    """Teacher-forced loss [B, T] of rows [B, T + 1]: nats of each next token."""
-    x = forward(params, rows[:, :-1], config)
-    logits = jnp.einsum("bth,hv->btv", x, params.lm_head, preferred_element_type=jnp.float32)
+def token_nll(model: llama.Llama, rows):
+    """Teacher-forced loss [B, T] of rows [B, T + 1]: nats of each next token. The model's own forward
+    with its differentiable attention (one [T, T] block per layer: llama.logits with chunk=None)."""
+    ids = rows[:, :-1]
+    logits = llama.logits(model, ids, jnp.ones(ids.shape, jnp.int32), chunk=None)
     logp = jax.nn.log_softmax(logits, axis=-1)
     return -jnp.take_along_axis(logp, rows[:, 1:, None], axis=-1)[..., 0]
 
 
-def loss_fn(params, rows, config):
-    return jnp.mean(token_nll(params, rows, config))
+def loss_fn(model: llama.Llama, rows):
+    return jnp.mean(token_nll(model, rows))
 
 
 def copy_probe(seed: int = 1, n: int = 8, piece: int = 64, repeats: int = 4) -> np.ndarray:
@@ -266,9 +236,9 @@ def copy_probe(seed: int = 1, n: int = 8, piece: int = 64, repeats: int = 4) -> 
     return np.stack(rows).astype(np.int32)
 
 
-def probe_losses(params, rows, config, piece: int = 64):
+def probe_losses(model, rows, piece: int = 64):
     """(mean loss on the first occurrence, mean loss on the repeats) of copy_probe rows, nats/token."""
-    nll = token_nll(params, rows, config)
+    nll = token_nll(model, rows)
     return jnp.mean(nll[:, :piece - 1]), jnp.mean(nll[:, piece:])
 
 
@@ -312,8 +282,8 @@ def make_optimizer(args):
                        optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=0.1))
 
 
-def save_checkpoint(path, step, params, opt_state, losses, tokens):
-    leaves = jax.tree.leaves((params, opt_state))
+def save_checkpoint(path, step, model, optimizer, losses, tokens):
+    leaves = jax.tree.leaves((nnx.state(model, nnx.Param), nnx.state(optimizer)))
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp.npz"
     np.savez(tmp, step=step, losses=np.asarray(losses, np.float32), tokens=tokens,
@@ -321,16 +291,22 @@ def save_checkpoint(path, step, params, opt_state, losses, tokens):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, params, opt_state):
+def load_checkpoint(path, model, optimizer):
+    """Restore model and optimizer (in place) from save_checkpoint's file -> (step, losses, tokens)."""
     with np.load(path) as f:
-        treedef = jax.tree.structure((params, opt_state))
+        states = (nnx.state(model, nnx.Param), nnx.state(optimizer))
+        treedef = jax.tree.structure(states)
         n = treedef.num_leaves
-        leaves = [jnp.asarray(f[f"leaf{i}"]) for i in range(n)]
-        params, opt_state = jax.tree.unflatten(treedef, leaves)
+        if sum(k.startswith("leaf") for k in f.files) != n:
+            raise SystemExit(f"--resume: {path} holds {sum(k.startswith('leaf') for k in f.files)} arrays, this "
+                             f"model and optimizer {n}: a checkpoint of another configuration or version")
+        params, opt_state = jax.tree.unflatten(treedef, [jnp.asarray(f[f"leaf{i}"]) for i in range(n)])
+        nnx.update(model, params)
+        nnx.update(optimizer, opt_state)
         step = int(f["step"])
         # Checkpoints from before --row-len existed trained 4 x 1024 tokens per step.
         tokens = int(f["tokens"]) if "tokens" in f else step * 4 * 1024
-        return step, params, opt_state, f["losses"].tolist(), tokens
+        return step, f["losses"].tolist(), tokens
 
 
 def parse_mix(text):
@@ -411,21 +387,20 @@ def main(argv=None):
     print(f"training works: {len(train)} ({len(train_text):,} chars); held out: {', '.join(HELDOUT)}")
 
     config = make_config(args)
-    params = llama.init_weights(config, seed=args.seed)
-    optimizer = make_optimizer(args)
-    opt_state = optimizer.init(params)
+    model = llama.init_model(config, seed=args.seed)
+    optimizer = nnx.Optimizer(model, make_optimizer(args), wrt=nnx.Param)
     step, losses, tokens = 0, [], 0
     if args.resume:
-        step, params, opt_state, losses, tokens = load_checkpoint(ckpt, params, opt_state)
+        step, losses, tokens = load_checkpoint(ckpt, model, optimizer)
         print(f"resumed at step {step} from {ckpt}")
-    n_params = sum(x.size for x in jax.tree.leaves(params))
+    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     print(f"{n_params:,} parameters; {args.batch} x {args.row_len} tokens per step")
 
-    @jax.jit
-    def train_step(params, opt_state, rows):
-        loss, grads = jax.value_and_grad(loss_fn)(params, rows, config)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+    @nnx.jit
+    def train_step(model, optimizer, rows):
+        loss, grads = nnx.value_and_grad(loss_fn)(model, rows)
+        optimizer.update(model, grads)
+        return loss
 
     stream = Stream(train_text, args.row_len, args.seed, args.mix)
     probe_rows = jnp.asarray(copy_probe())
@@ -433,22 +408,22 @@ def main(argv=None):
     passkey_rows, passkey_mask = passkey_probe(Stream(train_text, args.seq_len, args.seed))
     first_digit = passkey_mask & (np.cumsum(passkey_mask, axis=1) == 1)
 
-    @jax.jit
-    def probe(params):
-        fresh, copied = probe_losses(params, probe_rows, config)
-        passkey_nll = token_nll(params, passkey_rows, config)
-        return (fresh, copied, masked_mean(token_nll(params, recall_rows, config), recall_mask),
+    @nnx.jit
+    def probe(model):
+        fresh, copied = probe_losses(model, probe_rows)
+        passkey_nll = token_nll(model, passkey_rows)
+        return (fresh, copied, masked_mean(token_nll(model, recall_rows), recall_mask),
                 masked_mean(passkey_nll, first_digit), masked_mean(passkey_nll, passkey_mask & ~first_digit))
 
     probes = []
     start = time.time()
     bar = tqdm(range(step, args.steps), initial=step, total=args.steps, desc="train", dynamic_ncols=True)
     for step in bar:
-        params, opt_state, loss = train_step(params, opt_state, jnp.asarray(stream.batch(step, args.batch)))
+        loss = train_step(model, optimizer, jnp.asarray(stream.batch(step, args.batch)))
         losses.append(float(loss))
         tokens += args.batch * args.row_len
         if (step + 1) % args.probe_every == 0:
-            fresh, copied, recall, first, rest = (float(x) for x in probe(params))
+            fresh, copied, recall, first, rest = (float(x) for x in probe(model))
             probes.append({"step": step + 1, "fresh": fresh, "repeat": copied, "recall": recall,
                            "passkey_first_digit": first, "passkey_other_digits": rest})
             tqdm.write(f"step {step + 1}: loss {np.mean(losses[-args.probe_every:]):.3f}, copy probe "
@@ -458,13 +433,13 @@ def main(argv=None):
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         out_of_time = args.time_limit is not None and time.time() - start > args.time_limit * 60
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps or out_of_time:
-            save_checkpoint(ckpt, step + 1, params, opt_state, losses, tokens)
+            save_checkpoint(ckpt, step + 1, model, optimizer, losses, tokens)
         if out_of_time:
             print(f"\n--time-limit reached: stopping after step {step + 1} of {args.steps}")
             break
     wall = time.time() - start
 
-    models.save_pretrained(params, config, out)
+    models.save_pretrained(model, out)
     tokenizer = byte_tokenizer()
     tokenizer.model_max_length = args.seq_len
     tokenizer.save_pretrained(out)

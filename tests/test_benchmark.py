@@ -46,6 +46,26 @@ def test_a_failing_candidate_is_left_out(capsys):
     assert "bad failed and is left out: RuntimeError: no such kernel" in capsys.readouterr().err
 
 
+def test_model_benchmark_reports_ours_and_torch(tmp_path):
+    import models
+
+    pytest.importorskip("transformers")
+    config = models.ModelConfig(model_type="llama", vocab_size=300, hidden_size=64, intermediate_size=48,
+                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                max_position_embeddings=256)
+    models.save_pretrained(models.init_model(config, seed=0), str(tmp_path / "model"))
+    out = tmp_path / "bench.json"
+    benchmark.main(["model", "--model", str(tmp_path / "model"), "--contexts", "96,160", "--batches", "1,2",
+                    "--reps", "1", "--new-tokens", "3", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["config"]["torch_peer"] == "transformers"
+    assert [(r["batch"], r["context"]) for r in result["results"]] == [(1, 96), (2, 96), (1, 160), (2, 160)]
+    for r in result["results"]:
+        assert r["prefill_tokens_per_s"] > 0 and r["torch"]["prefill_tokens_per_s"] > 0
+        assert r["dense"]["tokens_per_s"] > 0 and r["sparq"]["tokens_per_s"] > 0 and r["torch"]["tokens_per_s"] > 0
+        assert r["sparq_method"]["top_k"] < r["context"]
+
+
 def test_approx_scores_match_the_paper():
     """attention._approx_scores (what the breakdown times) against a NumPy transcription of Eq. 9 and
     the group-summed softmax, with the local window forced in and masked positions last."""

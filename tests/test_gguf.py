@@ -188,7 +188,7 @@ def test_gguf_saves_to_safetensors_and_loads_back(tmp_path):
     write_gguf(path, _torch_model(True), Q.Q4_1)
     lm = models.from_pretrained(path)
     out = str(tmp_path / "saved")
-    models.save_pretrained(lm.params, lm.config, out)
+    models.save_pretrained(lm.model, out)
     lm.tokenizer.save_pretrained(out)
     back = models.from_pretrained(out)
     ids, mask = left_padded_batch(LENGTHS, vocab=VOCAB, seed=3)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import models
 import sparq_jax as sq
@@ -102,7 +103,7 @@ def test_bf16_checkpoint(checkpoint):
     assert _masked_max_error(models.from_pretrained(folder).logits(ids, mask), expected, mask) < 1e-4
     # Computed in bf16: no further from fp32 than transformers' own bf16 model (with some slack).
     ours = models.from_pretrained(folder, dtype="bfloat16")
-    assert ours.params.layers.q.dtype == jnp.bfloat16
+    assert ours.model.layers[0].attn.q.dtype == jnp.bfloat16
     ref16 = type(ref).from_pretrained(folder, dtype=torch.bfloat16).eval()
     theirs_error = _masked_max_error(torch_logits(ref16, ids, mask), expected, mask)
     ours_error = _masked_max_error(ours.logits(ids, mask), expected, mask)
@@ -175,16 +176,62 @@ def test_teacher_forced_decode_equals_logits(loaded, name):
         lm.decode_step(ids[:, -1], state)
 
 
+def test_decode_step_donates_the_state(loaded):
+    """decode_step reuses the state's buffers (a copy of every cache per token would cost more than
+    SparQ saves)."""
+    lm, _ = loaded("llama_gqa_llama3")
+    ids, mask = left_padded_batch(LENGTHS, seed=4)
+    _, state = lm.prefill(ids, mask, method=sq.SparQ(rank=4, top_k=8))
+    _, new = lm.decode_step(ids[:, -1], state, method=sq.SparQ(rank=4, top_k=8))
+    assert all(c.k.is_deleted() and c.kt.is_deleted() and c.v.is_deleted() for c in state)
+    assert not any(c.k.is_deleted() for c in new)
+
+
 def test_prefill_in_blocks_equals_one_block(loaded):
     lm, _ = loaded("mistral_window")
     ids, mask = left_padded_batch(LENGTHS, seed=5)
-    kwargs = dict(config=lm.config, keep_kv=True, column_sums=True)
-    one, kv_one, sums_one = llama.forward_prompt(lm.params, ids, mask, **kwargs)
-    many, kv_many, sums_many = llama.forward_prompt(lm.params, ids, mask, chunk=6, **kwargs)
+    kwargs = dict(keep_kv=True, column_sums=True)
+    one, kv_one, sums_one = llama.forward_prompt(lm.model, ids, mask, **kwargs)
+    many, kv_many, sums_many = llama.forward_prompt(lm.model, ids, mask, chunk=6, **kwargs)
     valid = mask.astype(bool)
     np.testing.assert_allclose(np.asarray(many)[valid], np.asarray(one)[valid], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(kv_many[1]), np.asarray(kv_one[1]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.stack([v for _, v in kv_many]), np.stack([v for _, v in kv_one]),
+                               rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(sums_many), np.asarray(sums_one), rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_logits_and_decode_run_one_forward(loaded, monkeypatch):
+    """prefill, logits, decode_step and the differentiable path all go through Llama.__call__."""
+    lm, _ = loaded("llama_gqa_llama3")
+    ids, mask = left_padded_batch(LENGTHS, seed=5)
+    calls = []
+    forward = llama.Llama.__call__
+
+    def counted(self, input_ids, *args, **kwargs):
+        calls.append(input_ids.shape)
+        return forward(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(llama.Llama, "__call__", counted)
+    full = llama.logits(lm.model, ids, mask)
+    llama.logits(lm.model, ids, mask, chunk=None)
+    logits, state = llama.prefill(lm.model, ids[:, :-1], mask[:, :-1], max_len=ids.shape[1], transposed_keys=True,
+                                  h2o=False)
+    step, _ = llama.decode_step(lm.model, ids[:, -1], state, method=sq.Dense())
+    assert calls == [ids.shape, ids.shape, (3, ids.shape[1] - 1), (3, 1)]
+    np.testing.assert_allclose(np.asarray(step), np.asarray(full[:, -1]), atol=1e-4)
+
+
+def test_split_merge_round_trip(loaded):
+    lm, _ = loaded("llama_gqa_llama3")
+    graphdef, state = nnx.split(lm.model)
+    copy = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
+    assert type(copy) is llama.Llama and copy.config == lm.config and len(copy.layers) == lm.config.num_hidden_layers
+    assert copy.layers[1].attn.q[...] is not lm.model.layers[1].attn.q[...]
+    ids, mask = left_padded_batch(LENGTHS, seed=1)
+    np.testing.assert_array_equal(np.asarray(models.LanguageModel(copy).logits(ids, mask)),
+                                  np.asarray(lm.logits(ids, mask)))
+    # lm.params is the model's state: the same arrays, no copy
+    assert all(a is b for a, b in zip(jax.tree.leaves(lm.params), jax.tree.leaves(nnx.state(lm.model))))
 
 
 def test_prefill_cache_is_left_aligned(loaded):
@@ -291,6 +338,27 @@ def test_decode_loop_compiles_once_per_bucket(loaded):
     assert run(21) == before + 2       # next bucket
     lm.generate(rng.integers(3, VOCAB, (2, 19)), max_new_tokens=5, method=sq.Dense())
     assert lm_module.decode_loop_jit._cache_size() == before + 3   # another method
+
+
+def test_decode_loop_copies_no_cache_and_no_weight():
+    """The compiled decode loop updates the donated caches in place and reads every weight where it
+    lies (a per-step copy of a cache or a weight costs more than SparQ saves)."""
+    import re
+
+    config = models.ModelConfig(model_type="llama", vocab_size=300, hidden_size=32, intermediate_size=48,
+                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                max_position_embeddings=256)
+    lm = models.LanguageModel(models.init_model(config))
+    logits, state = lm.prefill(np.ones((1, 100), np.int32), max_len=120, transposed_keys=True)
+    weights = {",".join(map(str, x.shape)) for x in jax.tree.leaves(lm.params) if x.ndim > 1}
+    for method in [sq.Dense(), sq.SparQ(rank=2, top_k=16)]:
+        hlo = lm_module.decode_loop_jit.lower(
+            lm._graphdef, lm.params, logits, state, jax.random.key(0), jnp.float32(1), jnp.float32(1),
+            jnp.zeros((0,), jnp.int32), jnp.int32(0), method=method, max_new_tokens=8, do_sample=False,
+        ).compile().as_text()
+        assert not re.findall(r"f32\[1,2,(120,8|8,120)\]\{[0-9,]+\} copy\(", hlo), method
+        for shape in weights:
+            assert not re.findall(rf"f32\[{shape}\]\{{[0-9,]+\}} (copy|transpose)\(", hlo), (method, shape)
 
 
 def test_generate_validates_arguments(loaded):
@@ -402,11 +470,12 @@ def test_save_pretrained_round_trip_through_transformers(tmp_path):
                                 intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                                 num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
                                 bos_token_id=256, eos_token_id=(257,), pad_token_id=258)
-    params = models.init_weights(config, seed=1, std=0.3)
-    models.save_pretrained(params, config, str(tmp_path))
+    model = models.init_model(config, seed=1, std=0.3)
+    models.save_pretrained(model, str(tmp_path))
     models.byte_tokenizer().save_pretrained(str(tmp_path))
     lm = models.from_pretrained(str(tmp_path))
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), lm.params, params)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), lm.params,
+                 nnx.state(model))
     assert lm.config == config
     tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     text = "héllo, wörld\n"
@@ -513,6 +582,7 @@ def test_bad_load_arguments(checkpoint, monkeypatch):
 PEAK_MEMORY = textwrap.dedent("""
     import json, os, sys
     import jax, models
+    from flax import nnx
     from models import hf
 
     def status(field):  # kB; VmHWM is this process's own peak (ru_maxrss survives exec from pytest)
@@ -525,8 +595,8 @@ PEAK_MEMORY = textwrap.dedent("""
     with open("/proc/self/clear_refs", "w") as f:   # reset VmHWM to the current RSS
         f.write("5")
     base = status("VmRSS")
-    params = hf.load_weights(folder, config)
-    jax.block_until_ready(params)
+    model = hf.load_weights(folder, config)
+    jax.block_until_ready(nnx.state(model))
     print(json.dumps({"grown": status("VmHWM") - base, "held": status("VmRSS") - base}))
 """)
 
@@ -598,7 +668,7 @@ def test_generate_script_runs(tmp_path, capsys):
     config = models.ModelConfig(model_type="llama", vocab_size=models.tokenizer.VOCAB_SIZE, hidden_size=32,
                                 intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                                 num_key_value_heads=2, head_dim=8, max_position_embeddings=128)
-    models.save_pretrained(models.init_weights(config, seed=0), config, folder)
+    models.save_pretrained(models.init_model(config, seed=0), folder)
     models.byte_tokenizer().save_pretrained(folder)
     out = str(tmp_path / "out.json")
     script = _script()

@@ -15,6 +15,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 import models
 import sparq_jax as sq
@@ -108,10 +109,10 @@ def _config(kv_heads: int, q_heads: int, layers: int = 2) -> models.ModelConfig:
                               head_dim=16, max_position_embeddings=256, eos_token_id=())
 
 
-def _checkpoint(folder, config, weights=None):
+def _checkpoint(folder, config, model=None):
     # std 0.25 spreads the logits, so greedy decoding rarely meets near ties.
-    weights = models.init_weights(config, seed=1, std=0.25) if weights is None else weights
-    models.save_pretrained(weights, config, str(folder))
+    model = models.init_model(config, seed=1, std=0.25) if model is None else model
+    models.save_pretrained(model, str(folder))
     return str(folder)
 
 
@@ -229,13 +230,16 @@ def test_mesh_splits_cache_and_weights(even):
             if x.ndim > 1:
                 assert all(s.data.shape[1] == 2 for s in shards), field          # 8 KV heads / 4
         np.testing.assert_array_equal(np.asarray(cache.lengths), np.asarray(ref_state[0].lengths))
-    for field, axis in (("q", 2), ("k", 2), ("v", 2), ("o", 1), ("gate", 2), ("up", 2), ("down", 1)):
-        x = getattr(lm.params.layers, field)                                  # [L, ...]: axis counts L
-        assert {s.data.shape[axis] for s in x.addressable_shards} == {x.shape[axis] // 4}, field
-        assert {s.data.nbytes for s in x.addressable_shards} == {x.nbytes // 4}, field
-    for x in (lm.params.embed, lm.params.lm_head, lm.decode_params.layers[1].k):
+    for layer in lm.model.layers:
+        for module, field, axis in (("attn", "q", 1), ("attn", "k", 1), ("attn", "v", 1), ("attn", "o", 0),
+                                    ("mlp", "gate", 1), ("mlp", "up", 1), ("mlp", "down", 0)):
+            x = getattr(getattr(layer, module), field)[...]
+            assert {s.data.shape[axis] for s in x.addressable_shards} == {x.shape[axis] // 4}, field
+            assert {s.data.nbytes for s in x.addressable_shards} == {x.nbytes // 4}, field
+    for x in (lm.model.embed[...], lm.model.lm_head[...]):
         assert {s.data.nbytes for s in x.addressable_shards} == {x.nbytes // 4}
-    assert {s.data.nbytes for s in lm.params.norm.addressable_shards} == {lm.params.norm.nbytes}
+    norm = lm.model.norm[...]
+    assert {s.data.nbytes for s in norm.addressable_shards} == {norm.nbytes}
 
     per_device = _shard_bytes((lm.params, state))
     whole = sum(x.nbytes for x in jax.tree.leaves((ref.params, ref_state)))
@@ -263,16 +267,18 @@ def test_mesh_replicates_kv_heads(tmp_path):
     unchanged, so the logits match the one-device model; SparQ then selects per copy (for its half
     of the query group), so it matches the one-device model of the replicated checkpoint."""
     config = _config(kv_heads=4, q_heads=8)
-    weights = models.init_weights(config, seed=1, std=0.25)
-    folder = _checkpoint(tmp_path / "gqa", config, weights)
-    doubled = dataclasses.replace(config, num_key_value_heads=8)
-    layers = dataclasses.replace(weights.layers, k=np.repeat(weights.layers.k, 2, axis=2),
-                                 v=np.repeat(weights.layers.v, 2, axis=2))
-    doubled_folder = _checkpoint(tmp_path / "doubled", doubled, dataclasses.replace(weights, layers=layers))
+    model = models.init_model(config, seed=1, std=0.25)
+    folder = _checkpoint(tmp_path / "gqa", config, model)
+    doubled = models.init_model(dataclasses.replace(config, num_key_value_heads=8))
+    nnx.update(doubled, nnx.state(model))                     # then K and V, each KV head twice
+    for ours, theirs in zip(doubled.layers, model.layers):
+        ours.attn.k.set_value(np.repeat(theirs.attn.k[...], 2, axis=1))
+        ours.attn.v.set_value(np.repeat(theirs.attn.v[...], 2, axis=1))
+    doubled_folder = _checkpoint(tmp_path / "doubled", doubled.config, doubled)
 
     lm = models.from_pretrained(folder, mesh=sharding.make_mesh(1, 8))
     assert lm.config.num_key_value_heads == 8 and lm.config.num_attention_heads == 8
-    assert {s.data.shape[2] for s in lm.params.layers.k.addressable_shards} == {1}
+    assert all({s.data.shape[1] for s in layer.attn.k[...].addressable_shards} == {1} for layer in lm.model.layers)
     ref = models.from_pretrained(folder)
     ids, mask = _batch()
     np.testing.assert_allclose(np.asarray(lm.logits(ids, mask)), np.asarray(ref.logits(ids, mask)),

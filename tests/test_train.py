@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
 import train_tiny as tt  # noqa: E402
@@ -49,16 +50,42 @@ def test_probe_masks_select_the_copied_and_answer_tokens():
         assert text[-6:-1] in text[:-6]                       # the needle holds the key
 
 
-def test_forward_matches_inference_logits():
+def _tiny_model():
     args = tt.parse_args(["--seq-len", "256", "--hidden", "64", "--intermediate", "96", "--heads", "4",
                           "--kv-heads", "2", "--head-dim", "16", "--layers", "2"])
-    config = tt.make_config(args)
-    params = llama.init_weights(config, seed=1)
-    ids = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 40)), jnp.int32)
-    x = tt.forward(params, ids, config)
-    ours = jnp.einsum("bth,hv->btv", x, params.lm_head)
-    ref = llama.logits(params, ids, jnp.ones(ids.shape, jnp.int32), config=config)
-    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=2e-5, rtol=2e-5)
+    return models.init_model(tt.make_config(args), seed=1, std=0.1)
+
+
+def test_differentiable_logits_equal_blockwise_logits():
+    """training's attention (one [T, T] block, chunk=None) is the inference forward's, padding and all."""
+    model = _tiny_model()
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(0, 256, (2, 40)), jnp.int32)
+    mask = np.ones((2, 40), np.int32)
+    mask[1, :9] = 0
+    ref = llama.logits(model, ids, mask, chunk=8)
+    ours = llama.logits(model, ids, mask, chunk=None)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(ours)[valid], np.asarray(ref)[valid], atol=2e-5, rtol=2e-5)
+
+
+def test_gradient_through_logits_equals_finite_difference():
+    model = _tiny_model()
+    rows = jnp.asarray(np.random.default_rng(1).integers(0, 256, (2, 25)), jnp.int32)
+    grads = nnx.jit(nnx.grad(tt.loss_fn))(model, rows)
+    graphdef, params = nnx.split(model)
+    direction = jax.tree.map(lambda x: jax.random.normal(jax.random.key(x.size), x.shape, x.dtype), params)
+    slope = sum(jnp.vdot(g, u) for g, u in zip(jax.tree.leaves(nnx.state(grads)), jax.tree.leaves(direction)))
+
+    @jax.jit
+    def loss_at(t):
+        moved = jax.tree.map(lambda x, u: x + t * u, params, direction)
+        return tt.loss_fn(nnx.merge(graphdef, moved), rows)
+
+    eps = 1e-3                                      # of a unit-normal direction: second order ~1e-4
+    fd = (float(loss_at(eps)) - float(loss_at(-eps))) / (2 * eps)
+    assert abs(float(slope)) > 1e-2                 # the check is not vacuous
+    np.testing.assert_allclose(fd, float(slope), rtol=1e-2)
 
 
 def test_two_step_run_writes_a_loadable_checkpoint(tmp_path):
