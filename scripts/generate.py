@@ -39,7 +39,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 # Default prompts: BATCH prompts of PROMPT_TOKENS tokens (capped by the model's context), a long
 # enough context and batch that the KV cache, which SparQ reads 1/8 of, outweighs the weights.
 PROMPT_TOKENS = 4000
-BATCH = 4
+BATCH = 8
 # The people the default prompts' facts are about (one per prompt, in order).
 FACT_NAMES = ("Prospero", "Viola", "Brutus", "Miranda", "Olivia", "Cassius", "Ariel", "Malvolio")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
