@@ -30,6 +30,7 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import sparq_jax as sq
+from sparq_jax.methods import transfer_totals
 from sparq_jax.sharding import DATA
 
 from . import llama
@@ -114,13 +115,8 @@ def transfer_ratio(method, prompt_lengths, decode_steps: int, head_dim: int, win
     """Sum over the decode steps run and the rows of method.transfers(n, D) / Dense().transfers(n, D),
     n the row's cache length at that step (its prompt plus the tokens fed so far, capped at a sliding
     window). The ratio is the same in every layer and KV head, so those cancel. nan with no step."""
-    dense = sq.Dense()
-    num = den = 0
-    for length in np.asarray(prompt_lengths).reshape(-1):
-        for step in range(1, int(decode_steps) + 1):
-            n = int(length) + step if window is None else min(int(length) + step, window)
-            num += method.transfers(n, head_dim)
-            den += dense.transfers(n, head_dim)
+    lengths = [int(n) + step for n in np.asarray(prompt_lengths).reshape(-1) for step in range(1, int(decode_steps) + 1)]
+    num, den = transfer_totals(method, lengths if window is None else [min(n, window) for n in lengths], head_dim)
     return num / den if den else float("nan")
 
 

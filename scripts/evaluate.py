@@ -48,6 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import models  # noqa: E402
 import sparq_jax as sq  # noqa: E402
 from sparq_jax import tasks  # noqa: E402
+from sparq_jax.methods import transfer_totals  # noqa: E402
 from cli_args import positive_int, ratio_list  # noqa: E402
 
 TASKS = ("passkey", "multikey", "repetition", "bpc")
@@ -83,9 +84,9 @@ class Transfers:
 
     def step(self, lengths: np.ndarray) -> None:
         """lengths [B]: each row's cache length during the step (its new token included)."""
-        for s in lengths.tolist():
-            self.method_total += self.method.transfers(int(s), self.head_dim)
-            self.dense_total += sq.Dense().transfers(int(s), self.head_dim)
+        method_total, dense_total = transfer_totals(self.method, lengths.tolist(), self.head_dim)
+        self.method_total += method_total
+        self.dense_total += dense_total
 
     @property
     def ratio(self) -> float:

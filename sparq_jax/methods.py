@@ -48,6 +48,14 @@ def dense_transfers(seq_len: int, head_dim: int) -> int:
     return 2 * seq_len * head_dim + 2 * head_dim
 
 
+def transfer_totals(method, seq_lens, head_dim: int) -> tuple[int, int]:
+    """(method's, dense attention's) elements read per KV head, summed over decode steps at the cache
+    lengths seq_lens (one per row and step): their ratio is a run's measured transfer ratio."""
+    seq_lens = [int(n) for n in seq_lens]
+    return (sum(method.transfers(n, head_dim) for n in seq_lens),
+            sum(dense_transfers(n, head_dim) for n in seq_lens))
+
+
 @dataclasses.dataclass(frozen=True)
 class Dense:
     """Exact attention over every valid position: the reference and the baseline."""
