@@ -10,8 +10,8 @@ from .config import CheckpointError, ConfigError, ModelConfig, RopeParameters
 from .hf import BUNDLED, from_pretrained, save_pretrained
 from .known import KNOWN_MODELS
 from .llama import Llama, init_model
-from .lm import LanguageModel, bucket_length
+from .lm import LanguageModel, bucket_length, prefill_options
 from .tokenizer import byte_tokenizer
 
 __all__ = ["BUNDLED", "CheckpointError", "ConfigError", "KNOWN_MODELS", "LanguageModel", "Llama", "ModelConfig",
-           "RopeParameters", "bucket_length", "byte_tokenizer", "from_pretrained", "init_model", "save_pretrained"]
+           "RopeParameters", "bucket_length", "prefill_options", "byte_tokenizer", "from_pretrained", "init_model", "save_pretrained"]

@@ -31,12 +31,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import sparq_jax as sq
 from sparq_jax.methods import transfer_totals
+from sparq_jax.validation import check_int
 from sparq_jax.sharding import DATA
 
 from . import llama
 from .config import ModelConfig
 
-_METHODS = (sq.Dense, sq.SparQ, sq.H2O, sq.Streaming, sq.FlexGen)
 # prefill's default cache capacity beyond the prompt: generate's default max_new_tokens
 DEFAULT_NEW_TOKENS = 32
 
@@ -142,6 +142,15 @@ decode_loop_jit = jax.jit(_decode_loop, static_argnums=0,
                           static_argnames=("method", "max_new_tokens", "do_sample", "mesh"), donate_argnames=("cache",))
 
 
+def prefill_options(methods) -> dict:
+    """prefill's cache options that serve every method in `methods` (one prefill, several methods):
+    {"transposed_keys": any reads K^T, "h2o": any is stateful}; lm.prefill(ids, **prefill_options(ms))."""
+    methods = list(methods)
+    for m in methods:
+        sq.check_method(m)
+    return {"transposed_keys": any(m.reads_transposed_keys for m in methods), "h2o": any(m.stateful for m in methods)}
+
+
 class LanguageModel:
     """A loaded Llama / Mistral: model (the llama.Llama nnx.Module), its config, tokenizer (or None),
     the generation defaults (eos_token_id: a tuple, possibly empty; pad_token_id) and the device mesh
@@ -174,22 +183,23 @@ class LanguageModel:
         ids, mask = self._batch(input_ids, attention_mask)
         return _logits_jit(self._graphdef, self.params, *self._place(ids, mask), mesh=self.mesh)
 
-    def prefill(self, input_ids, attention_mask=None, max_len: Optional[int] = None, method=sq.Dense(),
-                transposed_keys: Optional[bool] = None):
+    def prefill(self, input_ids, attention_mask=None, max_len: Optional[int] = None, *,
+                transposed_keys: bool = False, h2o: bool = False):
         """Dense prefill of a prompt batch [B, T] -> (fp32 logits [B, V] of each row's last prompt
         token, state). state is a tuple of L per-layer sq.KVCaches ([B, Hkv, max_len, D]), each row
-        left-aligned; max_len is its capacity (default T + 32); K^T is kept when `method` reads it
-        unless transposed_keys says otherwise; H2O's scores are seeded when method is stateful."""
-        _check_method(method)
+        left-aligned; max_len is its capacity (default T + 32). What the decoding methods need of the
+        cache: transposed_keys=True keeps K^T too (SparQ reads it; the others ignore it), h2o=True seeds
+        H2O's accumulated scores. prefill_options(methods) derives both from the methods that will decode."""
+        for name, flag in (("transposed_keys", transposed_keys), ("h2o", h2o)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be True or False, got {flag!r}")
         ids, mask = self._batch(input_ids, attention_mask)
         t = ids.shape[1]
         max_len = t + DEFAULT_NEW_TOKENS if max_len is None else max_len
         if isinstance(max_len, bool) or not isinstance(max_len, (int, np.integer)) or max_len < t:
             raise ValueError(f"max_len must be an integer >= the prompt width {t}, got {max_len!r}")
-        if transposed_keys is None:
-            transposed_keys = method.reads_transposed_keys
         logits, state = _prefill_jit(self._graphdef, self.params, *self._place(ids, mask), max_len=int(max_len),
-                                     transposed_keys=bool(transposed_keys), h2o=method.stateful, mesh=self.mesh)
+                                     transposed_keys=transposed_keys, h2o=h2o, mesh=self.mesh)
         self._remember(state, int(mask.sum(axis=1).max()))
         return logits, state
 
@@ -215,7 +225,7 @@ class LanguageModel:
             raise ValueError(f"the cache is full ({longest} of max_len={first.max_len} positions); "
                              f"prefill with a larger max_len")
         if method.stateful and first.h2o_scores is None:
-            raise ValueError(f"{method!r} keeps state in the cache: prefill with that method")
+            raise ValueError(f"{method!r} keeps state in the cache: prefill with h2o=True")
         logits, state = _decode_step_jit(self._graphdef, self.params, self._place(tokens.astype(np.int32))[0],
                                          state, method=method, mesh=self.mesh)
         self._remember(state, longest + 1)
@@ -260,10 +270,9 @@ class LanguageModel:
         """generate's decode loop from a prefill's (logits, state): int32 [B, max_new_tokens], the new
         tokens only (pad after a row's eos). The state is not consumed, so one prefill serves several
         methods: prefill with max_len >= the longest prompt + max_new_tokens - 1, transposed_keys=True
-        for SparQ and method=sq.H2O(...) (seeds H2O's scores; the others ignore them) to serve all:
+        for SparQ and h2o=True for H2O (the others ignore both) to serve all:
 
-            logits, state = lm.prefill(ids, mask, max_len=ids.shape[1] + 64, method=sq.H2O(64, 16),
-                                       transposed_keys=True)
+            logits, state = lm.prefill(ids, mask, max_len=ids.shape[1] + 64, transposed_keys=True, h2o=True)
             dense = lm.decode(logits, state, 64)
             sparq = lm.decode(logits, state, 64, method=sq.SparQ(16, 256))
 
@@ -285,7 +294,7 @@ class LanguageModel:
         if method.reads_transposed_keys and first.kt is None:
             raise ValueError(f"{method!r} reads the transposed keys: prefill with transposed_keys=True")
         if method.stateful and first.h2o_scores is None:
-            raise ValueError(f"{method!r} keeps state in the cache: prefill with method={method!r}")
+            raise ValueError(f"{method!r} keeps state in the cache: prefill with h2o=True")
         eos, pad_token_id = self._sampling(do_sample, temperature, top_p, seed, eos_token_id, pad_token_id)
         cache = jax.tree.map(jnp.copy, state)    # the loop donates its cache; the caller keeps theirs
         new, stats = self._decode(logits.astype(jnp.float32), cache, max_new_tokens, method, do_sample,
@@ -376,11 +385,8 @@ class LanguageModel:
 
 
 def _check_new_tokens(max_new_tokens) -> int:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    return int(max_new_tokens)
+    return check_int("max_new_tokens", max_new_tokens)
 
 
 def _check_method(method) -> None:
-    if not isinstance(method, _METHODS):
-        raise ValueError(f"method must be one of sq.Dense, SparQ, H2O, Streaming, FlexGen, got {method!r}")
+    sq.check_method(method)

@@ -14,7 +14,9 @@ xla_flags.configure()
 from . import sharding  # noqa: E402
 from .attention import attend  # noqa: E402
 from .cache import KVCache  # noqa: E402
-from .methods import H2O, METHODS, Dense, FlexGen, SparQ, Streaming, dense_transfers  # noqa: E402
+from .methods import (H2O, METHOD_NAMES, METHODS, Dense, FlexGen, SparQ, Streaming, check_method,  # noqa: E402
+                      dense_transfers, method_from_name, transfer_totals)
 
-__all__ = ["sharding", "attend", "KVCache", "Dense", "SparQ", "H2O", "Streaming", "FlexGen", "METHODS", "dense_transfers"]
+__all__ = ["sharding", "attend", "KVCache", "Dense", "SparQ", "H2O", "Streaming", "FlexGen", "METHODS", "METHOD_NAMES",
+           "check_method", "dense_transfers", "method_from_name", "transfer_totals"]
 __version__ = "0.1.0"

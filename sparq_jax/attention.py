@@ -22,7 +22,7 @@ from pallas_kernels import order_key
 
 from . import native
 from .cache import KVCache, _is_concrete
-from .methods import H2O, Dense, FlexGen, SparQ, Streaming
+from .methods import H2O, Dense, FlexGen, SparQ, Streaming, check_method
 
 IMPLS = ("auto", "xla", "pallas_gpu", "pallas_tpu")
 _F32 = jnp.float32
@@ -516,8 +516,10 @@ def _attend(q, cache: KVCache, method, window, impl, interpret):
         out, state = _h2o(qg, cache, mask, method)
     elif isinstance(method, Streaming):
         out = _streaming(qg, cache, mask, method)
-    else:
+    elif isinstance(method, FlexGen):
         out = _flexgen(qg, cache, mask, method)
+    else:
+        check_method(method)      # raises: a method this dispatch does not know is never run as another
     return out.reshape(b, hq, d).astype(q.dtype), state
 
 
@@ -560,8 +562,7 @@ def attend(q, cache: KVCache, method, *, window: Optional[int] = None, impl: str
     """
     if not isinstance(cache, KVCache):
         raise ValueError(f"cache must be a sparq_jax.KVCache, got {type(cache).__name__}")
-    if not isinstance(method, (Dense, SparQ, H2O, Streaming, FlexGen)):
-        raise ValueError(f"method must be Dense, SparQ, H2O, Streaming or FlexGen, got {method!r}")
+    check_method(method)
     q = jnp.asarray(q)
     if not jnp.issubdtype(q.dtype, jnp.floating):
         raise ValueError(f"q must be a floating array, got dtype {q.dtype}")

@@ -11,6 +11,10 @@ import dataclasses
 import math
 from fractions import Fraction
 
+import numpy as np
+
+from .validation import check_int
+
 # A budget may overshoot the requested ratio by this factor at most.
 _TOLERANCE = 1.01
 # What SparQ's step 2 may rank positions by when query heads share a KV head (SparQ.group_scores).
@@ -18,8 +22,9 @@ GROUP_SCORES = ("softmax", "logits")
 
 
 def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if isinstance(value, np.integer):       # frozen configs hold Python ints (hashable, static under jit)
+        raise ValueError(f"{name} must be a Python int, got {value!r} ({type(value).__name__})")
+    check_int(name, value, minimum)
 
 
 def _check_ratio(ratio, lower=0.0) -> float:
@@ -238,3 +243,41 @@ class FlexGen:
 
 
 METHODS = {"dense": Dense, "sparq": SparQ, "h2o": H2O, "streaming": Streaming, "flexgen": FlexGen}
+# The method names every script, the evaluation API and the lm-eval backend accept (method_from_name).
+METHOD_NAMES = ("dense", "sparq", "sparq-mean", "sparq-logits", "h2o", "streaming", "flexgen")
+
+
+def method_from_name(name: str, ratio, head_dim: int, seq_len: int, *, grouped: bool = True):
+    """The method called `name` (one of METHOD_NAMES) at transfer ratio `ratio` for a cache of seq_len
+    positions and heads of head_dim (Dense ignores all three).
+
+    sparq: the paper's setting, mean reallocation on only when each KV head serves one query head
+    (grouped=False), since the paper found it hurt grouped-query models; sparq-mean: reallocation on;
+    sparq-logits: off, KV groups ranked by summed approximate logits (the authors' code);
+    streaming: 16 sink positions and a recent window; flexgen: ratios >= its floor of ~1/2.
+    ValueError names an unknown name, or says how to fix a budget the method cannot reach.
+    """
+    if name not in METHOD_NAMES:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHOD_NAMES)}")
+    if name == "dense":
+        return Dense()
+    try:
+        if name.startswith("sparq"):
+            return SparQ.for_compression(ratio, head_dim, seq_len,
+                                         reallocate_mean=name == "sparq-mean" or (name == "sparq" and not grouped),
+                                         group_scores="logits" if name == "sparq-logits" else "softmax")
+        return METHODS[name].for_compression(ratio, head_dim, seq_len)
+    except ValueError as err:
+        raise ValueError(f"method {name} at compression {ratio if isinstance(ratio, str) else f'{ratio:g}'}: "
+                         f"{err}. Use a longer prompt or a larger compression (e.g. 1/2), or leave {name} "
+                         f"out") from None
+
+
+KNOWN_METHODS = (Dense, SparQ, H2O, Streaming, FlexGen)
+
+
+def check_method(method) -> None:
+    """TypeError unless `method` is one of the attention methods (an instance, not a class or a name)."""
+    if not isinstance(method, KNOWN_METHODS):
+        raise TypeError(f"method must be an instance of one of {', '.join(c.__name__ for c in KNOWN_METHODS)} "
+                        f"(sparq_jax; by name: sq.method_from_name), got {method!r}")

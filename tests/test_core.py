@@ -716,3 +716,32 @@ def test_command_buffer_flag_is_one_this_xla_knows():
     run = subprocess.run([sys.executable, "-c", "import jax.numpy as jnp; print(float(jnp.ones(3).sum()))"],
                          env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.strip() == "3.0", run.stderr[-2000:]
+
+
+def test_method_from_name_is_the_one_vocabulary():
+    """Every name builds its class's for_compression budget; the GQA rule and errors name the fix."""
+    D, S = 64, 4096
+    assert sq.method_from_name("dense", 0.125, D, S) == sq.Dense()
+    plain = sq.SparQ.for_compression(1 / 8, D, S)
+    assert sq.method_from_name("sparq", "1/8", D, S, grouped=True) == dataclasses.replace(plain, reallocate_mean=False)
+    assert sq.method_from_name("sparq", 1 / 8, D, S, grouped=False) == plain
+    assert sq.method_from_name("sparq-mean", 1 / 8, D, S) == plain
+    logits = sq.method_from_name("sparq-logits", 1 / 8, D, S)
+    assert (logits.reallocate_mean, logits.group_scores) == (False, "logits")
+    assert sq.method_from_name("h2o", 1 / 8, D, S) == sq.H2O.for_compression(1 / 8, D, S)
+    assert sq.method_from_name("streaming", 1 / 8, D, S) == sq.Streaming.for_compression(1 / 8, D, S)
+    assert sq.method_from_name("flexgen", 3 / 4, D, S) == sq.FlexGen.for_compression(3 / 4, D, S)
+    with pytest.raises(ValueError, match="unknown method 'magic'; choose from dense, sparq"):
+        sq.method_from_name("magic", 1 / 8, D, S)
+    with pytest.raises(ValueError, match="flexgen at compression 0.125: .*larger compression"):
+        sq.method_from_name("flexgen", 1 / 8, D, S)
+
+
+def test_unknown_method_object_is_a_type_error():
+    class NotAMethod:
+        stateful = False
+        reads_transposed_keys = False
+
+    cache = sq.KVCache.from_kv(np.zeros((1, 1, 8, 4), np.float32), np.zeros((1, 1, 8, 4), np.float32), [8])
+    with pytest.raises(TypeError, match="Dense, SparQ, H2O, Streaming, FlexGen"):
+        sq.attend(np.zeros((1, 1, 4), np.float32), cache, NotAMethod())

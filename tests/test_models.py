@@ -146,7 +146,7 @@ def test_prefill_h2o_scores_match_transformers_attention(checkpoint):
         mask_t = torch.tensor(mask)
         attn = ref(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=mask_t,
                    position_ids=(mask_t.cumsum(-1) - 1).clamp(min=0), output_attentions=True).attentions
-    cache = stacked(lm.prefill(ids, mask, method=sq.H2O(top_k=8, local_window=2))[1])
+    cache = stacked(lm.prefill(ids, mask, h2o=True)[1])
     cfg = lm.config
     g = cfg.num_attention_heads // cfg.num_key_value_heads
     for layer, probs in enumerate(attn):
@@ -181,7 +181,7 @@ def test_decode_step_donates_the_state(loaded):
     SparQ saves)."""
     lm, _ = loaded("llama_gqa_llama3")
     ids, mask = left_padded_batch(LENGTHS, seed=4)
-    _, state = lm.prefill(ids, mask, method=sq.SparQ(rank=4, top_k=8))
+    _, state = lm.prefill(ids, mask, transposed_keys=True)
     _, new = lm.decode_step(ids[:, -1], state, method=sq.SparQ(rank=4, top_k=8))
     assert all(c.k.is_deleted() and c.kt.is_deleted() and c.v.is_deleted() for c in state)
     assert not any(c.k.is_deleted() for c in new)
@@ -237,7 +237,7 @@ def test_split_merge_round_trip(loaded):
 def test_prefill_cache_is_left_aligned(loaded):
     lm, _ = loaded("llama_gqa_llama3")
     ids, mask = left_padded_batch(LENGTHS, seed=6)
-    cache = stacked(lm.prefill(ids, mask, max_len=40, method=sq.SparQ(rank=4, top_k=8))[1])
+    cache = stacked(lm.prefill(ids, mask, max_len=40, transposed_keys=True)[1])
     assert cache.k.shape == (lm.config.num_hidden_layers, 3, lm.config.num_key_value_heads, 40, lm.config.head_dim)
     np.testing.assert_array_equal(np.asarray(cache.lengths), np.tile(LENGTHS, (lm.config.num_hidden_layers, 1)))
     np.testing.assert_array_equal(np.asarray(cache.kt), np.swapaxes(np.asarray(cache.k), -1, -2))
@@ -247,7 +247,7 @@ def test_prefill_cache_is_left_aligned(loaded):
         assert not np.asarray(cache.v[:, b, :, n:]).any()
     # K^T only where the method reads it, unless overridden.
     assert all(c.kt is None for c in lm.prefill(ids, mask)[1])
-    assert all(c.kt is None for c in lm.prefill(ids, mask, method=sq.SparQ(rank=4, top_k=8), transposed_keys=False)[1])
+    assert all(c.kt is None for c in lm.prefill(ids, mask, transposed_keys=False)[1])
 
 
 @pytest.fixture(scope="module")
@@ -386,7 +386,7 @@ def test_decode_from_one_prefill_equals_generate(loaded):
     lm, _ = loaded("llama_gqa_llama3")
     ids, mask = left_padded_batch(LENGTHS, seed=2)
     n = 10
-    logits, state = lm.prefill(ids, mask, max_len=ids.shape[1] + n - 1, method=sq.H2O(top_k=8, local_window=2),
+    logits, state = lm.prefill(ids, mask, max_len=ids.shape[1] + n - 1, h2o=True,
                                transposed_keys=True)
     before = jax.tree.map(np.asarray, state)
     for method in [sq.Dense(), sq.SparQ(rank=4, top_k=8, local_window=2), sq.H2O(top_k=8, local_window=2),

@@ -128,7 +128,7 @@ def _batch(b: int = 4, t: int = 11):
 def _greedy(lm, ids, mask, method):
     """Greedy decoding through prefill and decode_step: tokens [B, N] and the logits [B, N, V] that
     chose them."""
-    logits, state = lm.prefill(ids, mask, max_len=ids.shape[1] + NEW_TOKENS, method=method)
+    logits, state = lm.prefill(ids, mask, max_len=ids.shape[1] + NEW_TOKENS, **models.lm.prefill_options([method]))
     tokens, all_logits = [], []
     for step in range(NEW_TOKENS):
         all_logits.append(np.asarray(logits))
@@ -213,8 +213,8 @@ def test_mesh_splits_cache_and_weights(even):
     lm = models.from_pretrained(folder, mesh=sharding.make_mesh(2, 4))
     ids, mask = _batch()
     method = sq.H2O(top_k=6, local_window=2)          # every optional cache field present
-    ref_logits, ref_state = ref.prefill(ids, mask, max_len=16, method=method, transposed_keys=True)
-    logits, state = lm.prefill(ids, mask, max_len=16, method=method, transposed_keys=True)
+    ref_logits, ref_state = ref.prefill(ids, mask, max_len=16, transposed_keys=True, h2o=method.stateful)
+    logits, state = lm.prefill(ids, mask, max_len=16, transposed_keys=True, h2o=method.stateful)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), rtol=1e-5, atol=1e-5)
     token = np.asarray(ref_logits).argmax(-1)
     ref_logits, ref_state = ref.decode_step(token, ref_state, method=method)
