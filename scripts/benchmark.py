@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import sparq_jax as sq
-from cli_args import int_list, positive_int, ratio
+from models.cli import int_list, positive_int, ratio
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 

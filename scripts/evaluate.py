@@ -49,7 +49,7 @@ import models  # noqa: E402
 import sparq_jax as sq  # noqa: E402
 from sparq_jax import tasks  # noqa: E402
 from sparq_jax.methods import transfer_totals  # noqa: E402
-from cli_args import positive_int, ratio_list  # noqa: E402
+from models.cli import positive_int, ratio_list  # noqa: E402
 
 TASKS = ("passkey", "multikey", "repetition", "bpc")
 METHODS = ("dense", "sparq", "sparq-mean", "sparq-logits", "h2o", "streaming", "flexgen")

@@ -51,7 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import models  # noqa: E402
 from models import llama  # noqa: E402
 from models.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, byte_tokenizer  # noqa: E402
-from cli_args import positive_float, positive_int  # noqa: E402
+from models.cli import positive_float, positive_int  # noqa: E402
 
 # Works kept out of training: the evaluation tasks read them from models/bundled/heldout/.
 HELDOUT = ("julius_caesar", "tempest", "twelfth_night")

@@ -1,19 +1,20 @@
-"""argparse value types shared by the scripts: each rejects a bad value with a message naming it."""
+"""argparse value types shared by the scripts (and the lm-eval backend's model_args): each rejects a
+bad value with a message naming it."""
 from __future__ import annotations
 
 import argparse
 import math
 from fractions import Fraction
 
+from sparq_jax.validation import check_int
+
 
 def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+        value = text
+    return check_int("the value", value, 1, argparse.ArgumentTypeError)
 
 
 def positive_float(text: str) -> float:
