@@ -32,9 +32,50 @@ def test_readme_has_runnable_snippets():
     assert sum(not EXEMPT.search(code) for _, code in SNIPPETS) >= 2
 
 
+def _check_attention(ns):
+    import numpy as np
+    import sparq_jax as sq
+
+    assert ns["out"].shape == (ns["B"], ns["Hq"], ns["D"]) and np.isfinite(np.asarray(ns["out"])).all()
+    ratio = ns["method"].transfers(ns["S"], ns["D"]) / sq.Dense().transfers(ns["S"], ns["D"])
+    assert 0.12 < ratio <= 0.125 * 1.01
+
+
+def _check_models(ns):
+    ids = ns["ids"]
+    assert ns["out"].shape == (1, ids.shape[1] + 24) and (ns["out"][:, :ids.shape[1]] == ids).all()
+    assert ns["dense"].shape == ns["sparq"].shape == (1, 24)
+    assert 0.1 < ns["stats"].transfer_ratio <= 0.125 * 1.01 and ns["stats"].decode_s > 0
+    assert ns["logits"].shape == (1, ns["lm"].config.vocab_size)
+
+
+def _check_evaluation(ns):
+    rows = {r["method"]: r for r in ns["rows"]}
+    assert list(rows) == ["dense", "sparq", "h2o"] and all(r["n"] == 4 and r["task"] == "passkey" for r in rows.values())
+    assert rows["dense"]["transfer_ratio"] == 1.0 and rows["dense"]["score"] == 1.0     # SmolLM2 at 768 tokens: every key
+    for name in ("sparq", "h2o"):
+        assert 0.1 < rows[name]["transfer_ratio"] < 0.135 and 0 <= rows[name]["score"] <= 1
+    run = ns["run"]
+    assert list(run.runs) == ["dense", "sparq"] and run.runs["dense"].correct == [True, True]
+    assert 0.1 < run.runs["sparq"].transfer_ratio <= 0.125 * 1.01
+
+
+# What each runnable snippet must have computed, by its section: values, not only that it printed.
+CHECKS = {"Attention on your own cache": _check_attention, "Models": _check_models,
+          "Evaluation from Python": _check_evaluation}
+
+
+def test_every_runnable_snippet_is_checked():
+    for where, code in SNIPPETS:
+        if not EXEMPT.search(code):
+            assert where.split("(", 1)[1].rstrip(")") in CHECKS, where
+
+
 @pytest.mark.parametrize("where,code", SNIPPETS, ids=[w for w, _ in SNIPPETS])
 def test_readme_snippet_runs(where, code, capsys):
     if EXEMPT.search(code):
         pytest.skip("needs several devices, a GPU or the Hugging Face Hub")
-    exec(compile(code, f"README.md {where}", "exec"), {"__name__": "__readme__"})
+    ns = {"__name__": "__readme__"}
+    exec(compile(code, f"README.md {where}", "exec"), ns)
     assert capsys.readouterr().out.strip(), "the snippet prints what it shows"
+    CHECKS[where.split("(", 1)[1].rstrip(")")](ns)
