@@ -37,8 +37,43 @@ DEFAULT_N = {"passkey": 40, "multikey": 40, "repetition": 32, "bpc": 16}
 BPC_SCORED = 256           # tokens of each bpc window scored through decode steps (at most half)
 
 
+# Shapes and budgets are bucketed so that the batches of a grid share their compiles (a decode step is
+# one compile per cache shape and method budget, both static): widths round up to a multiple of
+# WIDTH_UNIT, budgets are sized at a cache length rounded down to 16 steps an octave (<= 6.25% below
+# the real length, so a measured ratio may land that much under its target, never above it).
+WIDTH_UNIT = 128
+BUDGET_STEPS_PER_OCTAVE = 16
+
+
+def budget_length(n: int) -> int:
+    """n rounded down to 16 steps an octave (exact below 32): the cache length budgets are sized at."""
+    if n < 2 * BUDGET_STEPS_PER_OCTAVE:
+        return int(n)
+    unit = 1 << (int(n).bit_length() - 1 - BUDGET_STEPS_PER_OCTAVE.bit_length() + 1)
+    return int(n) // unit * unit
+
+
+def _round_up(n: int, unit: int = WIDTH_UNIT) -> int:
+    return -(-int(n) // unit) * unit
+
+
+def release_memory() -> None:
+    """Give freed host memory back to the system. glibc keeps the freed blocks of a finished run's
+    cache copies in its heaps, fragmented, and each new executable's run then grew the process by up
+    to a cache's size (measured: +1.1 GB a method at 10 rows x 2k of SmolLM2); malloc_trim returns
+    them (a no-op off glibc)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _left_pad(rows: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
-    width = max(len(r) for r in rows)
+    width = _round_up(max(len(r) for r in rows))
     ids = np.full((len(rows), width), pad, np.int32)
     mask = np.zeros((len(rows), width), np.int32)
     for i, r in enumerate(rows):
@@ -58,11 +93,15 @@ class Prefilled:
             raise ValueError(f"every prompt needs more than {forced} tokens")
         pad = lm.pad_token_id if lm.pad_token_id is not None else 0
         ids, mask = _left_pad([r[:-forced] for r in rows], pad)
-        max_len = ids.shape[1] + forced + extra
+        max_len = _round_up(ids.shape[1] + forced + extra)
         _, self.state = lm.prefill(ids, mask, max_len=max_len, transposed_keys=True, h2o=True)
         self.lengths = mask.sum(axis=1)
         self.forced = np.asarray([r[-forced:] for r in rows], np.int32)
         self.info = info
+
+    def method(self, method_of, seq_len: int):
+        """method_of(the budget length of seq_len): the method for caches of about seq_len positions."""
+        return method_of(budget_length(seq_len))
 
     def fresh(self):
         # decode_step donates its state, so each method decodes from its own copy of the prefill.
@@ -113,7 +152,7 @@ def prefill_passkey(lm, samples: list[tasks.PasskeySample]) -> Prefilled:
 
 def run_passkey(lm, samples: list[tasks.PasskeySample], method_of, prefilled: Prefilled):
     """-> (scores [n], TransferMeter): greedy tokens after the question; exact match of the key."""
-    run = Decoding(lm, prefilled, method_of(int(prefilled.lengths.max()) + prefilled.forced.shape[1]))
+    run = Decoding(lm, prefilled, prefilled.method(method_of, int(prefilled.lengths.max()) + prefilled.forced.shape[1]))
     run.force(prefilled.forced)
     out = []
     for j in range(prefilled.info["new_tokens"]):
@@ -143,7 +182,7 @@ def still_matching(generated: str, target: str) -> bool:
 def run_repetition(lm, samples: list[tasks.RepetitionSample], method_of, prefilled: Prefilled):
     """-> (characters matched [n], TransferMeter): greedy decoding until every row has diverged from
     the text that really follows the span (or has matched all of it)."""
-    run = Decoding(lm, prefilled, method_of(int(prefilled.lengths.max()) + prefilled.forced.shape[1]))
+    run = Decoding(lm, prefilled, prefilled.method(method_of, int(prefilled.lengths.max()) + prefilled.forced.shape[1]))
     run.force(prefilled.forced)
     generated = [[] for _ in samples]
     alive = np.ones(len(samples), bool)
@@ -177,7 +216,7 @@ def run_bpc(lm, windows: list[str], method_of, prefilled: Prefilled):
     forced = prefilled.forced
     steps = forced.shape[1] - 1
     # S grows over the scored steps while the budget stays fixed: size the budget at the mean length.
-    run = Decoding(lm, prefilled, method_of(int(prefilled.lengths.max()) + steps // 2 + 1))
+    run = Decoding(lm, prefilled, prefilled.method(method_of, int(prefilled.lengths.max()) + steps // 2 + 1))
     nats = np.zeros(len(forced), np.float64)
     for j in range(steps):
         logits = run.step(forced[:, j])
@@ -269,10 +308,7 @@ def evaluate(lm: LanguageModel, task_names, methods, ratios=COMPRESSION, limit: 
                 scores[(name, ratio)].extend(s.tolist())
                 moved[(name, ratio)][0] += meter.method_total
                 moved[(name, ratio)][1] += meter.dense_total
-                # Each method is its own compile, and XLA:CPU's executables of a decode step keep
-                # memory that grows with the cache (about 1.3 GB each at 10 rows x 2k tokens of
-                # SmolLM2): without this a grid of 16 cells ran out of 24 GB.
-                jax.clear_caches()
+                release_memory()
                 bar.update()
             del prefilled
             if bar.n and b0 == 0 and task == next(iter(plan)):
