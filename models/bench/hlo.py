@@ -30,6 +30,47 @@ def _computations(hlo: str) -> dict[str, list[str]]:
     return comps
 
 
+_LOOP_PARTS = re.compile(r"(?:body|condition)=%?([\w.\-]+)")
+
+
+def _zero() -> dict:
+    return {"launches": 0, "pallas": 0, "nested_loops": 0}
+
+
+def _add(total: dict, part: dict) -> None:
+    for key, value in part.items():
+        total[key] += value
+
+
+def _count(comps: dict[str, list[str]], name: str, seen: tuple = ()) -> dict:
+    """Launches of one run of computation `name` (see hlo_launches), entering what it calls."""
+    total = _zero()
+    if name in seen or name not in comps:
+        return total
+    seen = seen + (name,)
+    for line in comps[name]:
+        m = _OPCODE.search(line)
+        if not m:
+            continue
+        op = m.group(1)
+        if op not in _NO_LAUNCH:
+            total["launches"] += 1
+            total["pallas"] += op == "custom-call" and "xla.gpu.triton" in line
+        elif op == "while":
+            for c in _LOOP_PARTS.findall(line):
+                _add(total, _count(comps, c, seen))
+            total["nested_loops"] += 1
+        elif op == "conditional":
+            branches = re.search(r"branch_computations=\{([^}]*)\}", line)
+            names = re.findall(r"%?([\w.\-]+)", branches.group(1)) if branches else \
+                re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", line)
+            _add(total, max((_count(comps, c, seen) for c in names), key=lambda t: t["launches"], default={}))
+        elif op == "call":
+            for c in re.findall(r"to_apply=%?([\w.\-]+)", line):
+                _add(total, _count(comps, c, seen))
+    return total
+
+
 def hlo_launches(hlo: str) -> dict:
     """Kernel launches per iteration of the largest `while` loop of an optimized HLO module's entry
     (a decode loop: one iteration = one decode step), counted statically.
@@ -40,47 +81,13 @@ def hlo_launches(hlo: str) -> dict:
     "pallas": Pallas Triton calls among them, "nested_loops"}; all zero if the entry has no loop.
     """
     comps = _computations(hlo)
-
-    def count(name, seen=()):
-        total = {"launches": 0, "pallas": 0, "nested_loops": 0}
-        if name in seen or name not in comps:
-            return total
-        for line in comps[name]:
-            m = _OPCODE.search(line)
-            if not m:
-                continue
-            op = m.group(1)
-            if op not in _NO_LAUNCH:
-                total["launches"] += 1
-                total["pallas"] += op == "custom-call" and "xla.gpu.triton" in line
-                continue
-            if op == "while":
-                inner = [count(c, seen + (name,)) for c in re.findall(r"(?:body|condition)=%?([\w.\-]+)", line)]
-                inner.append({"nested_loops": 1})
-            elif op == "conditional":
-                branches = re.search(r"branch_computations=\{([^}]*)\}", line)
-                names = re.findall(r"%?([\w.\-]+)", branches.group(1)) if branches else \
-                    re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", line)
-                inner = [max((count(c, seen + (name,)) for c in names), key=lambda t: t["launches"],
-                             default={})]
-            elif op == "call":
-                inner = [count(c, seen + (name,)) for c in re.findall(r"to_apply=%?([\w.\-]+)", line)]
-            else:
-                continue
-            for t in inner:
-                for key, value in t.items():
-                    total[key] += value
-        return total
-
-    best = {"launches": 0, "pallas": 0, "nested_loops": 0}
+    best = _zero()
     for line in comps.get("__entry__", []):
         m = _OPCODE.search(line)
         if m and m.group(1) == "while":
-            names = re.findall(r"(?:body|condition)=%?([\w.\-]+)", line)
-            found = {"launches": 0, "pallas": 0, "nested_loops": 0}
-            for c in names:
-                for key, value in count(c).items():
-                    found[key] += value
+            found = _zero()
+            for c in _LOOP_PARTS.findall(line):
+                _add(found, _count(comps, c))
             if found["launches"] > best["launches"]:
                 best = found
     return best
