@@ -64,6 +64,7 @@ class AttentionOptions:
                              f"got {self.dtype!r}, {self.impl!r}")
 
     def method(self, seq_len: int) -> sq.SparQ:
+        """The SparQ timed at seq_len."""
         if self.rank is not None:
             return sq.SparQ(self.rank, self.top_k, self.local_window, reallocate_mean=self.reallocate_mean)
         name = "sparq-mean" if self.reallocate_mean else "sparq"
@@ -71,6 +72,7 @@ class AttentionOptions:
 
     @property
     def calls_per_sample(self) -> int:
+        """inner, or the backend's default: on an accelerator, back-to-back calls hide the dispatch."""
         if self.inner is not None:
             return self.inner
         return 1 if jax.default_backend() == "cpu" else 20
