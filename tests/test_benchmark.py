@@ -272,11 +272,10 @@ def test_dump_launches_reads_an_xla_dump(tmp_path):
         hlo.dump_launches(str(tmp_path / "missing"), 3)
 
 
-def test_command_line_errors_name_the_flag(tmp_path):
+def test_command_line_errors_name_the_flag():
+    """The options' checks reach the user as argparse errors (device_check --smoke runs the rest)."""
     bad = _script("attention", "--q-heads", "3", "--kv-heads", "2")
-    assert bad.returncode == 2 and "--q-heads=3 must be a multiple of --kv-heads=2" in bad.stderr
-    missing = _script("launches", str(tmp_path / "missing"), "--layers", "3")
-    assert missing.returncode == 1 and "no '*decode_loop*after_optimizations.txt'" in missing.stderr
+    assert bad.returncode == 2 and "error: --q-heads=3 must be a multiple of --kv-heads=2" in bad.stderr
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
