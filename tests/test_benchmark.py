@@ -1,47 +1,92 @@
-"""scripts/benchmark.py on tiny shapes (what it reports, not how fast) and scripts/row_reads.c."""
+"""models.bench (what the benchmarks report, on tiny shapes; not how fast), sparq_jax.stages against
+attend, scripts/benchmark.py's command line, scripts/row_reads.c and scripts/device_check.sh --smoke."""
 import json
 import os
 import shutil
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import sparq_jax as sq
+from models.bench import hlo
+from models.bench.attention import AttentionOptions, run_attention
+from models.bench.decode import DecodeOptions
+from models.bench.model import ModelOptions, run_model
+from models.bench.timing import drop_failing
+from sparq_jax import native, stages
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-
-import benchmark  # noqa: E402
 
 
-def test_attention_breakdown_times_every_stage(tmp_path):
-    out = tmp_path / "bench.json"
-    benchmark.main(["attention", "--batch", "2", "--q-heads", "4", "--kv-heads", "2", "--seq-len", "512",
-                    "--head-dim", "16", "--rank", "4", "--top-k", "64", "--local-window", "8",
-                    "--reps", "1", "--warmup", "1", "--breakdown", "--json", str(out)])
-    result = json.loads(out.read_text())
-    assert [r["method"] for r in result["rows"]] == ["dense", "sparq"]
-    assert all(r["rel_err_vs_xla"] == 0 for r in result["rows"])
-    stages = result["breakdown"]["xla"]
-    from sparq_jax import native
+def _script(*args):
+    """scripts/benchmark.py run as a user runs it, importing this checkout's packages."""
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "benchmark.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_attention_case_reports_consistent_numbers():
+    doc = run_attention(AttentionOptions(batch=2, q_heads=4, kv_heads=2, seq_len=512, head_dim=16, rank=4, top_k=64,
+                                         local_window=8, reps=1, warmup=1, breakdown=True))
+    assert json.loads(json.dumps(doc)) == doc                      # what the script writes as JSON
+    c = doc["config"]
+    assert (c["rank"], c["top_k"], c["local_window"], c["reallocate_mean"], c["seq_len"]) == (4, 64, 8, True, 512)
+    rows = {r["method"]: r for r in doc["rows"]}
+    assert [r["method"] for r in doc["rows"]] == ["dense", "sparq"] and all(r["impl"] == "xla" for r in doc["rows"])
+    assert all(r["rel_err_vs_xla"] == 0 for r in doc["rows"])
+    # Eq. 3 and Eq. 11 per (row, KV head), fp32: dense 2*S*d + 2*d, SparQ S*r + 2*k*d + 4*d
+    dense, sparq = 2 * 512 * 16 + 2 * 16, 512 * 4 + 2 * 64 * 16 + 4 * 16
+    assert (rows["dense"]["bytes"], rows["sparq"]["bytes"]) == (2 * 2 * dense * 4, 2 * 2 * sparq * 4)
+    assert doc["transfer_ratio"] == pytest.approx(sparq / dense, rel=1e-12)
+    for r in doc["rows"]:
+        assert r["gbps"] == pytest.approx(r["bytes"] / r["ms"] / 1e6)
+    assert (doc["dense_ms"], doc["sparq_ms"]) == (rows["dense"]["ms"], rows["sparq"]["ms"])
+    assert doc["speedup"] == pytest.approx(doc["dense_ms"] / doc["sparq_ms"])
+    stages_ = doc["breakdown"]["xla"]
     want = {"step 1", "softmax + group sum", "top-k: counting (XLA)", "top-k: lax.top_k", "alpha (s_hat at top-k)",
             "steps 2+3"} | ({"top-k: native (CPU)"} if native.available()[0] else set())
-    assert set(stages) == want
-    assert all(s["ms"] > 0 and s["bytes"] > 0 for s in stages.values())
+    assert set(stages_) == want
     # step 1 reads r rows of S per (row, KV head); steps 2+3 read k rows of K and of V (fp32)
-    assert stages["step 1"]["bytes"] == 2 * 2 * 4 * 512 * 4
-    assert stages["steps 2+3"]["bytes"] == 2 * 2 * 2 * 64 * 16 * 4
+    assert stages_["step 1"]["bytes"] == 2 * 2 * 4 * 512 * 4
+    assert stages_["steps 2+3"]["bytes"] == 2 * 2 * 2 * 64 * 16 * 4
+    for st in stages_.values():
+        assert st["gbps"] == pytest.approx(st["bytes"] / st["ms"] / 1e6)
+
+
+def test_attention_options_name_the_sparq_they_run_and_reject_bad_flags():
+    assert AttentionOptions(head_dim=16).method(512) == sq.method_from_name("sparq-mean", 0.125, 16, 512)
+    plain = AttentionOptions(head_dim=16, reallocate_mean=False, compression=0.25).method(512)
+    assert plain == sq.method_from_name("sparq", 0.25, 16, 512) and not plain.reallocate_mean
+    assert AttentionOptions(head_dim=16, rank=4, top_k=9, local_window=2).method(512) == sq.SparQ(4, 9, 2)
+    for bad, message in [({"q_heads": 3, "kv_heads": 2}, "--q-heads=3 must be a multiple of --kv-heads=2"),
+                         ({"rank": 4}, "--rank and --top-k go together"),
+                         ({"rank": 17, "top_k": 8, "head_dim": 16}, "--rank=17 must be <= --head-dim=16"),
+                         ({"rank": 4, "top_k": 8, "local_window": 9}, "local_window must be <= top_k"),
+                         ({"plot": "x.png"}, "--plot needs --sweep")]:
+        with pytest.raises(ValueError, match=message):
+            AttentionOptions(**bad)
+
+
+def test_decode_options_override_the_preset():
+    config = DecodeOptions(preset="smollm2-135m", layers=2, vocab=256, seq_lens=(64, 128), steps=3).config()
+    assert (config.num_hidden_layers, config.vocab_size, config.hidden_size, config.num_attention_heads,
+            config.num_key_value_heads, config.head_dim, config.tie_word_embeddings,
+            config.max_position_embeddings) == (2, 256, 576, 9, 3, 64, True, 128 + 3 + 1)
+    with pytest.raises(ValueError, match="--q-heads=4 must be a multiple of --kv-heads=3"):
+        DecodeOptions(preset="smollm2-135m", q_heads=4)
 
 
 def test_a_failing_candidate_is_left_out(capsys):
     """A kernel that does not compile on the device costs its own row, not the run."""
-    import jax.numpy as jnp
-
     def broken():
         raise RuntimeError("no such kernel")
 
     fns, args, rows = {"ok": lambda: jnp.ones(2), "bad": broken}, {"ok": (), "bad": ()}, {"ok": 1, "bad": 2}
-    benchmark.drop_failing(fns, args, rows)
+    drop_failing(fns, args, rows)
     assert list(fns) == list(args) == list(rows) == ["ok"]
     assert "bad failed and is left out: RuntimeError: no such kernel" in capsys.readouterr().err
 
@@ -54,24 +99,75 @@ def test_model_benchmark_reports_ours_and_torch(tmp_path):
                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                 max_position_embeddings=256)
     models.save_pretrained(models.init_model(config, seed=0), str(tmp_path / "model"))
-    out = tmp_path / "bench.json"
-    benchmark.main(["model", "--model", str(tmp_path / "model"), "--contexts", "96,160", "--batches", "1,2",
-                    "--reps", "1", "--new-tokens", "3", "--json", str(out)])
-    result = json.loads(out.read_text())
-    assert result["config"]["torch_peer"] == "transformers"
-    assert [(r["batch"], r["context"]) for r in result["results"]] == [(1, 96), (2, 96), (1, 160), (2, 160)]
-    for r in result["results"]:
-        assert r["prefill_tokens_per_s"] > 0 and r["torch"]["prefill_tokens_per_s"] > 0
-        assert r["dense"]["tokens_per_s"] > 0 and r["sparq"]["tokens_per_s"] > 0 and r["torch"]["tokens_per_s"] > 0
-        assert r["sparq_method"]["top_k"] < r["context"]
+    doc = run_model(ModelOptions(model=str(tmp_path / "model"), contexts=(96, 160), batches=(1, 2), reps=1,
+                                 new_tokens=3))
+    assert json.loads(json.dumps(doc)) == doc
+    assert doc["config"]["torch_peer"] == "transformers" and doc["config"]["compression"] == 0.125
+    assert [(r["batch"], r["context"]) for r in doc["results"]] == [(1, 96), (2, 96), (1, 160), (2, 160)]
+    for r in doc["results"]:
+        sparq = sq.method_from_name("sparq", 0.125, 16, r["context"])
+        assert r["sparq_method"] == {"rank": sparq.rank, "top_k": sparq.top_k, "local_window": sparq.local_window}
+        assert r["new_tokens"] == 3 and r["prefill_tokens_per_s"] > 0 and r["torch"]["prefill_tokens_per_s"] > 0
+        for name in ("dense", "sparq", "torch"):
+            assert r[name]["tokens_per_s"] == pytest.approx(r["batch"] * 1e3 / r[name]["step_ms"])
+        assert r["sparq_speedup"] == pytest.approx(r["dense"]["step_ms"] / r["sparq"]["step_ms"])
+
+
+def _random_cache(rng, b, hkv, s, d, lengths, transposed_keys=True):
+    k = rng.standard_normal((b, hkv, s, d)).astype(np.float32)
+    v = rng.standard_normal((b, hkv, s, d)).astype(np.float32)
+    return sq.KVCache.from_kv(k, v, jnp.asarray(lengths, jnp.int32), transposed_keys=transposed_keys)
+
+
+def test_stages_compose_to_attend():
+    """stages.run (what the benchmark's breakdown times) gives attend's output, for each SparQ
+    variant, with K^T or K alone, a sliding window and rows of different lengths."""
+    rng = np.random.default_rng(0)
+    b, hq, hkv, s, d = 2, 4, 2, 64, 16
+    q = jnp.asarray(rng.standard_normal((b, hq, d)), jnp.float32)
+    caches = {kt: _random_cache(np.random.default_rng(1), b, hkv, s, d, [64, 37], kt) for kt in (True, False)}
+    run = jax.jit(stages.run, static_argnames=("method", "window"))
+    for method, window, kt in [(sq.SparQ(4, 12, 3), None, True), (sq.SparQ(4, 12, 3, reallocate_mean=False), 20, False),
+                               (sq.SparQ(3, 10, 2, group_scores="logits"), 20, True), (sq.SparQ(16, 80), None, False),
+                               (sq.SparQ(2, 6, 0, reallocate_mean=True), 20, False)]:
+        out = run(q, caches[kt], method=method, window=window).out
+        want = sq.attend(q, caches[kt], method, window=window, impl="xla")[0]
+        assert out.shape == (b, hq, d) and out.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-6,
+                                   err_msg=f"{method}, window={window}, transposed_keys={kt}")
+
+
+def test_stages_against_numpy():
+    """Each stage's output against a NumPy transcription of the paper's step: the r components of
+    largest |q| (summed over the group), the approximate logits on them, the top-k of the scores
+    and the covered mass alpha."""
+    rng = np.random.default_rng(1)
+    b, hq, hkv, s, d, r, k = 2, 6, 2, 48, 8, 3, 10
+    cache = _random_cache(rng, b, hkv, s, d, [48, 30])
+    keys = np.asarray(cache.k)                                     # zero past each row's length
+    q = rng.standard_normal((b, hq, d)).astype(np.float32)
+    st = stages.select(jnp.asarray(q), cache, sq.SparQ(r, k, 2, reallocate_mean=True))
+    assert st.out is None
+    qg = q.reshape(b, hkv, hq // hkv, d)
+    i1 = np.sort(np.asarray(st.i1), axis=-1)
+    np.testing.assert_array_equal(i1, np.sort(np.argsort(-np.abs(qg).sum(2), axis=-1)[..., :r], axis=-1))
+    q1 = np.take_along_axis(qg, i1[:, :, None, :], axis=-1)
+    k1 = np.take_along_axis(keys, i1[:, :, None, :], axis=-1)                         # [B, Hkv, S, r]
+    np.testing.assert_allclose(np.asarray(st.logits1), np.einsum("bhgr,bhsr->bhgs", q1, k1), rtol=1e-5, atol=1e-5)
+    score = np.asarray(st.score)
+    for row in range(b):
+        for h in range(hkv):
+            assert set(np.asarray(st.i2)[row, h]) == set(np.argsort(-score[row, h], kind="stable")[:k])
+    covered = np.take_along_axis(np.asarray(st.s_hat), np.asarray(st.i2)[:, :, None, :], axis=-1).sum(-1)
+    np.testing.assert_allclose(np.asarray(st.alpha), covered, rtol=1e-6)
+    assert np.all(np.asarray(st.valid))                            # k <= every row's length
+    with pytest.raises(ValueError, match="impl must be"):
+        stages.step_functions("cuda")
 
 
 def test_approx_scores_match_the_paper():
-    """attention._approx_scores (what the breakdown times) against a NumPy transcription of Eq. 9 and
+    """stages.approx_scores (what the breakdown times) against a NumPy transcription of Eq. 9 and
     the group-summed softmax, with the local window forced in and masked positions last."""
-    import jax.numpy as jnp
-    from sparq_jax import attention as att
-
     rng = np.random.default_rng(0)
     b, h, g, d, r, s = 2, 2, 3, 8, 3, 20
     qf = rng.standard_normal((b, h, g, d)).astype(np.float32)
@@ -80,8 +176,8 @@ def test_approx_scores_match_the_paper():
     logits1 = rng.standard_normal((b, h, g, s)).astype(np.float32)
     lengths = np.array([20, 13])
     mask = np.arange(s)[None, :] < lengths[:, None]
-    s_hat, score = att._approx_scores(jnp.asarray(qf), jnp.asarray(q1), jnp.asarray(logits1), jnp.asarray(mask),
-                                      jnp.asarray(lengths), 4)
+    s_hat, score = stages.approx_scores(jnp.asarray(qf), jnp.asarray(q1), jnp.asarray(logits1), jnp.asarray(mask),
+                                        jnp.asarray(lengths), 4)
     tau = np.sqrt(d * np.abs(q1).sum(-1) / np.abs(qf).sum(-1))
     z = np.where(mask[:, None, None, :], logits1 / tau[..., None], -np.inf)
     want = np.exp(z - z.max(-1, keepdims=True))
@@ -160,21 +256,26 @@ ENTRY %main (a: f32[4]) -> f32[4] {
 
 def test_hlo_launches_counts_one_decode_step():
     # body: triton + gemm + (nested loop: 2 + 1) + (larger branch: 3) = 8; condition: 1
-    assert benchmark.hlo_launches(_HLO) == {"launches": 9, "pallas": 1, "nested_loops": 1}
-    assert benchmark.hlo_launches("HloModule m\n\nENTRY %main (a: f32[]) -> f32[] {\n"
-                                  "  ROOT %a = f32[] parameter(0)\n}\n") == {"launches": 0, "pallas": 0,
-                                                                             "nested_loops": 0}
+    assert hlo.hlo_launches(_HLO) == {"launches": 9, "pallas": 1, "nested_loops": 1}
+    assert hlo.hlo_launches("HloModule m\n\nENTRY %main (a: f32[]) -> f32[] {\n"
+                            "  ROOT %a = f32[] parameter(0)\n}\n") == {"launches": 0, "pallas": 0, "nested_loops": 0}
 
 
-def test_launches_reads_an_xla_dump(tmp_path):
+def test_dump_launches_reads_an_xla_dump(tmp_path):
     (tmp_path / "module_0001.jit__decode_loop.sm_9.0_gpu_after_optimizations.txt").write_text(_HLO)
     (tmp_path / "module_0002.jit_other.sm_9.0_gpu_after_optimizations.txt").write_text(_HLO)
-    out = tmp_path / "launches.json"
-    benchmark.main(["launches", str(tmp_path), "--layers", "3", "--json", str(out)])
-    (row,) = json.loads(out.read_text())
+    (row,) = hlo.dump_launches(str(tmp_path), 3)
     assert row["launches"] == 9 and row["per_layer"] == 3.0 and row["file"].startswith("module_0001")
-    with pytest.raises(SystemExit, match="no '\\*decode_loop\\*after_optimizations.txt'"):
-        benchmark.main(["launches", str(tmp_path / "missing"), "--layers", "3"])
+    assert [r["file"] for r in hlo.dump_launches(str(tmp_path), 3, module="other")] == [
+        "module_0002.jit_other.sm_9.0_gpu_after_optimizations.txt"]
+    with pytest.raises(FileNotFoundError, match="no '\\*decode_loop\\*after_optimizations.txt'"):
+        hlo.dump_launches(str(tmp_path / "missing"), 3)
+
+
+def test_command_line_errors_name_the_flag():
+    """The options' checks reach the user as argparse errors (device_check --smoke runs the rest)."""
+    bad = _script("attention", "--q-heads", "3", "--kv-heads", "2")
+    assert bad.returncode == 2 and "error: --q-heads=3 must be a multiple of --kv-heads=2" in bad.stderr
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")

@@ -1,6 +1,9 @@
-"""scripts/train_tiny.py: its data stream, probes and differentiable forward, and a two-step run."""
+"""models.training (scripts/train_tiny.py's library): its data stream, probes and differentiable
+forward, its options' checks, a two-step run, and the script's command line."""
+import argparse
 import json
 import os
+import subprocess
 import sys
 
 import jax
@@ -9,12 +12,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
-import train_tiny as tt  # noqa: E402
+import models
+from models import llama
+from models import training as tt
+from sparq_jax.tasks import PASSKEY_FILLER, PASSKEY_INTRO, PASSKEY_QUESTION
 
-import models  # noqa: E402
-from models import llama  # noqa: E402
-from models.tokenizer import BOS_ID  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TEXT = ("Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to praise him.\n" * 400)
 
@@ -50,10 +53,21 @@ def test_probe_masks_select_the_copied_and_answer_tokens():
         assert text[-6:-1] in text[:-6]                       # the needle holds the key
 
 
+def test_passkey_documents_use_the_evaluation_prompt():
+    """Training's passkey documents are worded as the evaluation task's (sparq_jax.tasks), so that
+    what the model learns is what the task asks."""
+    stream = tt.Stream(TEXT, 1024, seed=0, mix={"passkey": 1.0})
+    for seed in range(6):
+        doc = stream.passkey(np.random.default_rng(seed), 700)
+        key = doc[-6:-1]
+        assert doc.startswith(PASSKEY_INTRO) and doc.endswith(f" {PASSKEY_QUESTION}{key}.") and key.isdigit()
+        assert f" The pass key is {key}. Remember it. {key} is the pass key. " in doc
+        assert PASSKEY_FILLER in doc or "Caesar" in doc                  # filler: the task's, or Shakespeare
+
+
 def _tiny_model():
-    args = tt.parse_args(["--seq-len", "256", "--hidden", "64", "--intermediate", "96", "--heads", "4",
-                          "--kv-heads", "2", "--head-dim", "16", "--layers", "2"])
-    return models.init_model(tt.make_config(args), seed=1, std=0.1)
+    options = tt.TrainOptions(seq_len=256, hidden=64, intermediate=96, heads=4, kv_heads=2, head_dim=16, layers=2)
+    return models.init_model(tt.make_config(options), seed=1, std=0.1)
 
 
 def test_differentiable_logits_equal_blockwise_logits():
@@ -94,18 +108,36 @@ def test_two_step_run_writes_a_loadable_checkpoint(tmp_path):
     for name in (*tt.HELDOUT, "hamlet", "macbeth"):
         (data / f"{name}_gut.txt").write_text(TEXT.replace("Caesar", name))
     out = tmp_path / "model"
-    tt.main(["--data", str(data), "--out", str(out), "--steps", "2", "--batch", "2", "--seq-len", "256",
-             "--hidden", "32", "--intermediate", "64", "--heads", "2", "--kv-heads", "1", "--head-dim", "16",
-             "--layers", "1", "--probe-every", "1", "--mix", "text=1,copy=1"])
+    summary = tt.train(tt.TrainOptions(data=str(data), out=str(out), steps=2, batch=2, seq_len=256, hidden=32,
+                                       intermediate=64, heads=2, kv_heads=1, head_dim=16, layers=1, probe_every=1,
+                                       mix=tt.parse_mix("text=1,copy=1")), command="train it")
     lm = models.from_pretrained(str(out))
     assert lm.config.max_position_embeddings == 256 and lm.config.num_hidden_layers == 1
-    summary = json.loads((tmp_path / "model.ckpt.summary.json").read_text())
-    assert summary["steps"] == 2 and len(summary["probes"]) == 2
+    written = json.loads((tmp_path / "model.ckpt.summary.json").read_text())
+    assert len(written.pop("losses")) == 2 and written == summary
+    assert summary["steps"] == 2 and summary["tokens"] == 2 * 2 * 256 and summary["command"] == "train it"
+    assert [p["step"] for p in summary["probes"]] == [1, 2]
     assert {"fresh", "repeat", "recall", "passkey_first_digit", "passkey_other_digits"} <= set(summary["probes"][0])
     assert sorted(os.listdir(out / "heldout")) == sorted(f"{w}.txt" for w in tt.HELDOUT)
 
 
-def test_bad_mix_is_rejected(capsys):
-    with pytest.raises(SystemExit):
-        tt.parse_args(["--mix", "copy=1,bogus=2"])
-    assert "bogus" in capsys.readouterr().err
+def test_bad_options_name_the_flag(tmp_path):
+    with pytest.raises(argparse.ArgumentTypeError, match="bogus"):
+        tt.parse_mix("copy=1,bogus=2")
+    assert tt.parse_mix("text=1,copy=0.5") == {"text": 1.0, "copy": 0.5}
+    assert tt.TrainOptions(seq_len=512).row_len == 512
+    for bad, message in [({"heads": 3, "kv_heads": 2}, "--heads 3 must be a multiple of --kv-heads 2"),
+                         ({"head_dim": 15}, "--head-dim must be even"),
+                         ({"row_len": 128}, "--row-len must be >= 256"),
+                         ({"row_len": 512, "seq_len": 256}, "--row-len 512 must be <= --seq-len 256"),
+                         ({"data": str(tmp_path / "none")}, "is not a folder"),
+                         ({"out": str(tmp_path / "m"), "resume": True}, "--resume: no checkpoint at")]:
+        with pytest.raises(ValueError, match=message):
+            tt.TrainOptions(**bad)
+
+
+def test_command_line_rejects_a_bad_mix():
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "train_tiny.py"), "--mix", "copy=1,bogus=2"],
+                         cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"},
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "bogus" in run.stderr and "usage: train_tiny.py" in run.stderr

@@ -1,0 +1,149 @@
+"""Prefill and decode throughput of a real checkpoint: ours (Dense and SparQ decode) and, as the peer,
+transformers' torch model of the same checkpoint on this machine."""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+import platform
+import statistics
+import time
+
+import jax
+import numpy as np
+
+import sparq_jax as sq
+
+from .. import hf
+from .timing import DTYPES
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+    """The flags of `benchmark.py model`. SparQ is sparq_jax.method_from_name("sparq") at `compression`."""
+
+    model: str                         # what models.from_pretrained takes: a folder, a .gguf, a name
+    contexts: tuple = (2048, 4096, 8192)
+    batches: tuple = (1, 4)
+    new_tokens: int = 16               # decode steps timed per run (+1 from prefill)
+    compression: float = 0.125
+    dtype: str = "float32"
+    reps: int = 2                      # timed repetitions after the compiling one
+    torch: bool = True                 # time transformers' model too
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.new_tokens < 2:
+            raise ValueError("--new-tokens must be >= 2 (the first token comes from the prefill)")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+
+
+def torch_peer(path: str, dtype: str):
+    """transformers' model of the same checkpoint (torch, this machine), or (None, why not)."""
+    try:
+        import torch
+        import transformers
+    except ImportError as err:
+        return None, f"torch / transformers not importable ({err})"
+    kwargs = {"dtype": getattr(torch, dtype)}
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        folder, kwargs["gguf_file"] = os.path.split(path)
+    elif os.path.isdir(path) and any(f.endswith(".safetensors") for f in os.listdir(path)):
+        folder = path
+    else:
+        return None, f"{path} is neither a safetensors folder nor a .gguf file"
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
+    except Exception as err:  # an architecture or file transformers cannot read: no peer, say why
+        return None, f"transformers could not load {path} ({type(err).__name__}: {err})"
+    return model, None
+
+
+def time_torch(model, ids: np.ndarray, new_tokens: int) -> tuple[float, float]:
+    """(prefill seconds, decode seconds for new_tokens - 1 steps) of transformers' model with its KV cache."""
+    import torch
+
+    with torch.inference_mode():
+        x = torch.tensor(ids, dtype=torch.long)
+        start = time.perf_counter()
+        out = model(input_ids=x, use_cache=True)
+        prefill = time.perf_counter() - start
+        # transformers 5 calls the KV cache `cache`, 4 `past_key_values`
+        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        past, token = getattr(out, name), out.logits[:, -1].argmax(-1, keepdim=True)
+        start = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            out = model(input_ids=token, use_cache=True, **{name: past})
+            past, token = getattr(out, name), out.logits[:, -1].argmax(-1, keepdim=True)
+        return prefill, time.perf_counter() - start
+
+
+def model_case(o: ModelOptions, lm, peer, ids: np.ndarray, sparq) -> dict:
+    """One (B, S) of ids [B, S]: prefill (the first call compiles) and each method's decode, then the
+    peer's -> {"batch", "context", "new_tokens", "sparq_method", "prefill_compile_s",
+    "prefill_tokens_per_s", "dense" and "sparq" ({"step_ms", "tokens_per_s"}), "sparq_speedup",
+    "torch" (with a peer)}."""
+    (b, s), n = ids.shape, o.new_tokens
+    methods = {"dense": sq.Dense(), "sparq": sparq}
+    prefill_s = []
+    for _ in range(1 + o.reps):
+        start = time.perf_counter()
+        logits, state = lm.prefill(ids, max_len=s + n, transposed_keys=True)
+        jax.block_until_ready(logits)
+        prefill_s.append(time.perf_counter() - start)
+    decode_s = {name: [] for name in methods}
+    for _ in range(1 + o.reps):
+        for name, method in methods.items():
+            _, stats = lm.decode(logits, state, n, method=method, eos_token_id=[], return_stats=True)
+            decode_s[name].append(stats.decode_s / stats.decode_steps)
+    del state
+    row = {"batch": b, "context": s, "new_tokens": n,
+           "sparq_method": {"rank": sparq.rank, "top_k": sparq.top_k, "local_window": sparq.local_window},
+           "prefill_compile_s": prefill_s[0] - statistics.median(prefill_s[1:]),
+           "prefill_tokens_per_s": b * s / statistics.median(prefill_s[1:])}
+    for name in methods:
+        step = statistics.median(decode_s[name][1:])
+        row[name] = {"step_ms": step * 1e3, "tokens_per_s": b / step}
+    row["sparq_speedup"] = row["dense"]["step_ms"] / row["sparq"]["step_ms"]
+    if peer is not None:
+        tp, td = zip(*(time_torch(peer, ids, n) for _ in range(o.reps)))
+        row["torch"] = {"prefill_tokens_per_s": b * s / statistics.median(tp),
+                        "step_ms": statistics.median(td) / (n - 1) * 1e3,
+                        "tokens_per_s": b * (n - 1) / statistics.median(td)}
+    return row
+
+
+def run_model(o: ModelOptions) -> dict:
+    """Every (context, batch) of o timed and printed -> the JSON document {"config", "results":
+    model_case's rows}."""
+    from .. import from_pretrained
+
+    lm = from_pretrained(o.model, dtype=o.dtype)
+    config = lm.config
+    peer, why = torch_peer(hf.resolve_path(o.model), o.dtype) if o.torch else (None, "--no-torch")
+    if peer is None:
+        print(f"no torch peer: {why}")
+    else:
+        time_torch(peer, np.zeros((1, 16), np.int64), 2)       # warm-up: first calls set up torch's kernels
+    results = []
+    rng = np.random.default_rng(o.seed)
+    for s in o.contexts:
+        if s + o.new_tokens > config.max_position_embeddings:
+            print(f"note: context {s} + {o.new_tokens} new tokens exceeds max_position_embeddings="
+                  f"{config.max_position_embeddings}")
+        sparq = sq.method_from_name("sparq", o.compression, config.head_dim, s)
+        for b in o.batches:
+            row = model_case(o, lm, peer, rng.integers(0, config.vocab_size, (b, s)).astype(np.int32), sparq)
+            results.append(row)
+            peer_text = "" if peer is None else (
+                f"; torch prefill {row['torch']['prefill_tokens_per_s']:.0f} tok/s, "
+                f"decode {row['torch']['tokens_per_s']:.2f} tok/s")
+            print(f"B={b} S={s}: prefill {row['prefill_tokens_per_s']:.0f} tok/s (compile "
+                  f"{row['prefill_compile_s']:.1f} s); decode dense {row['dense']['tokens_per_s']:.2f} tok/s, "
+                  f"SparQ(r={sparq.rank}, k={sparq.top_k}) {row['sparq']['tokens_per_s']:.2f} tok/s "
+                  f"({row['sparq_speedup']:.2f}x){peer_text}", flush=True)
+    return {"config": {**config.to_dict(), "model": o.model, "dtype": o.dtype, "compression": o.compression,
+                       "device": str(jax.devices()[0].device_kind), "cpu_count": os.cpu_count(),
+                       "machine": platform.machine(), "jax": jax.__version__, "torch_peer": why or "transformers"},
+            "results": results}
