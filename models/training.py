@@ -27,7 +27,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from sparq_jax.tasks import PASSKEY_FILLER, PASSKEY_INTRO, PASSKEY_QUESTION
+from sparq_jax.tasks import PASSKEY_FILLER, PASSKEY_INTRO, PASSKEY_QUESTION, passkey_needle
 
 from . import llama
 from .config import ModelConfig, RopeParameters
@@ -98,7 +98,7 @@ class Stream:
 
     def passkey(self, rng, budget: int) -> str:
         key = int(rng.integers(10000, 100000))
-        needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
+        needle = " " + passkey_needle(str(key))
         question = f" {PASSKEY_QUESTION}{key}."
         room = max(budget - len(PASSKEY_INTRO) - len(needle) - len(question), 16)
         filler = self._filler(rng, room)
