@@ -21,6 +21,8 @@ import math
 
 import numpy as np
 
+from .validation import check_int
+
 PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
                  "them. I will quiz you about the important information there.\n\n")
 PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -30,13 +32,9 @@ MULTIKEY_INTRO = ("There are several pass keys hidden inside a lot of irrelevant
                   "memorize them.\n")
 MULTIKEY_WORDS = ("apple", "river", "candle", "tiger", "violin", "garden", "rocket", "pepper", "silver",
                   "castle", "forest", "pencil", "rabbit", "window", "dragon", "orange")
+NEEDLE_DIGITS = 7
 REPETITION_SPAN = 128
 REPETITION_CONTINUATION = 256
-
-
-def _check_positive(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _check_seed(seed):
@@ -65,8 +63,8 @@ class PasskeySample:
 def passkey_samples(n: int, length: int, seed: int) -> list[PasskeySample]:
     """n passkey prompts of `length` characters in all (context + question + answer), the key at
     depths spread evenly over [0, 1] and drawn at random (5 digits, no leading zero) from `seed`."""
-    _check_positive("n", n)
-    _check_positive("length", length)
+    check_int("n", n)
+    check_int("length", length)
     _check_seed(seed)
     rng = np.random.default_rng(seed)
     fixed = len(PASSKEY_INTRO) + len(PASSKEY_QUESTION) + PASSKEY_DIGITS
@@ -108,9 +106,9 @@ def multikey_samples(n: int, length: int, seed: int, keys: int = 8) -> list[Pass
     with their own random 5-digit values (no leading zero, all different) between filler sentences
     at random places; the question (fed through decode steps) asks for one of them, and its value
     is the answer. depth: where the asked line starts, as a fraction of the context's characters."""
-    _check_positive("n", n)
-    _check_positive("length", length)
-    _check_positive("keys", keys)
+    check_int("n", n)
+    check_int("length", length)
+    check_int("keys", keys)
     _check_seed(seed)
     if keys > len(MULTIKEY_WORDS):
         raise ValueError(f"keys must be <= {len(MULTIKEY_WORDS)} (the words available), got {keys}")
@@ -151,26 +149,37 @@ class RepetitionSample:
 
 
 def repetition_samples(text: str, n: int, length: int, seed: int, span: int = REPETITION_SPAN,
-                       continuation: int = REPETITION_CONTINUATION) -> list[RepetitionSample]:
+                       continuation: int = REPETITION_CONTINUATION, min_gap: int = 0,
+                       lines: bool = False) -> list[RepetitionSample]:
     """n repetition prompts from `text`: a context of length - span - continuation - 1 characters
     (so prompt + continuation fill `length`), a newline, then `span` characters copied from inside
-    the context at a random place; target: the `continuation` characters that follow the copied
-    span in the context."""
+    the context at a random place that ends at least `min_gap` characters before the context's end
+    (so the copy must come from far back, outside any recent window); target: the `continuation`
+    characters that follow the copied span in the context. lines=True (for code): the span starts at
+    a line's start and ends with a newline (at most `span` characters, at least one whole line), so the
+    copy restarts whole lines, as a restarted source file does, and no token is cut at its end."""
     for name, value in (("n", n), ("length", length), ("span", span), ("continuation", continuation)):
-        _check_positive(name, value)
+        check_int(name, value)
+    check_int("min_gap", min_gap, 0)
     _check_seed(seed)
     ctx_len = length - span - continuation - 1
-    if ctx_len < span + continuation:
+    if ctx_len < span + continuation + min_gap:
         raise ValueError(f"length={length} is too short for repetition with span={span}, "
-                         f"continuation={continuation}: it needs at least {2 * (span + continuation) + 1}")
+                         f"continuation={continuation}, min_gap={min_gap}: it needs at least "
+                         f"{2 * (span + continuation) + min_gap + 1}")
     _check_text(text, ctx_len + 1)
     rng = np.random.default_rng(seed)
     samples = []
     for _ in range(n):
         start = int(rng.integers(0, len(text) - ctx_len + 1))
         ctx = text[start:start + ctx_len]
-        at = int(rng.integers(0, ctx_len - span - continuation + 1))
-        samples.append(RepetitionSample(ctx + "\n" + ctx[at:at + span], ctx[at + span:at + span + continuation]))
+        at = int(rng.integers(0, ctx_len - span - continuation - min_gap + 1))
+        end = at + span
+        if lines:
+            at = ctx.rfind("\n", 0, at) + 1                  # back to its line's start: still far enough back
+            cut = ctx.rfind("\n", at, at + span)
+            end = cut + 1 if cut >= 0 else ctx.find("\n", at) + 1 or at + span
+        samples.append(RepetitionSample(ctx + "\n" + ctx[at:end], ctx[end:end + continuation]))
     return samples
 
 
@@ -184,11 +193,55 @@ def score_repetition(generated: str, target: str) -> int:
     return n
 
 
+NEEDLE_QUESTION = "\n\nWhat is the special magic number mentioned in the text above? The special magic number is "
+
+
+def _needle_sentence(value: str) -> str:
+    return f" The special magic number is {value}. "
+
+
+def needle_samples(haystack: str, n: int, length: int, seed: int, depths=(0.0, 0.25, 0.5, 0.75, 1.0),
+                   min_gap: int = 0) -> list[PasskeySample]:
+    """Needle in a haystack (Kamradt's test, with RULER's numeric needle so that exact match scores it):
+    n prompts of `length` characters in all, each a window of `haystack` (natural prose, e.g. essays)
+    with " The special magic number is <7 digits>. " inserted at a sentence end, then NEEDLE_QUESTION.
+    Depths cycle through `depths`; depth d puts the needle at d * (context - min_gap) characters, so
+    even d = 1 leaves min_gap characters between the needle and the question (retrieval from far back,
+    outside any recent window). depth in the samples: the needle's start / the context's length."""
+    check_int("n", n)
+    check_int("length", length)
+    check_int("min_gap", min_gap, 0)
+    _check_seed(seed)
+    depths = [float(d) for d in depths]
+    if not depths or not all(0.0 <= d <= 1.0 for d in depths):
+        raise ValueError(f"depths must be fractions in [0, 1], got {depths!r}")
+    ctx_len = length - len(NEEDLE_QUESTION) - len(_needle_sentence("0" * NEEDLE_DIGITS)) - NEEDLE_DIGITS
+    if ctx_len < min_gap + 200:
+        raise ValueError(f"length={length} is too short for a needle with min_gap={min_gap}: it needs at least "
+                         f"{length - ctx_len + min_gap + 200} characters")
+    _check_text(haystack, ctx_len + 1)
+    rng = np.random.default_rng(seed)
+    samples = []
+    for i in range(n):
+        depth = depths[i % len(depths)]
+        start = int(rng.integers(0, len(haystack) - ctx_len + 1))
+        ctx = haystack[start:start + ctx_len]
+        want = int(depth * (ctx_len - min_gap))
+        # the sentence end nearest before the wanted place (else the wanted place itself)
+        at = max(ctx.rfind(". ", 0, want) + 1, 0) if want else 0
+        at = at if want - at < 400 else want
+        value = str(int(rng.integers(10 ** (NEEDLE_DIGITS - 1), 10 ** NEEDLE_DIGITS)))
+        rest = ctx[at + 1:] if ctx[at:at + 1] == " " else ctx[at:]      # the needle brings its own spaces
+        context = ctx[:at] + _needle_sentence(value) + rest
+        samples.append(PasskeySample(context, NEEDLE_QUESTION, value, at / len(context)))
+    return samples
+
+
 def bpc_windows(text: str, n: int, length: int, seed: int) -> list[str]:
     """n windows of `length` characters from `text`, at non-overlapping random places where the
     text allows (evenly spaced strata, a random offset in each), so the estimate covers the text."""
-    _check_positive("n", n)
-    _check_positive("length", length)
+    check_int("n", n)
+    check_int("length", length)
     _check_seed(seed)
     _check_text(text, length)
     rng = np.random.default_rng(seed)
@@ -200,5 +253,5 @@ def bpc_windows(text: str, n: int, length: int, seed: int) -> list[str]:
 
 def bits_per_char(total_nats: float, chars: int) -> float:
     """Cross-entropy in bits per character from nats summed over `chars` predicted characters."""
-    _check_positive("chars", chars)
+    check_int("chars", chars)
     return float(total_nats) / math.log(2) / chars

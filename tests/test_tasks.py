@@ -232,3 +232,47 @@ def test_bpc_scores_the_requested_tail(lm):
     assert p.forced.shape == (2, 17)                   # 16 scored tokens, fed from the one before them
     assert p.info["chars"] == [16, 16]                 # byte-level: a token is a character
     assert harness.prefill_bpc(lm, windows, scored=1000).forced.shape == (2, 151)   # at most half (301 // 2)
+
+
+def test_needle_builder_depths_gap_and_answer():
+    haystack = "".join(f"Sentence number {i} says nothing at all. " for i in range(3000))
+    samples = tasks.needle_samples(haystack, 10, 6000, seed=1, min_gap=2000)
+    assert samples == tasks.needle_samples(haystack, 10, 6000, seed=1, min_gap=2000)
+    for i, s in enumerate(samples):
+        assert len(s.answer) == 7 and s.answer.isdigit() and s.context.count(s.answer) == 1
+        assert 6000 - 2 <= len(s.context) + len(s.question) + len(s.answer) <= 6000
+        at = s.context.index(" The special magic number is ")
+        assert len(s.context) - at >= 2000                      # far from the question, whatever the depth
+        haystack_part = len(s.context) - len(" The special magic number is 1234567. ") + 1   # one space dropped
+        want = [0.0, 0.25, 0.5, 0.75, 1.0][i % 5] * (haystack_part - 2000)
+        assert 0 <= want - at < 45 and s.depth == pytest.approx(at / len(s.context))
+        assert s.question == tasks.NEEDLE_QUESTION
+        assert "  " not in s.context                              # inserted at a sentence end, spaces kept single
+    with pytest.raises(ValueError, match="min_gap=5900"):
+        tasks.needle_samples(haystack, 1, 6000, seed=0, min_gap=5900)
+    with pytest.raises(ValueError, match="depths must be fractions"):
+        tasks.needle_samples(haystack, 1, 6000, seed=0, depths=[1.5])
+
+
+def test_repetition_min_gap_copies_from_far_back():
+    for s in tasks.repetition_samples(TEXT, 20, 3000, seed=0, span=64, continuation=64, min_gap=1500):
+        ctx, span = s.prompt[:-65], s.prompt[-64:]
+        # the copied span (and its continuation) end at least min_gap before the context's end
+        assert len(ctx) - (ctx.index(span + s.target) + 128) >= 1500
+
+
+@needs_bundled
+def test_needle_and_code_tasks_through_the_harness(lm):
+    """needle: by-depth scores whose mean is the row's score; code: copies whole lines from far back."""
+    (needle,) = evaluation.evaluate(lm, ["needle"], ["dense"], limit=5, context_length=700, progress=False)
+    assert (needle["task"], needle["n"]) == ("needle", 5)
+    assert list(needle["by_depth"]) == ["0", "0.25", "0.5", "0.75", "1"]
+    assert np.mean(list(needle["by_depth"].values())) == pytest.approx(needle["score"])
+    # code runs through repetition's runner; its samples (longer than this model's context) are checked here
+    samples = evaluation.build_samples(lm.tokenizer, "code", 5, 2000, 0)
+    for s in samples:
+        assert s.prompt.endswith("\n") and s.target and not s.target.startswith("\n" * 3)  # whole lines copied
+        tail = s.prompt[-60:] + s.target[:20]                        # the copy's end and what follows it
+        source = s.prompt.index(tail)
+        # copied from at least min(FAR_TOKENS, 2000 // 2) tokens (= bytes here) before the context's end
+        assert source + 60 <= len(s.prompt) - 1000

@@ -22,10 +22,10 @@ from .harness import (BPC_SCORED, COMPRESSION, DEFAULT_N, RUNNERS, Decoding, Pre
                       still_matching, token_nll)
 from .prompts import (FACT_NAMES, HELDOUT, MULTIKEY_KEYS, TASKS, build_samples, chars_per_token, fact_prompts,
                       heldout_text, passkey_prompts)
-from .results import SCORE_LABEL, ResultsFile, format_table, plot
+from .results import SCORE_LABEL, ResultsFile, format_table, plot, plot_needle
 
 __all__ = ["BPC_SCORED", "COMPRESSION", "Comparison", "DEFAULT_N", "Decoding", "FACT_NAMES", "HELDOUT", "METHOD_NAMES",
            "MULTIKEY_KEYS", "MethodRun", "Prefilled", "RUNNERS", "ResultsFile", "SCORE_LABEL", "TASKS", "build_samples",
            "chars_per_token", "chat_prompts", "compare_methods", "configurations", "default_prompts", "evaluate",
-           "fact_prompts", "format_table", "heldout_text", "method_from_name", "passkey_prompts", "plot",
+           "fact_prompts", "format_table", "heldout_text", "method_from_name", "passkey_prompts", "plot", "plot_needle",
            "still_matching", "tokenize_prompts", "token_nll"]

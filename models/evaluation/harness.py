@@ -33,7 +33,7 @@ from . import prompts as text
 
 COMPRESSION = (1 / 2, 1 / 4, 1 / 8, 1 / 16)
 # Samples per task unless `limit` says otherwise: a few minutes of CPU for the bundled model's grid.
-DEFAULT_N = {"passkey": 40, "multikey": 40, "repetition": 32, "bpc": 16}
+DEFAULT_N = {"passkey": 40, "multikey": 40, "repetition": 32, "bpc": 16, "needle": 25, "code": 20}
 BPC_SCORED = 256           # tokens of each bpc window scored through decode steps (at most half)
 
 
@@ -225,7 +225,8 @@ def run_bpc(lm, windows: list[str], method_of, prefilled: Prefilled):
 
 
 RUNNERS = {"passkey": (prefill_passkey, run_passkey), "multikey": (prefill_passkey, run_passkey),
-           "repetition": (prefill_repetition, run_repetition), "bpc": (prefill_bpc, run_bpc)}
+           "needle": (prefill_passkey, run_passkey), "repetition": (prefill_repetition, run_repetition),
+           "code": (prefill_repetition, run_repetition), "bpc": (prefill_bpc, run_bpc)}
 
 
 def configurations(methods, ratios) -> list[tuple[str, float]]:
@@ -318,6 +319,10 @@ def evaluate(lm: LanguageModel, task_names, methods, ratios=COMPRESSION, limit: 
             row = {"task": task, "method": name, "compression": ratio,
                    "transfer_ratio": moved[(name, ratio)][0] / moved[(name, ratio)][1],
                    "score": float(np.mean(scores[(name, ratio)])), "n": len(scores[(name, ratio)])}
+            if task == "needle":         # the samples cycle through the depths: each depth's mean score
+                depth_of = [text.NEEDLE_DEPTHS[i % len(text.NEEDLE_DEPTHS)] for i in range(len(samples))]
+                row["by_depth"] = {f"{d:g}": float(np.mean([x for x, e in zip(scores[(name, ratio)], depth_of)
+                                                              if e == d])) for d in sorted(set(depth_of))}
             results.append(row)
             if on_result is not None:
                 on_result(row)

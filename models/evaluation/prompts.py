@@ -16,7 +16,11 @@ from sparq_jax import tasks
 from ..hf import BUNDLED
 
 HELDOUT = os.path.join(BUNDLED, "heldout")
-TASKS = ("passkey", "multikey", "repetition", "bpc")
+TASKS = ("passkey", "multikey", "repetition", "bpc", "needle", "code")
+# needle and code put what must be retrieved at least this many tokens before the question (at most
+# half the context): outside any attention sink and recent window, so only retrieval finds it.
+FAR_TOKENS = 2048
+NEEDLE_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 MULTIKEY_KEYS = 3          # keys hidden per multi-key prompt (with 4 at ~3.7k tokens SmolLM2-135M found 4 of 8)
 # The people the main job's prompts' facts are about (one per prompt, in order).
 FACT_NAMES = ("Prospero", "Viola", "Brutus", "Miranda", "Olivia", "Cassius", "Ariel", "Malvolio")
@@ -55,9 +59,20 @@ def chars_per_token(tokenizer, text: str) -> float:
 def build_samples(tokenizer, task: str, n: int, context_length: int, seed: int, heldout: str | None = None):
     """n samples of `task` (one of TASKS) of about context_length tokens: lengths are set in characters,
     from the tokenizer's characters per token on the task's own text. repetition and bpc cut their
-    samples from `heldout` (default: heldout_text())."""
+    samples from `heldout` (default: heldout_text()); needle hides its number in the Paul Graham
+    essays at NEEDLE_DEPTHS in turn, code copies from Python's standard-library sources (data.py),
+    both from at least min(FAR_TOKENS, context_length // 2) tokens before the question."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    if task in ("needle", "code"):
+        from . import data
+
+        haystack = data.essays_text() if task == "needle" else data.code_text()
+        per_token = chars_per_token(tokenizer, haystack[:20000])
+        chars, gap = int(context_length * per_token), int(min(FAR_TOKENS, context_length // 2) * per_token)
+        if task == "needle":
+            return tasks.needle_samples(haystack, n, chars, seed, NEEDLE_DEPTHS, min_gap=gap)
+        return tasks.repetition_samples(haystack, n, chars, seed, min_gap=gap, lines=True)
     if task in ("passkey", "multikey"):
         chars = int(context_length * chars_per_token(tokenizer, tasks.PASSKEY_FILLER * 8))
         if task == "passkey":

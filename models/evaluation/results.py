@@ -5,7 +5,8 @@ import json
 import os
 
 SCORE_LABEL = {"passkey": "passkey accuracy", "multikey": "multi-key accuracy", "repetition": "characters matched",
-               "bpc": "bits per character (lower is better)"}
+               "bpc": "bits per character (lower is better)", "needle": "needle accuracy",
+               "code": "code characters matched"}
 
 
 class ResultsFile:
@@ -72,7 +73,7 @@ def plot(results, path: str, title: str) -> None:
             pts = sorted((r["transfer_ratio"], r["score"]) for r in rows if r["method"] == name)
             color, marker = styles.get(name, (None, "o"))
             ax.plot(*zip(*pts), marker=marker, color=color, label=name)
-        if task in ("passkey", "multikey"):
+        if task in ("passkey", "multikey", "needle"):
             ax.set_ylim(-0.05, 1.05)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("transfer ratio (measured)")
@@ -80,6 +81,45 @@ def plot(results, path: str, title: str) -> None:
         ax.set_title(task)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_needle(rows_by_length: dict, path: str, title: str, methods=None) -> None:
+    """Needle-in-a-haystack heatmaps, one per (method, compression): accuracy by depth (rows) and
+    context length (columns). rows_by_length: {context_length: result rows holding needle rows}."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    lengths = sorted(rows_by_length)
+    cells = {}
+    for length in lengths:
+        for r in rows_by_length[length]:
+            if r["task"] == "needle" and (methods is None or r["method"] in methods):
+                cells.setdefault((r["method"], r["compression"]), {})[length] = r
+    if not cells:
+        raise ValueError("no needle rows to plot")
+    depths = sorted({d for per in cells.values() for r in per.values() for d in r["by_depth"]}, key=float)
+    fig, axes = plt.subplots(1, len(cells), figsize=(2.4 + 1.1 * len(lengths) * len(cells), 3.4), squeeze=False)
+    for ax, ((name, ratio), per) in zip(axes[0], cells.items()):
+        grid = np.full((len(depths), len(lengths)), np.nan)
+        for j, length in enumerate(lengths):
+            if length in per:
+                for i, d in enumerate(depths):
+                    grid[i, j] = per[length]["by_depth"].get(d, np.nan)
+        ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        for (i, j), v in np.ndenumerate(grid):
+            if not np.isnan(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths])
+        ax.set_yticks(range(len(depths)), depths)
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("needle depth")
+        ax.set_title(name if name == "dense" else f"{name} {ratio:g}", fontsize=9)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
