@@ -10,8 +10,9 @@ from .config import CheckpointError, ConfigError, ModelConfig, RopeParameters
 from .hf import BUNDLED, from_pretrained, save_pretrained
 from .known import KNOWN_MODELS
 from .llama import Llama, init_model
-from .lm import LanguageModel, bucket_length, prefill_options
+from .lm import LanguageModel, TransferMeter, bucket_length, prefill_options
 from .tokenizer import byte_tokenizer
+from . import cli, evaluation  # noqa: E402  (after the names they import)
 
 __all__ = ["BUNDLED", "CheckpointError", "ConfigError", "KNOWN_MODELS", "LanguageModel", "Llama", "ModelConfig",
-           "RopeParameters", "bucket_length", "prefill_options", "byte_tokenizer", "from_pretrained", "init_model", "save_pretrained"]
+           "RopeParameters", "TransferMeter", "bucket_length", "prefill_options", "byte_tokenizer", "from_pretrained", "init_model", "save_pretrained"]

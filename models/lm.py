@@ -111,13 +111,40 @@ class GenerateStats:
     transfer_ratio: float
 
 
+class TransferMeter:
+    """The KV-cache elements a method reads, and dense attention would read, summed over decode steps
+    and rows: a run's measured transfer ratio. step(lengths) once per decode step, lengths [B] each
+    row's cache length during it (its new token included; capped at a sliding window)."""
+
+    def __init__(self, method, head_dim: int, window: Optional[int] = None):
+        sq.check_method(method)
+        self.method, self.head_dim, self.window = method, head_dim, window
+        self.method_total = 0
+        self.dense_total = 0
+
+    def step(self, lengths) -> None:
+        lengths = np.asarray(lengths).reshape(-1).tolist()
+        if self.window is not None:
+            lengths = [min(int(n), self.window) for n in lengths]
+        method_total, dense_total = transfer_totals(self.method, lengths, self.head_dim)
+        self.method_total += method_total
+        self.dense_total += dense_total
+
+    @property
+    def ratio(self) -> float:
+        """method's reads / dense's; nan before any step."""
+        return self.method_total / self.dense_total if self.dense_total else float("nan")
+
+
 def transfer_ratio(method, prompt_lengths, decode_steps: int, head_dim: int, window: Optional[int] = None) -> float:
     """Sum over the decode steps run and the rows of method.transfers(n, D) / Dense().transfers(n, D),
     n the row's cache length at that step (its prompt plus the tokens fed so far, capped at a sliding
     window). The ratio is the same in every layer and KV head, so those cancel. nan with no step."""
-    lengths = [int(n) + step for n in np.asarray(prompt_lengths).reshape(-1) for step in range(1, int(decode_steps) + 1)]
-    num, den = transfer_totals(method, lengths if window is None else [min(n, window) for n in lengths], head_dim)
-    return num / den if den else float("nan")
+    meter = TransferMeter(method, head_dim, window)
+    prompt_lengths = np.asarray(prompt_lengths).reshape(-1)
+    for step in range(1, int(decode_steps) + 1):
+        meter.step(prompt_lengths + step)
+    return meter.ratio
 
 
 # The model comes in as (graphdef, state) from nnx.split, graphdef static, and is merged at trace time.

@@ -1,7 +1,7 @@
 """Evaluation tasks, built from text and scored from text: passkey retrieval, repetition, bits per char.
 
 Builders are pure functions of their arguments (a seed, the held-out text): no file I/O, no model.
-The harness that feeds them through a model is scripts/evaluate.py. Lengths are in characters; the
+The harness that feeds them through a model is models.evaluation. Lengths are in characters; the
 project's models are byte-level, so a character is a token (the held-out texts are ASCII).
 
 - Passkey retrieval (the Landmark Attention / Quest construction): a random 5-digit key hidden at
@@ -70,7 +70,7 @@ def passkey_samples(n: int, length: int, seed: int) -> list[PasskeySample]:
     _check_seed(seed)
     rng = np.random.default_rng(seed)
     fixed = len(PASSKEY_INTRO) + len(PASSKEY_QUESTION) + PASSKEY_DIGITS
-    needle_len = len(_needle("0" * PASSKEY_DIGITS))
+    needle_len = len(passkey_needle("0" * PASSKEY_DIGITS))
     reps = (length - fixed - needle_len) // len(PASSKEY_FILLER)
     if reps < 1:
         raise ValueError(f"length={length} is too short for a passkey prompt: it needs at least "
@@ -80,12 +80,13 @@ def passkey_samples(n: int, length: int, seed: int) -> list[PasskeySample]:
     for depth in depths:
         key = str(int(rng.integers(10 ** (PASSKEY_DIGITS - 1), 10 ** PASSKEY_DIGITS)))
         before = int(round(depth * reps))
-        context = (PASSKEY_INTRO + PASSKEY_FILLER * before + _needle(key) + PASSKEY_FILLER * (reps - before))
+        context = (PASSKEY_INTRO + PASSKEY_FILLER * before + passkey_needle(key) + PASSKEY_FILLER * (reps - before))
         samples.append(PasskeySample(context, PASSKEY_QUESTION, key, float(depth)))
     return samples
 
 
-def _needle(key: str) -> str:
+def passkey_needle(key: str) -> str:
+    """The sentence that hides `key` in a passkey prompt."""
     return f"The pass key is {key}. Remember it. {key} is the pass key. "
 
 

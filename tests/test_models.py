@@ -367,13 +367,14 @@ def test_generate_validates_arguments(loaded):
     for kwargs, match in [(dict(max_new_tokens=0), "max_new_tokens"),
                           (dict(do_sample=True, temperature=0.0), "temperature"),
                           (dict(do_sample=True, top_p=1.5), "top_p"),
-                          (dict(method="sparq"), "method"),
                           (dict(eos_token_id=VOCAB), "eos_token_id"),
                           (dict(attention_mask=mask[:, 1:]), "attention_mask"),
                           (dict(attention_mask=np.zeros_like(mask)), "at least one token")]:
         kwargs.setdefault("attention_mask", mask)
         with pytest.raises(ValueError, match=match):
             lm.generate(ids, **kwargs)
+    with pytest.raises(TypeError, match="one of Dense, SparQ, H2O, Streaming, FlexGen .*method_from_name"):
+        lm.generate(ids, mask, method="sparq")
     with pytest.raises(ValueError, match="input_ids"):
         lm.generate(ids + VOCAB)
     with pytest.raises(ValueError, match="max_len"):
@@ -638,67 +639,83 @@ def test_sharded_load_peak_host_memory(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # scripts/generate.py
 
-def _script():
-    sys.path.insert(0, os.path.join(REPO, "scripts"))
-    try:
-        import generate
-    finally:
-        sys.path.pop(0)
-    return generate
+def _generate(*argv):
+    return subprocess.run([sys.executable, os.path.join(REPO, "scripts", "generate.py"), *argv], capture_output=True,
+                          text=True, cwd=REPO, timeout=600)
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--method", "dense,magic"], "unknown method 'magic'"),
-    (["--compression", "eight"], "expected a ratio"),
     (["--compression", "3/2"], "must be in (0, 1]"),
-    (["--max-new-tokens", "0"], "must be >= 1"),
-    (["--dtype", "int8"], "choose from float32"),
+    (["--max-new-tokens", "0"], "must be a positive integer, got 0"),
     (["--json", "/no/such/folder/out.json"], "does not exist"),
-    (["--batch", "0"], "--batch: must be >= 1"),
-    (["--prompt-tokens", "10"], "--prompt-tokens: must be >= 64"),
 ])
-def test_generate_script_rejects_bad_flags(argv, message, capsys):
-    with pytest.raises(SystemExit):
-        _script().parse_args(argv)
-    assert message in capsys.readouterr().err.replace("\n", " ")
+def test_generate_script_rejects_bad_flags(argv, message):
+    run = _generate(*argv)
+    assert run.returncode == 2 and message in run.stderr.replace("\n", " "), run.stderr
 
 
-def test_generate_script_runs(tmp_path, capsys):
-    folder = str(tmp_path / "model")
+@pytest.fixture(scope="module")
+def tiny_chatless(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("generate") / "model")
     config = models.ModelConfig(model_type="llama", vocab_size=models.tokenizer.VOCAB_SIZE, hidden_size=32,
                                 intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                                 num_key_value_heads=2, head_dim=8, max_position_embeddings=128)
     models.save_pretrained(models.init_model(config, seed=0), folder)
     models.byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_compare_methods(tiny_chatless):
+    """The main job's library call: one prefill, each method's texts, tokens/s and measured transfers;
+    every budget checked before any work."""
+    lm = models.from_pretrained(tiny_chatless)
+    prompts = ["Once upon a time", "To be"]
+    run = models.evaluation.compare_methods(lm, prompts, ["dense", "flexgen", "sparq"], compression=3 / 4,
+                                            max_new_tokens=4, keys=["xx", "yy"], progress=False)
+    assert list(run.runs) == ["dense", "flexgen", "sparq"] and run.prompt_tokens == [17, 6]   # <s> + bytes
+    ids = lm.tokenizer(prompts, padding=True, return_tensors="np")
+    want = lm.generate(ids["input_ids"], ids["attention_mask"], max_new_tokens=4)[:, -4:]
+    assert run.runs["dense"].text == lm.tokenizer.batch_decode(want, skip_special_tokens=True)
+    for name, r in run.runs.items():
+        assert len(r.text) == 2 and r.tokens_per_s > 0 and r.correct == [False, False]
+        assert (r.transfer_ratio == 1.0) == (name == "dense") and 0 < r.transfer_ratio <= 1
+    table = run.table().splitlines()
+    assert [line.split()[0] for line in table[1:]] == ["dense", "flexgen", "sparq"]
+    assert table[1].split()[3] == "1.00x" and table[1].split()[4] == "0/2"
+    assert run.to_json("m")["results"]["sparq"]["transfer_ratio"] == r.transfer_ratio
+    with pytest.raises(ValueError, match="flexgen at compression 0.125: .*never goes below 1/2"):
+        models.evaluation.compare_methods(lm, ["To be"], ["flexgen"], compression=1 / 8, progress=False)
+    # sparq cannot fit 1/8 of a 6-token prompt: raised before dense, listed first, runs
+    with pytest.raises(ValueError, match="sparq at compression 0.125: .*Use a longer prompt or a larger compression"):
+        models.evaluation.compare_methods(lm, ["To be"], ["dense", "sparq"], progress=False)
+
+
+def test_generate_script_runs(tiny_chatless, tmp_path):
     out = str(tmp_path / "out.json")
-    script = _script()
-    assert script.main(["--model", folder, "--prompt", "Once upon a time", "--prompt", "To be",
-                        "--method", "dense,flexgen", "--method", "sparq", "--compression", "3/4",
-                        "--max-new-tokens", "4", "--json", out]) == 0
+    run = _generate("--model", tiny_chatless, "--prompt", "Once upon a time", "--prompt", "To be",
+                    "--method", "dense,flexgen", "--method", "sparq", "--compression", "3/4",
+                    "--max-new-tokens", "4", "--json", out)
+    assert run.returncode == 0, run.stderr[-2000:]
     with open(out) as f:
         results = json.load(f)["results"]
     assert list(results) == ["dense", "flexgen", "sparq"]
+    assert "transfer ratio" in run.stdout and "Once upon a time" in run.stdout
     for name, r in results.items():
         assert len(r["text"]) == 2 and r["tokens_per_s"] > 0
         assert (r["transfer_ratio"] == 1.0) == (name == "dense") and 0 < r["transfer_ratio"] <= 1
-    printed = capsys.readouterr().out
-    assert "transfer ratio" in printed and "Once upon a time" in printed
-    with pytest.raises(SystemExit, match="flexgen.*never goes below 1/2"):
-        script.main(["--model", folder, "--prompt", "To be", "--method", "flexgen", "--compression", "1/8"])
-    # every budget is checked before any work: sparq cannot fit 1/8 of a 6-token prompt, and dense,
-    # listed first, does not run (no table is printed)
-    capsys.readouterr()
-    with pytest.raises(SystemExit, match="sparq at --compression 0.125: .*Use a longer prompt or a larger --compression"):
-        script.main(["--model", folder, "--prompt", "To be", "--method", "dense,sparq"])
-    assert "decode tokens/s" not in capsys.readouterr().out
+    short = _generate("--model", tiny_chatless, "--prompt", "To be", "--method", "dense,sparq")
+    assert short.returncode == 1 and "Use a longer prompt or a larger compression" in short.stderr
+    assert "decode tokens/s" not in short.stdout
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(models.BUNDLED, "model.safetensors")),
                     reason="models/bundled has no trained checkpoint")
-def test_generate_script_bundled_table(capsys):
+def test_generate_script_bundled_table():
     """The main job on the bundled model: pass-key prompts, one prefill, the table parsed."""
-    assert _script().main(["--model", "bundled", "--max-new-tokens", "8"]) == 0
-    out = capsys.readouterr().out
+    run = _generate("--model", "bundled", "--max-new-tokens", "8")
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = run.stdout
     lines = out[out.index("method      transfer ratio"):].strip().splitlines()[1:]
     rows = {cells[0]: cells for cells in (line.split() for line in lines)}
     assert list(rows) == ["dense", "sparq"]

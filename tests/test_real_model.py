@@ -18,7 +18,6 @@ import sparq_jax as sq
 from model_fixtures import torch_logits
 
 NAME = "smollm2-135m-instruct"
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
 
 @pytest.fixture(scope="module")
@@ -63,18 +62,15 @@ def test_real_model_logits_match_transformers(smollm2):
 
 
 def test_real_model_pass_key_dense_and_sparq(smollm2):
+    from models import evaluation
+
     tok = smollm2.tokenizer
-    key = "40917"
-    head = "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it.\n"
-    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
-    prompt = head + FILLER * 5 + needle + FILLER * 5 + "\nWhat is the pass key? The pass key is"
-    while len(tok(prompt)["input_ids"]) < 900:
-        prompt = head + FILLER + prompt[len(head):]
+    (prompt,), (key,) = evaluation.passkey_prompts(tok, 950, seed=3, depths=(0.5,))
     ids = tok([prompt], return_tensors="np")["input_ids"]
     s, n = ids.shape[1], 8
     assert s <= 1024
     logits, state = smollm2.prefill(ids, max_len=s + n, transposed_keys=True)
-    sparq = sq.SparQ.for_compression(1 / 8, smollm2.config.head_dim, s, reallocate_mean=False)
+    sparq = sq.method_from_name("sparq", 1 / 8, smollm2.config.head_dim, s)
     for method in (sq.Dense(), sparq):
         new, stats = smollm2.decode(logits, state, n, method=method, return_stats=True)
         answer = tok.decode(new[0], skip_special_tokens=True)
@@ -84,18 +80,14 @@ def test_real_model_pass_key_dense_and_sparq(smollm2):
 
 
 def test_main_job_prompts(smollm2):
-    """scripts/generate.py's default prompts: the fact at growing depths, the question, the chat format."""
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
-    try:
-        import generate
-    finally:
-        sys.path.pop(0)
+    """The main job's default prompts: the fact at growing depths, the question, the chat format."""
+    from models import evaluation
+
     tok = smollm2.tokenizer
-    prompts, keys = generate.fact_prompts(tok, 4, 1500, seed=0)
-    assert (prompts, keys) == generate.fact_prompts(tok, 4, 1500, seed=0) and len(set(keys)) == 4
+    prompts, keys = evaluation.fact_prompts(tok, 4, 1500, seed=0)
+    assert (prompts, keys) == evaluation.default_prompts(smollm2, 4, 1500, seed=0) and len(set(keys)) == 4
     depths = []
-    for prompt, key, name in zip(prompts, keys, generate.FACT_NAMES):
+    for prompt, key, name in zip(prompts, keys, evaluation.FACT_NAMES):
         n = len(tok(prompt, add_special_tokens=False)["input_ids"])
         assert 1300 < n < 1700, n
         assert prompt.count(key) == 2 and prompt.startswith("<|im_start|>system\n")

@@ -1,32 +1,23 @@
 """The evaluation tasks and harness, on the bundled model (CPU, well under two minutes in all)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 import models
 import sparq_jax as sq
+from models import evaluation
+from models.evaluation import harness
 from sparq_jax import tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAVE_BUNDLED = os.path.exists(os.path.join(models.BUNDLED, "model.safetensors"))
 needs_bundled = pytest.mark.skipif(not HAVE_BUNDLED, reason="models/bundled has no trained checkpoint")
-
-
-def _load_evaluate():
-    spec = importlib.util.spec_from_file_location("evaluate_script", os.path.join(ROOT, "scripts", "evaluate.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def evaluate():
-    return _load_evaluate()
 
 
 @pytest.fixture(scope="module")
@@ -111,35 +102,41 @@ def test_builders_reject_bad_input(call, match):
         call()
 
 
-def test_repetition_divergence_rule(evaluate):
+def test_repetition_divergence_rule():
     """Decoding goes on while the text so far agrees with the target and is shorter than it."""
-    assert evaluate._still_matching("To be", "To be, or not")
-    assert evaluate._still_matching("", "To be")
-    assert not evaluate._still_matching("To bx", "To be, or not")
-    assert not evaluate._still_matching("To be, or not", "To be, or not")     # all matched: done
-    assert not evaluate._still_matching("To be, or not!", "To be, or not")
+    assert evaluation.still_matching("To be", "To be, or not")
+    assert evaluation.still_matching("", "To be")
+    assert not evaluation.still_matching("To bx", "To be, or not")
+    assert not evaluation.still_matching("To be, or not", "To be, or not")     # all matched: done
+    assert not evaluation.still_matching("To be, or not!", "To be, or not")
 
 
-def test_transfer_meter(evaluate):
+def test_transfer_meter():
     method = sq.SparQ(rank=8, top_k=32)
-    meter = evaluate.Transfers(method, 64)
+    meter = models.TransferMeter(method, 64)
     meter.step(np.array([100, 200]))
     want = (method.transfers(100, 64) + method.transfers(200, 64)) / (
         sq.Dense().transfers(100, 64) + sq.Dense().transfers(200, 64))
     assert meter.ratio == pytest.approx(want)
+    windowed = models.TransferMeter(method, 64, window=150)     # a sliding window caps what is read
+    windowed.step(np.array([100, 200]))
+    assert windowed.method_total == method.transfers(100, 64) + method.transfers(150, 64)
+    # lm's transfer_ratio is the same meter over the steps of a decode loop
+    assert models.lm.transfer_ratio(method, [100, 200], 1, 64) == pytest.approx(
+        (method.transfers(101, 64) + method.transfers(201, 64)) / (
+            sq.Dense().transfers(101, 64) + sq.Dense().transfers(201, 64)))
 
 
 # ---------------------------------------------------------------------------------------------
 # The bundled model
 
 @needs_bundled
-def test_bundled_passkey_dense_and_sparq(lm, evaluate):
+def test_bundled_passkey_dense_and_sparq(lm):
     samples = tasks.passkey_samples(8, 1023, seed=0)   # 1k context with <s>
-    prefilled = evaluate.prefill_passkey(lm, samples)
+    prefilled = harness.prefill_passkey(lm, samples)
     d = lm.config.head_dim
-    dense, _ = evaluate.run_passkey(lm, samples, lambda s: sq.Dense(), prefilled)
-    sparq, meter = evaluate.run_passkey(
-        lm, samples, lambda s: sq.SparQ.for_compression(0.25, d, s, reallocate_mean=False), prefilled)
+    dense, _ = harness.run_passkey(lm, samples, lambda s: sq.Dense(), prefilled)
+    sparq, meter = harness.run_passkey(lm, samples, lambda s: sq.method_from_name("sparq", 0.25, d, s), prefilled)
     assert dense.mean() >= 0.9, dense
     assert abs(sparq.sum() - dense.sum()) <= 1, (sparq, dense)
     assert meter.ratio <= 0.25 * 1.05   # sized at the full prompt; the first steps see a shorter cache
@@ -160,15 +157,15 @@ def test_bundled_logits_match_transformers(lm):
 
 
 @needs_bundled
-def test_evaluate_main_json_schema(evaluate, tmp_path, monkeypatch):
+def test_evaluate_api_rows_and_resume(lm, tmp_path, monkeypatch):
+    """The Python API: rows per (task, method, ratio), saved as they come, resumed without rerunning."""
     out = tmp_path / "r.json"
-    plot = tmp_path / "r.png"
-    evaluate.main(["--tasks", "passkey,repetition,bpc", "--methods", "dense,sparq,flexgen", "--compression",
-                   "1/4", "--limit", "2", "--context-length", "800", "--bpc-tokens", "64", "--json", str(out),
-                   "--plot", str(plot)])
+    header = {"model": "bundled", "context_length": 800, "seed": 0}
+    store = evaluation.ResultsFile(str(out), header)
+    rows = evaluation.evaluate(lm, ["passkey", "repetition", "bpc"], ["dense", "sparq", "flexgen"], [1 / 4], limit=2,
+                               context_length=800, bpc_tokens=64, progress=False, on_result=store.add)
     data = json.loads(out.read_text())
-    assert data["model"] == "bundled" and data["context_length"] == 800 and data["seed"] == 0
-    rows = data["results"]
+    assert {k: data[k] for k in header} == header and data["results"] == rows
     # flexgen cannot reach 1/4, so it is skipped: dense + sparq for each of three tasks
     assert [(r["task"], r["method"]) for r in rows] == [
         (t, m) for t in ("passkey", "repetition", "bpc") for m in ("dense", "sparq")]
@@ -181,28 +178,57 @@ def test_evaluate_main_json_schema(evaluate, tmp_path, monkeypatch):
         assert 0.9 * r["compression"] <= r["transfer_ratio"] <= 1.05 * r["compression"]
         if r["method"] == "dense":
             assert r["transfer_ratio"] == 1.0
+    passkey = {r["method"]: r["score"] for r in rows if r["task"] == "passkey"}
+    assert passkey["dense"] == 1.0 and passkey["sparq"] == 1.0     # 1/4 on this model: see the model card
+    plot = tmp_path / "r.png"
+    evaluation.plot(rows, str(plot), "test")
     assert plot.stat().st_size > 0
-    # Resumable: a second run with the same settings keeps every cell and runs none of them...
-    fresh = _load_evaluate()
-    monkeypatch.setattr(fresh, "RUNNERS", {})          # a cell that ran would fail with KeyError
-    again = fresh.main(["--tasks", "passkey,repetition,bpc", "--methods", "dense,sparq,flexgen", "--compression",
-                        "1/4", "--limit", "2", "--context-length", "800", "--json", str(out)])
-    assert again == rows and json.loads(out.read_text())["results"] == rows
-    # ...and one with other settings refuses the file instead of mixing runs.
-    with pytest.raises(SystemExit, match="holds a run with other settings"):
-        fresh.main(["--tasks", "passkey", "--limit", "2", "--context-length", "700", "--json", str(out)])
+    # Resumable: the same settings keep every cell and run none of them...
+    again = evaluation.ResultsFile(str(out), header)
+    assert again.rows == rows and ("bpc", "sparq", 0.25) in again.done
+    monkeypatch.setattr(harness, "RUNNERS", {})          # a cell that ran would fail with KeyError
+    assert evaluation.evaluate(lm, ["passkey", "repetition", "bpc"], ["dense", "sparq"], [1 / 4], limit=2,
+                               context_length=800, progress=False, done=again.done) == []
+    # ...and other settings refuse the file instead of mixing runs.
+    with pytest.raises(ValueError, match="holds a run with other settings"):
+        evaluation.ResultsFile(str(out), {**header, "context_length": 700})
+    with pytest.raises(ValueError, match="unknown method 'magic'"):
+        evaluation.evaluate(lm, ["passkey"], ["magic"], [1 / 4], limit=1, context_length=800)
 
 
-def test_evaluate_rejects_bad_flags(evaluate):
-    for argv in (["--compression", "2"], ["--methods", "magic"], ["--tasks", "qa"], ["--limit", "0"]):
-        with pytest.raises(SystemExit):
-            evaluate.parse_args(argv)
+def _script(name, *argv):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", name), *argv], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)
 
 
 @needs_bundled
-def test_bpc_scores_the_requested_tail(lm, evaluate):
-    windows = tasks.bpc_windows(evaluate.heldout_text(), 2, 300, seed=0)
-    p = evaluate.prefill_bpc(lm, windows, scored=16)
+def test_evaluate_script_writes_json_and_table(tmp_path):
+    out = tmp_path / "r.json"
+    run = _script("evaluate.py", "--tasks", "passkey", "--methods", "dense,sparq", "--compression", "1/4",
+                  "--limit", "2", "--context-length", "600", "--json", str(out))
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    table = run.stdout.splitlines()
+    assert table[0].split() == ["task", "method", "compression", "transfer", "score", "n"]
+    assert [line.split()[:2] for line in table[1:3]] == [["passkey", "dense"], ["passkey", "sparq"]]
+    assert [float(line.split()[4]) for line in table[1:3]] == [r["score"] for r in rows]
+    again = _script("evaluate.py", "--tasks", "passkey", "--limit", "2", "--context-length", "700", "--json", str(out))
+    assert again.returncode != 0 and "holds a run with other settings" in again.stderr
+
+
+@pytest.mark.parametrize("argv, message", [(["--compression", "2"], "must be in (0, 1]"),
+                                           (["--methods", "magic"], "--methods must be a comma list"),
+                                           (["--tasks", "qa"], "--tasks must be a comma list"),
+                                           (["--limit", "0"], "must be a positive integer, got 0")])
+def test_evaluate_rejects_bad_flags(argv, message):
+    run = _script("evaluate.py", *argv)
+    assert run.returncode == 2 and message in run.stderr, run.stderr
+
+
+@needs_bundled
+def test_bpc_scores_the_requested_tail(lm):
+    windows = tasks.bpc_windows(evaluation.heldout_text(), 2, 300, seed=0)
+    p = harness.prefill_bpc(lm, windows, scored=16)
     assert p.forced.shape == (2, 17)                   # 16 scored tokens, fed from the one before them
     assert p.info["chars"] == [16, 16]                 # byte-level: a token is a character
-    assert evaluate.prefill_bpc(lm, windows, scored=1000).forced.shape == (2, 151)   # at most half (301 // 2)
+    assert harness.prefill_bpc(lm, windows, scored=1000).forced.shape == (2, 151)   # at most half (301 // 2)

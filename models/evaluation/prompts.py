@@ -1,0 +1,115 @@
+"""Text for evaluation and the main job: the held-out plays, token <-> text helpers, task samples of a
+given length in the model's own tokens, and the main job's chat prompts with a hidden fact.
+
+The task builders themselves (sparq_jax.tasks) work in characters and know no tokenizer; this module
+converts token lengths to characters with the tokenizer's characters per token on the task's text.
+"""
+from __future__ import annotations
+
+import glob
+import os
+
+import numpy as np
+
+from sparq_jax import tasks
+
+from ..hf import BUNDLED
+
+HELDOUT = os.path.join(BUNDLED, "heldout")
+TASKS = ("passkey", "multikey", "repetition", "bpc")
+MULTIKEY_KEYS = 3          # keys hidden per multi-key prompt (with 4 at ~3.7k tokens SmolLM2-135M found 4 of 8)
+# The people the main job's prompts' facts are about (one per prompt, in order).
+FACT_NAMES = ("Prospero", "Viola", "Brutus", "Miranda", "Olivia", "Cassius", "Ariel", "Malvolio")
+
+
+def heldout_text(folder: str = HELDOUT) -> str:
+    """The public-domain held-out texts (models/bundled/heldout/*.txt by default), joined."""
+    paths = sorted(glob.glob(os.path.join(folder, "*.txt")))
+    if not paths:
+        raise ValueError(f"{folder!r} has no *.txt texts for the repetition and bpc tasks")
+    texts = []
+    for p in paths:
+        with open(p, encoding="utf-8") as f:
+            texts.append(f.read())
+    return "\n\n".join(texts)
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """text's token ids with the model's own tokenizer, no special tokens."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def decode(tokenizer, ids) -> str:
+    return tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def prefix(tokenizer) -> list[int]:
+    """What the tokenizer puts before a text (<s> for the bundled model, nothing for SmolLM2)."""
+    return list(tokenizer("")["input_ids"])
+
+
+def chars_per_token(tokenizer, text: str) -> float:
+    return len(text) / max(1, len(encode(tokenizer, text)))
+
+
+def build_samples(tokenizer, task: str, n: int, context_length: int, seed: int, heldout: str | None = None):
+    """n samples of `task` (one of TASKS) of about context_length tokens: lengths are set in characters,
+    from the tokenizer's characters per token on the task's own text. repetition and bpc cut their
+    samples from `heldout` (default: heldout_text())."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    if task in ("passkey", "multikey"):
+        chars = int(context_length * chars_per_token(tokenizer, tasks.PASSKEY_FILLER * 8))
+        if task == "passkey":
+            return tasks.passkey_samples(n, chars, seed)
+        return tasks.multikey_samples(n, chars, seed, keys=MULTIKEY_KEYS)
+    heldout = heldout_text() if heldout is None else heldout
+    chars = int(context_length * chars_per_token(tokenizer, heldout[:20000]))
+    if task == "repetition":
+        return tasks.repetition_samples(heldout, n, chars, seed)
+    return tasks.bpc_windows(heldout, n, chars, seed)
+
+
+def passkey_prompts(tokenizer, n_tokens: int, seed: int, depths=(0.25, 0.5, 0.75)) -> tuple[list[str], list[str]]:
+    """Prompts of about n_tokens tokens for a model with no chat template: a 5-digit pass key buried at
+    each of `depths` in filler text (sparq_jax.tasks' passkey wording), ending in the question. Returns
+    (prompts, keys)."""
+    rng = np.random.default_rng(seed)
+    question = "\n" + tasks.PASSKEY_QUESTION.rstrip()
+    per_filler = len(encode(tokenizer, tasks.PASSKEY_FILLER))
+    fixed = len(tokenizer(tasks.PASSKEY_INTRO + question + tasks.passkey_needle("00000"))["input_ids"])
+    repeats = max(1, (n_tokens - fixed) // per_filler)
+    prompts, keys = [], []
+    for depth in depths:
+        key = str(int(rng.integers(10000, 100000)))
+        before = round(repeats * depth)
+        prompts.append(tasks.PASSKEY_INTRO + tasks.PASSKEY_FILLER * before + tasks.passkey_needle(key)
+                       + tasks.PASSKEY_FILLER * (repeats - before) + question)
+        keys.append(key)
+    return prompts, keys
+
+
+def fact_prompts(tokenizer, n: int, n_tokens: int, seed: int, heldout: str | None = None) -> tuple[list[str], list[str]]:
+    """n chat prompts of about n_tokens tokens: a passage of the held-out plays with one sentence
+    added at depth (i + 1) / (n + 1) - "<name>'s pass key is <5 digits>." - and a question about it;
+    the assistant's turn starts with "<name>'s pass key is" so a small model answers in the format
+    scored. Returns (prompts, keys)."""
+    rng = np.random.default_rng(seed)
+    text = heldout_text() if heldout is None else heldout
+    per_char = len(encode(tokenizer, text[:20000])) / 20000
+    prompts, keys = [], []
+    for i in range(n):
+        name = FACT_NAMES[i % len(FACT_NAMES)]
+        key = str(int(rng.integers(10000, 100000)))
+        fact = f"{name}'s pass key is {key}. Remember it: {name}'s pass key is {key}."
+        chars = int((n_tokens - 80) / per_char)
+        start = int(rng.integers(0, len(text) - chars))
+        passage = text[start:start + chars]
+        at = passage.rfind("\n", 0, int(len(passage) * (i + 1) / (n + 1))) + 1
+        passage = passage[:at] + fact + "\n" + passage[at:]
+        question = f"What is {name}'s pass key? Answer with the number only."
+        messages = [{"role": "user", "content": f"{passage}\n\n{question}"}]
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompts.append(prompt + f"{name}'s pass key is")
+        keys.append(key)
+    return prompts, keys
