@@ -188,7 +188,7 @@ class SparqJaxLM(TemplateLM):
             return sq.method_from_name(self.method_name, self.compression, c.head_dim, int(seq_len),
                                        grouped=self._grouped(c))
         except ValueError as err:
-            raise ValueError(f"sparq-jax: a batch of prompts of about {int(seq_len)} tokens: {err}") from None
+            raise ValueError(f"sparq-jax: a batch of requests of about {int(seq_len)} tokens: {err}") from None
 
     def _record(self, kind: str, meter: TransferMeter, steps: int) -> None:
         self.transfer_ratios.append((kind, meter.ratio, steps))
@@ -396,14 +396,19 @@ except ValueError:
     pass
 
 
-def task_manager(include_path=None):
+def task_manager(include_path=None, tasks=None):
     """lm-eval's TaskManager with the shipped tasks (TASKS_DIR) and include_path (a folder or a list)
-    on its include path."""
+    on its include path, and lm-eval's own tasks - unless `tasks` (names) are all found without them
+    (indexing lm-eval's thousands of task files takes a while)."""
     from lm_eval.tasks import TaskManager
     extra = [] if include_path is None else ([include_path] if isinstance(include_path, str) else list(include_path))
     for folder in extra:
         if not os.path.isdir(folder):
             raise ValueError(f"include_path {folder!r} is not a folder")
+    if tasks is not None:
+        ours = TaskManager(include_path=[TASKS_DIR, *extra], include_defaults=False)
+        if all(t in ours.all_tasks for t in tasks):
+            return ours
     return TaskManager(include_path=[TASKS_DIR, *extra])
 
 
@@ -415,7 +420,7 @@ def run(pretrained, method: str, compression, tasks, include_path=None, limit: O
     as JSON there. Model arguments are checked (and the tasks found) before any weight is read."""
     import lm_eval
 
-    manager = task_manager(include_path)
+    manager = task_manager(include_path, tasks)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise ValueError(f"unknown lm-eval task(s) {', '.join(unknown)}; the shipped ones are "
