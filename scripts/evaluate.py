@@ -6,6 +6,8 @@ dense attention and every sparse method at several transfer ratios (the paper's 
            --json docs/results_smollm2.json --plot docs/results_smollm2.png     # resumable
     python scripts/evaluate.py --tasks passkey --methods dense,sparq --compression 1/8 --limit 8
     python scripts/evaluate.py                                   # everything, the bundled model
+    python scripts/evaluate.py lm-eval --model smollm2-135m-instruct --method sparq --compression 1/8 \
+           --tasks sparq_passkey,sparq_plays_next_line --limit 20 --output results.json   # lm-eval tasks
 
 The harness is the library's (models.evaluation.evaluate; its docstring gives the protocol): every
 scored prediction comes out of a decode step run with the method under test, from one dense prefill
@@ -66,7 +68,33 @@ def parse_args(argv=None):
     return p, p.parse_args(argv)
 
 
+def lm_eval_main(argv):
+    """`evaluate.py lm-eval ...`: lm-evaluation-harness tasks through the sparq-jax backend
+    (models.evaluation.lm_eval; needs pip install -e ".[eval]")."""
+    p = argparse.ArgumentParser(prog="evaluate.py lm-eval", description=lm_eval_main.__doc__)
+    p.add_argument("--model", default="bundled", help="a checkpoint folder, a .gguf file or a known name")
+    p.add_argument("--method", choices=METHOD_NAMES, default="dense")
+    p.add_argument("--compression", help="the method's transfer ratio (0.125 or 1/8); not for dense")
+    p.add_argument("--tasks", required=True, help="comma list of lm-eval task names (shipped: sparq_passkey, "
+                                                  "sparq_plays_next_line)")
+    p.add_argument("--include-path", help="a folder of more lm-eval task YAML")
+    p.add_argument("--limit", type=positive_int, help="documents per task")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="rows per prefill (default 1)")
+    p.add_argument("--dtype", default="float32", help="the weights' dtype (float32, bfloat16, float16)")
+    p.add_argument("--output", help="write lm-eval's results here as JSON")
+    args = p.parse_args(argv)
+    from models.evaluation import lm_eval as backend
+    try:
+        return backend.run(args.model, args.method, args.compression, args.tasks.split(","), args.include_path,
+                           args.limit, args.batch_size, args.dtype, args.output)
+    except ValueError as err:
+        p.error(str(err))
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:
+        return lm_eval_main(argv[1:])
     parser, args = parse_args(argv)
     if args.context_length is not None and args.context_length < 64:
         parser.error(f"--context-length must be >= 64, got {args.context_length}")
