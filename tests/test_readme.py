@@ -60,9 +60,16 @@ def _check_evaluation(ns):
     assert 0.1 < run.runs["sparq"].transfer_ratio <= 0.125 * 1.01
 
 
+def _check_lm_eval(ns):
+    got = ns["results"]["results"]["sparq_plays_next_line"]
+    assert 0 <= got["acc,none"] <= 1 and 0 <= got["acc_norm,none"] <= 1
+    assert ns["results"]["config"]["model"] == "sparq-jax"
+    assert len(ns["results"]["samples"]["sparq_plays_next_line"]) == 8 if "samples" in ns["results"] else True
+
+
 # What each runnable snippet must have computed, by its section: values, not only that it printed.
 CHECKS = {"Attention on your own cache": _check_attention, "Models": _check_models,
-          "Evaluation from Python": _check_evaluation}
+          "Evaluation from Python": _check_evaluation, "lm-evaluation-harness": _check_lm_eval}
 
 
 def test_every_runnable_snippet_is_checked():

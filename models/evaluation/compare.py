@@ -15,7 +15,6 @@ import time
 from typing import Optional, Sequence
 
 import jax
-import numpy as np
 from tqdm.auto import tqdm
 
 import sparq_jax as sq

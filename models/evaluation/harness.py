@@ -53,7 +53,7 @@ def budget_length(n: int) -> int:
     return int(n) // unit * unit
 
 
-def _round_up(n: int, unit: int = WIDTH_UNIT) -> int:
+def round_up(n: int, unit: int = WIDTH_UNIT) -> int:
     return -(-int(n) // unit) * unit
 
 
@@ -72,8 +72,9 @@ def release_memory() -> None:
         pass
 
 
-def _left_pad(rows: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
-    width = _round_up(max(len(r) for r in rows))
+def left_pad(rows: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token rows left-padded to one width (the longest, rounded up to WIDTH_UNIT) -> ids, mask [B, W]."""
+    width = round_up(max(len(r) for r in rows))
     ids = np.full((len(rows), width), pad, np.int32)
     mask = np.zeros((len(rows), width), np.int32)
     for i, r in enumerate(rows):
@@ -92,8 +93,8 @@ class Prefilled:
         if forced < 1 or min(map(len, rows)) <= forced:
             raise ValueError(f"every prompt needs more than {forced} tokens")
         pad = lm.pad_token_id if lm.pad_token_id is not None else 0
-        ids, mask = _left_pad([r[:-forced] for r in rows], pad)
-        max_len = _round_up(ids.shape[1] + forced + extra)
+        ids, mask = left_pad([r[:-forced] for r in rows], pad)
+        max_len = round_up(ids.shape[1] + forced + extra)
         _, self.state = lm.prefill(ids, mask, max_len=max_len, transposed_keys=True, h2o=True)
         self.lengths = mask.sum(axis=1)
         self.forced = np.asarray([r[-forced:] for r in rows], np.int32)

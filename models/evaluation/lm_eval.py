@@ -35,7 +35,6 @@ import os
 import sys
 from typing import Optional
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
@@ -54,7 +53,8 @@ except ImportError as err:  # pragma: no cover - the message is the point
                       "(lm-eval==0.4.13)") from err
 
 from .. import hf
-from ..lm import LanguageModel, TransferMeter, bucket_length
+from ..lm import LanguageModel, TransferMeter
+from . import harness
 from .harness import token_nll
 
 MODEL_NAME = "sparq-jax"
@@ -185,8 +185,8 @@ class SparqJaxLM(TemplateLM):
         """The method at self.compression for a cache of seq_len positions (ValueError if unreachable)."""
         c = self.lm.config
         try:
-            return sq.method_from_name(self.method_name, self.compression, c.head_dim, int(seq_len),
-                                       grouped=self._grouped(c))
+            return sq.method_from_name(self.method_name, self.compression, c.head_dim,
+                                       harness.budget_length(int(seq_len)), grouped=self._grouped(c))
         except ValueError as err:
             raise ValueError(f"sparq-jax: a batch of requests of about {int(seq_len)} tokens: {err}") from None
 
@@ -200,13 +200,8 @@ class SparqJaxLM(TemplateLM):
         """Left-padded dense prefill of rows (widths bucketed, so nearby lengths share a compile) with
         room for `extra` decode steps -> (logits [B, V], state, lengths [B])."""
         pad = self.lm.pad_token_id if self.lm.pad_token_id is not None else 0
-        width = bucket_length(max(map(len, rows)))
-        ids = np.full((len(rows), width), pad, np.int32)
-        mask = np.zeros((len(rows), width), np.int32)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r):] = r
-            mask[i, width - len(r):] = 1
-        logits, state = self.lm.prefill(ids, mask, max_len=bucket_length(width + max(extra, 1)),
+        ids, mask = harness.left_pad(rows, pad)
+        logits, state = self.lm.prefill(ids, mask, max_len=harness.round_up(ids.shape[1] + max(extra, 1)),
                                         transposed_keys=method.reads_transposed_keys, h2o=method.stateful)
         return logits, state, mask.sum(axis=1)
 
@@ -214,10 +209,9 @@ class SparqJaxLM(TemplateLM):
         return [range(b, min(b + self.batch_size, n)) for b in range(0, n, self.batch_size)]
 
     def _after_batch(self) -> None:
-        # Every non-dense batch has its own budget, so its own compile; XLA:CPU's executables keep
-        # memory that grows with the cache (see harness.evaluate), so they are not kept.
-        if self.method_name != "dense":
-            jax.clear_caches()
+        # Budgets and widths are bucketed as the harness's, so batches share compiles; the freed cache
+        # copies go back to the system (harness.release_memory).
+        harness.release_memory()
 
     # loglikelihood ------------------------------------------------------------------------------
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None,

@@ -72,7 +72,7 @@ def next_line_docs(**_metadata) -> dict:
     """N_DOCS documents {"context", "choices", "label", "play"}: for a random line of speech of a
     random held-out play (one with PLAY_CONTEXT_LINES lines before it, the line before it also
     speech, so the passage ends mid-speech), the passage of those lines; choices: that line and 3
-    distinct other lines of speech of the same play, in random order."""
+    distinct other lines of speech of the same play of about its length, in random order."""
     folder = _heldout_folder()
     rng = np.random.default_rng(SEED)
     plays = {}
@@ -93,10 +93,16 @@ def next_line_docs(**_metadata) -> dict:
         if i < PLAY_CONTEXT_LINES or not _is_spoken(lines[i - 1]):
             continue
         answer = lines[i].strip()
+        # Distractors of about the answer's length (within 25%), so that a line's length says nothing:
+        # with any other line, plain acc rewarded short lines (SmolLM2: acc 0.45, acc_norm 0.57).
+        alike = [j for j in spoken if abs(len(lines[j].strip()) - len(answer)) <= 0.25 * len(answer)
+                 and lines[j].strip() != answer]
+        if len({lines[j].strip() for j in alike}) < 3:
+            continue
         others = []
         while len(others) < 3:
-            other = lines[spoken[int(rng.integers(len(spoken)))]].strip()
-            if other != answer and other not in others:
+            other = lines[alike[int(rng.integers(len(alike)))]].strip()
+            if other not in others:
                 others.append(other)
         label = int(rng.integers(4))
         choices = others[:label] + [answer] + others[label:]
