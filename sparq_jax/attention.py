@@ -318,7 +318,14 @@ def _always_kept(lengths: jax.Array, max_len: int, local_window: int) -> jax.Arr
 # The methods. Each takes q [B, Hkv, G, D] (grouped) and returns fp32 [B, Hkv, G, D] and the cache.
 
 def _dense(qg, cache: KVCache, mask):
-    d = qg.shape[-1]
+    b, h, g, d = qg.shape
+    s = cache.max_len
+    if native.bf16_matmul_applies(cache.k) and cache.v.dtype == jnp.bfloat16:
+        # A bfloat16 cache on CPU: XLA's bfloat16 dot reads it ~6x slower than the native kernel.
+        rows = lambda x: x.reshape(b * h, *x.shape[2:])
+        logits = native.matmul_bf16(rows(qg).astype(_F32), rows(cache.k), transpose_w=True).reshape(b, h, g, s)
+        p = _masked_softmax(logits / math.sqrt(d), mask[:, None, None, :])
+        return native.matmul_bf16(rows(p), rows(cache.v)).reshape(b, h, g, d)
     logits = jnp.einsum("bhgd,bhsd->bhgs", qg, cache.k, preferred_element_type=_F32) / math.sqrt(d)
     p = _masked_softmax(logits, mask[:, None, None, :])
     return jnp.einsum("bhgs,bhsd->bhgd", p, cache.v, preferred_element_type=_F32)

@@ -317,6 +317,22 @@ def test_q_and_cache_dtypes_may_differ():
     np.testing.assert_allclose(out, want, atol=1e-4)
 
 
+@pytest.mark.parametrize("q_dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_on_a_bfloat16_cache_matches_numpy(q_dtype):
+    """A bfloat16 cache on CPU runs Dense through sparq_jax.native's kernel (elsewhere XLA's dot):
+    the reference is NumPy in float64 on the same bfloat16-rounded q, k, v, ragged lengths included;
+    the tolerance is the output's rounding to q's dtype (fp32: the fp32 softmax's few ulps)."""
+    q, k, v = _data(12, 2, 6, 3, 300, 64)
+    cache = sq.KVCache.from_kv(jnp.asarray(k, jnp.bfloat16), jnp.asarray(v, jnp.bfloat16), [300, 123])
+    qj = jnp.asarray(q, q_dtype)
+    out, _ = sq.attend(qj, cache, sq.Dense(), impl="xla")
+    assert out.dtype == q_dtype
+    want = np_dense(np.asarray(qj, np.float32), np.asarray(cache.k, np.float32), np.asarray(cache.v, np.float32),
+                    [300, 123])
+    np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=1e-5 if q_dtype == jnp.float32 else 2e-3,
+                               rtol=0 if q_dtype == jnp.float32 else 8e-3)
+
+
 def test_sliding_window_dense_and_sparq():
     q, k, v = _data(6, 2, 4, 2, 50, 16)
     lengths = [50, 30]
