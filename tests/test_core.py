@@ -761,3 +761,25 @@ def test_unknown_method_object_is_a_type_error():
     cache = sq.KVCache.from_kv(np.zeros((1, 1, 8, 4), np.float32), np.zeros((1, 1, 8, 4), np.float32), [8])
     with pytest.raises(TypeError, match="Dense, SparQ, H2O, Streaming, FlexGen"):
         sq.attend(np.zeros((1, 1, 4), np.float32), cache, NotAMethod())
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_append_one_position_writes_it_and_drops_overflow(dtype):
+    """16-bit caches append a single position row by row (not XLA:CPU's widening scatter): the
+    written values land at each row's length, in K, K^T and V, and a row already full keeps its
+    contents (the write is dropped, the length still grows), as the scatter path does."""
+    rng = np.random.default_rng(21)
+    k, v = (rng.standard_normal((2, 3, 6, 4)).astype(np.float32) for _ in range(2))
+    lengths = np.array([3, 6])
+    cache = sq.KVCache.from_kv(jnp.asarray(k, dtype), jnp.asarray(v, dtype), lengths)
+    k_new, v_new = (rng.standard_normal((2, 3, 1, 4)).astype(np.float32) for _ in range(2))
+    out = jax.jit(lambda c: c.append(jnp.asarray(k_new, dtype), jnp.asarray(v_new, dtype)))(cache)
+    want_k = np.asarray(cache.k, np.float32).copy()
+    want_v = np.asarray(cache.v, np.float32).copy()
+    want_k[0, :, 3] = np.asarray(jnp.asarray(k_new[0, :, 0], dtype), np.float32)
+    want_v[0, :, 3] = np.asarray(jnp.asarray(v_new[0, :, 0], dtype), np.float32)
+    np.testing.assert_array_equal(np.asarray(out.k, np.float32), want_k)
+    np.testing.assert_array_equal(np.asarray(out.kt, np.float32), want_k.swapaxes(2, 3))
+    np.testing.assert_array_equal(np.asarray(out.v, np.float32), want_v)
+    np.testing.assert_array_equal(np.asarray(out.lengths), [4, 7])
+    assert out.k.dtype == dtype

@@ -128,12 +128,12 @@ void BlockNt(const float* x, int64_t x_stride, int64_t rows, const uint16_t* w, 
 
 // Runs pieces [0, total) of `work` on the caller and on XLA's pool, returning once all are done.
 template <typename Work>
-void Parallel(ffi::ThreadPool& pool, int64_t total, Work work) {
+void Parallel(ffi::ThreadPool& pool, int64_t threads, int64_t total, Work work) {
   struct State {
     std::atomic<int64_t> next{0}, done{0};
   };
   auto state = std::make_shared<State>();
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), total - 1);
+  const int64_t helpers = std::min<int64_t>({pool.num_threads(), threads - 1, total - 1});
   // The helpers hold `state` and a copy of `work`, whose captures (buffers) outlive this call only
   // in tasks that find the counter exhausted and touch nothing.
   auto run = [state, work, total]() {
@@ -165,7 +165,7 @@ ffi::Error Check(ffi::Buffer<ffi::F32>& x, ffi::AnyBuffer& w, int64_t* t, int64_
 }
 
 ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
-                      ffi::ResultBuffer<ffi::F32> out, bool nt) {
+                      ffi::ResultBuffer<ffi::F32> out, int64_t threads, bool nt) {
   int64_t t, m, k, n;
   if (auto err = Check(x, w, &t, &m, &k, &n, nt); err.failure()) return err;
   const float* xp = x.typed_data();
@@ -188,18 +188,18 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuf
         BlockKn(xb, k, rows, wb, k, n, c0, c1, yb, n);
     }
   };
-  Parallel(pool, t * blocks, work);
+  Parallel(pool, threads, t * blocks, work);
   return ffi::Error::Success();
 }
 
 ffi::Error MatmulKn(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
-                    ffi::ResultBuffer<ffi::F32> out) {
-  return MatmulImpl(pool, x, w, out, false);
+                    ffi::ResultBuffer<ffi::F32> out, int64_t threads) {
+  return MatmulImpl(pool, x, w, out, threads, false);
 }
 
 ffi::Error MatmulNt(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
-                    ffi::ResultBuffer<ffi::F32> out) {
-  return MatmulImpl(pool, x, w, out, true);
+                    ffi::ResultBuffer<ffi::F32> out, int64_t threads) {
+  return MatmulImpl(pool, x, w, out, threads, true);
 }
 
 }  // namespace
@@ -209,11 +209,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SparqMatmulBf16, MatmulKn,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("threads"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SparqMatmulBf16Nt, MatmulNt,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("threads"));
