@@ -133,7 +133,7 @@ def matmul_bf16(x, w, *, transpose_w: bool = False):
     n = w.shape[1] if transpose_w else w.shape[2]
     name = "sparq_jax_matmul_bf16_nt" if transpose_w else "sparq_jax_matmul_bf16"
     call = jax.ffi.ffi_call(name, jax.ShapeDtypeStruct(x.shape[:2] + (n,), jnp.float32))
-    return call(x, w, threads=np.int64(int(os.environ.get("SPARQ_JAX_MATMUL_THREADS", _threads()))))
+    return call(x, w, threads=np.int64(_threads()))
 
 
 def bf16_matmul_applies(w) -> bool:
