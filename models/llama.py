@@ -120,6 +120,34 @@ def _bias(x: jax.Array, b: Optional[nnx.Param]) -> jax.Array:
     return x if b is None else x + b[...]
 
 
+# Up to this many rows (tokens) a bfloat16 product on CPU runs as sparq_jax.native's kernel, which
+# reads the weights once at memory speed (decode); XLA:CPU's bfloat16 dot is ~6x slower there.
+_NATIVE_ROWS = 64
+
+
+def matmul(x: jax.Array, w: jax.Array, *, transpose_w: bool = False, out_dtype=None,
+           native: bool = True) -> jax.Array:
+    """x [..., K] @ w [K, N] (transpose_w: w [N, K], used as w^T) -> [..., N] in out_dtype (default
+    x's dtype), accumulated in fp32.
+
+    bfloat16 weights on CPU do not go through XLA's bfloat16 dot (~6x slower than fp32 per weight):
+    few rows (decode) run sparq_jax.native's kernel; many rows (prefill) widen the weights to fp32
+    first, a cost small beside the product. native=False (a device mesh: the partitioner cannot
+    split a custom call) keeps XLA's dot.
+    """
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    lead, k = x.shape[:-1], x.shape[-1]
+    n = w.shape[0] if transpose_w else w.shape[1]
+    if native and sq.native.bf16_matmul_applies(w):
+        rows = math.prod(lead)
+        if rows <= _NATIVE_ROWS:
+            y = sq.native.matmul_bf16(x.reshape(1, rows, k).astype(_F32), w[None], transpose_w=transpose_w)
+            return y.reshape(*lead, n).astype(out_dtype)
+        x, w = x.astype(_F32), w.astype(_F32)
+    spec = "...k,nk->...n" if transpose_w else "...k,kn->...n"
+    return jnp.einsum(spec, x, w, preferred_element_type=_F32).astype(out_dtype)
+
+
 class Attention(nnx.Module):
     """Projections input-major (x @ W), split per head: q [H, Hq, D], k, v [H, Hkv, D], o [Hq, D, H];
     biases (None unless config.attention_bias) q [Hq, D], k, v [Hkv, D], o [H]."""
@@ -136,18 +164,21 @@ class Attention(nnx.Module):
         self.v_bias = nnx.Param(jnp.zeros((hkv, d), dtype)) if bias else None
         self.o_bias = nnx.Param(jnp.zeros((h,), dtype)) if bias else None
 
-    def __call__(self, h: jax.Array, cos: jax.Array, sin: jax.Array, attention: Callable):
+    def __call__(self, h: jax.Array, cos: jax.Array, sin: jax.Array, attention: Callable, native: bool = True):
         """h [B, T, H] (normed) -> ([B, T, H], what attention returned beside its output).
-        attention(q [B, T, Hq, D], k, v [B, T, Hkv, D]) -> (out [B, T, Hq, D], kept); q, k after RoPE."""
-        q = _bias(jnp.einsum("...h,hnd->...nd", h, self.q[...]), self.q_bias)
-        k = _bias(jnp.einsum("...h,hnd->...nd", h, self.k[...]), self.k_bias)
-        v = _bias(jnp.einsum("...h,hnd->...nd", h, self.v[...]), self.v_bias)
+        attention(q [B, T, Hq, D], k, v [B, T, Hkv, D]) -> (out [B, T, Hq, D], kept); q, k after RoPE.
+        native: see matmul."""
+        def project(w, b):                                  # [H, heads, D] as one [H, heads*D] product
+            w = w[...]
+            return _bias(matmul(h, w.reshape(w.shape[0], -1), native=native).reshape(*h.shape[:-1], *w.shape[1:]), b)
+
+        q, k, v = project(self.q, self.q_bias), project(self.k, self.k_bias), project(self.v, self.v_bias)
         out, kept = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
         # One [Hq*D, H] matrix product: with the heads contracted as two axes, XLA:CPU transposed the
         # whole o weight every decode step rather than the small activation.
         o = self.o[...]
         o = o.reshape(-1, o.shape[-1])
-        return _bias(out.reshape(*out.shape[:-2], o.shape[0]) @ o, self.o_bias), kept
+        return _bias(matmul(out.reshape(*out.shape[:-2], o.shape[0]), o, native=native), self.o_bias), kept
 
 
 class MLP(nnx.Module):
@@ -163,10 +194,10 @@ class MLP(nnx.Module):
         self.up_bias = nnx.Param(jnp.zeros((i,), dtype)) if bias else None
         self.down_bias = nnx.Param(jnp.zeros((h,), dtype)) if bias else None
 
-    def __call__(self, h: jax.Array) -> jax.Array:
-        gate = _bias(h @ self.gate[...], self.gate_bias)
-        up = _bias(h @ self.up[...], self.up_bias)
-        return _bias((jax.nn.silu(gate) * up) @ self.down[...], self.down_bias)
+    def __call__(self, h: jax.Array, native: bool = True) -> jax.Array:
+        gate = _bias(matmul(h, self.gate[...], native=native), self.gate_bias)
+        up = _bias(matmul(h, self.up[...], native=native), self.up_bias)
+        return _bias(matmul(jax.nn.silu(gate) * up, self.down[...], native=native), self.down_bias)
 
 
 class DecoderLayer(nnx.Module):
@@ -177,10 +208,10 @@ class DecoderLayer(nnx.Module):
         self.post_norm = nnx.Param(jnp.ones((config.hidden_size,), dtype))
         self.mlp = MLP(config, dtype=dtype, rngs=rngs, std=std)
 
-    def __call__(self, x, cos, sin, attention: Callable):
-        out, kept = self.attn(rms_norm(x, self.input_norm[...], self.eps), cos, sin, attention)
+    def __call__(self, x, cos, sin, attention: Callable, native: bool = True):
+        out, kept = self.attn(rms_norm(x, self.input_norm[...], self.eps), cos, sin, attention, native)
         x = x + out
-        return x + self.mlp(rms_norm(x, self.post_norm[...], self.eps)), kept
+        return x + self.mlp(rms_norm(x, self.post_norm[...], self.eps), native), kept
 
 
 class Llama(nnx.Module):
@@ -208,15 +239,15 @@ class Llama(nnx.Module):
         x = _rows(self.embed[...][input_ids], mesh)
         kept = []
         for i, layer in enumerate(self.layers):
-            x, k = layer(x, cos, sin, functools.partial(attention, i))
+            x, k = layer(x, cos, sin, functools.partial(attention, i), native=mesh is None)
             kept.append(k)
         return rms_norm(x, self.norm[...], self.config.rms_norm_eps), tuple(kept)
 
-    def head(self, x: jax.Array) -> jax.Array:
-        """x [..., H] -> fp32 logits [..., V]."""
+    def head(self, x: jax.Array, native: bool = True) -> jax.Array:
+        """x [..., H] -> fp32 logits [..., V]. native: see matmul (False under a device mesh)."""
         if self.lm_head is None:
-            return jnp.einsum("...h,vh->...v", x, self.embed[...], preferred_element_type=_F32)
-        return jnp.einsum("...h,hv->...v", x, self.lm_head[...], preferred_element_type=_F32)
+            return matmul(x, self.embed[...], transpose_w=True, out_dtype=_F32, native=native)
+        return matmul(x, self.lm_head[...], out_dtype=_F32, native=native)
 
 
 def init_model(config: ModelConfig, seed: int = 0, dtype=jnp.float32, std: float = 0.02) -> Llama:
@@ -342,6 +373,10 @@ def causal_attention(q, k, v, valid, positions, window: Optional[int], chunk: in
     b, t, hq, d = q.shape
     hkv = k.shape[2]
     g = hq // hkv
+    out_dtype = q.dtype
+    if jax.default_backend() == "cpu" and q.dtype == jnp.bfloat16:
+        # XLA:CPU's bfloat16 dots run ~6x slower than fp32 ones (see matmul): compute in fp32
+        q, k, v = q.astype(_F32), k.astype(_F32), v.astype(_F32)
     c = min(chunk, t)
     n = -(-t // c)
     pad = n * c - t
@@ -397,7 +432,7 @@ def causal_attention(q, k, v, valid, positions, window: Optional[int], chunk: in
                     sums, lax.dynamic_slice_in_dim(sums, j * c, c, axis=2) + cols, j * c, axis=2)
 
             sums = lax.fori_loop(0, i + 1, add_columns, sums)
-        return sums, jnp.moveaxis(out, 3, 1).astype(q.dtype)                # [B, C, Hkv, G, D]
+        return sums, jnp.moveaxis(out, 3, 1).astype(out_dtype)              # [B, C, Hkv, G, D]
 
     sums, out = lax.scan(query_block, jnp.zeros((b, hkv, n * c), _F32), jnp.arange(n))
     out = jnp.moveaxis(out, 0, 1).reshape(b, n * c, hq, d)[:, :t]
@@ -468,7 +503,7 @@ def forward_prompt(model: Llama, input_ids, attention_mask, *, keep_kv: bool = F
 def logits(model: Llama, input_ids, attention_mask, *, chunk: Optional[int] = PREFILL_CHUNK, mesh=None) -> jax.Array:
     """fp32 logits [B, T, V] of every position (chunk=None: differentiable, see forward_prompt)."""
     x, _, _ = forward_prompt(model, input_ids, attention_mask, chunk=chunk, mesh=mesh)
-    return model.head(x)
+    return model.head(x, native=mesh is None)
 
 
 def prefill(model: Llama, input_ids, attention_mask, *, max_len: int, transposed_keys: bool, h2o: bool,
@@ -485,7 +520,7 @@ def prefill(model: Llama, input_ids, attention_mask, *, max_len: int, transposed
     t = input_ids.shape[1]
     lengths = jnp.sum(valid, axis=1).astype(jnp.int32)
     last = jnp.max(jnp.where(valid, jnp.arange(t)[None, :], 0), axis=1)
-    out = model.head(x[jnp.arange(x.shape[0]), last])
+    out = model.head(x[jnp.arange(x.shape[0]), last], native=mesh is None)
     # Valid tokens first, in order: row b's prompt lands at cache positions [0, lengths[b]).
     order = jnp.argsort(~valid, axis=1, stable=True)                            # [B, T]
 
@@ -515,4 +550,4 @@ def decode_step(model: Llama, tokens: jax.Array, cache: tuple, *, method, mesh=N
         return out[:, None], new
 
     x, new_cache = model(tokens[:, None], cache[0].lengths[:, None], attention, mesh=mesh)
-    return model.head(x[:, 0]), new_cache
+    return model.head(x[:, 0], native=mesh is None), new_cache

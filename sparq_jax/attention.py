@@ -55,6 +55,11 @@ def _gather_positions(x: jax.Array, idx: jax.Array) -> jax.Array:
     """
     b, h, s, w = x.shape
     n = idx.shape[-1]
+    if x.dtype.itemsize == 2 and jnp.issubdtype(x.dtype, jnp.floating):
+        # 16-bit floats gathered as their bit patterns: XLA:CPU widens a bfloat16 gather's whole
+        # operand to fp32 first (SparQ's steps 2+3 from a bfloat16 cache ran 4x slower than fp32's).
+        bits = jax.lax.bitcast_convert_type
+        return bits(_gather_positions(bits(x, jnp.uint16), idx), x.dtype)
     rows = idx + (jnp.arange(b * h, dtype=idx.dtype) * s).reshape(b, h, 1)
     dims = jax.lax.GatherDimensionNumbers(offset_dims=(1,), collapsed_slice_dims=(0,), start_index_map=(0,))
     out = jax.lax.gather(x.reshape(b * h * s, w), rows.reshape(-1, 1), dims, (1, w),
@@ -241,12 +246,21 @@ def _approx_logits_kt_cpu(q1, keys, i1):
         # heads; with [G, S] XLA:CPU streamed the r rows once per query head (1.6x slower at G=4).
         acc = jnp.zeros((s, g), _F32)
         for c in range(r):
-            row = jax.lax.dynamic_slice(flat, (j, i1f[j, c], 0), (1, 1, s))[0, 0].astype(_F32)  # [S]
+            row = _bits_slice(flat, (j, i1f[j, c], 0), (1, 1, s))[0, 0].astype(_F32)         # [S]
             acc = acc + row[:, None] * q1f[j, None, :, c]
         return jax.lax.dynamic_update_slice(out, acc[None], (j, 0, 0))
 
     out = jax.lax.fori_loop(0, b * h, visit, jnp.zeros((b * h, s, g), _F32))
     return jnp.swapaxes(out, 1, 2).reshape(b, h, g, s)
+
+
+def _bits_slice(x, start, size):
+    """lax.dynamic_slice, for 16-bit floats on their bit patterns (XLA:CPU otherwise widens the
+    whole bfloat16 operand to fp32 for each slice: step 1 from a bfloat16 K^T ran 8x slower)."""
+    if x.dtype.itemsize != 2:
+        return jax.lax.dynamic_slice(x, start, size)
+    bits = jax.lax.bitcast_convert_type
+    return bits(jax.lax.dynamic_slice(bits(x, jnp.uint16), start, size), x.dtype)
 
 
 # Step 2 visits the gathered rows in chunks of this many, so that its temporaries stay in cache.
@@ -318,7 +332,14 @@ def _always_kept(lengths: jax.Array, max_len: int, local_window: int) -> jax.Arr
 # The methods. Each takes q [B, Hkv, G, D] (grouped) and returns fp32 [B, Hkv, G, D] and the cache.
 
 def _dense(qg, cache: KVCache, mask):
-    d = qg.shape[-1]
+    b, h, g, d = qg.shape
+    s = cache.max_len
+    if native.bf16_matmul_applies(cache.k) and cache.v.dtype == jnp.bfloat16:
+        # A bfloat16 cache on CPU: XLA's bfloat16 dot reads it ~6x slower than the native kernel.
+        rows = lambda x: x.reshape(b * h, *x.shape[2:])
+        logits = native.matmul_bf16(rows(qg).astype(_F32), rows(cache.k), transpose_w=True).reshape(b, h, g, s)
+        p = _masked_softmax(logits / math.sqrt(d), mask[:, None, None, :])
+        return native.matmul_bf16(rows(p), rows(cache.v)).reshape(b, h, g, d)
     logits = jnp.einsum("bhgd,bhsd->bhgs", qg, cache.k, preferred_element_type=_F32) / math.sqrt(d)
     p = _masked_softmax(logits, mask[:, None, None, :])
     return jnp.einsum("bhgs,bhsd->bhgd", p, cache.v, preferred_element_type=_F32)

@@ -18,6 +18,31 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+def _scatter_set(buf: jax.Array, index, new: jax.Array) -> jax.Array:
+    """buf.at[index].set(new) (index: (rows [R, 1], cols [R, T]) or (rows, slice(None), cols)).
+
+    A 16-bit float buffer receiving one position per row is written row by row with
+    dynamic_update_slice instead: XLA:CPU widens a bfloat16 scatter's whole operand to fp32 and back,
+    copying the cache three times per append (measured: a bfloat16 SmolLM2 decode step at S=1k took
+    105 ms against fp32's 76). A position past the end is dropped, as the scatter drops it."""
+    rows, cols = index[0], index[-1]
+    if buf.dtype.itemsize != 2 or cols.shape[1] != 1:
+        return buf.at[index].set(new)
+    transposed = len(index) == 3
+    limit = buf.shape[-1] if transposed else buf.shape[1]
+
+    def write(j, buf):
+        col = cols[j, 0]
+        row = new[j][None]                                           # [1, 1, D]
+        if transposed:
+            row, start = jnp.swapaxes(row, 1, 2), (j, 0, col)      # [1, D, 1]
+        else:
+            start = (j, col, 0)
+        return jax.lax.cond(col < limit, lambda: jax.lax.dynamic_update_slice(buf, row, start), lambda: buf)
+
+    return jax.lax.fori_loop(0, buf.shape[0], write, buf)
+
+
 def _check_float_dtype(dtype) -> jnp.dtype:
     dtype = jnp.dtype(dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
@@ -179,12 +204,12 @@ class KVCache:
         flat_k = k_new.reshape(b * h, t, d)
         kt = None
         if self.kt is not None:
-            kt = self.kt.reshape(b * h, d, s).at[rows, :, cols].set(flat_k).reshape(b, h, d, s)
+            kt = _scatter_set(self.kt.reshape(b * h, d, s), (rows, slice(None), cols), flat_k).reshape(b, h, d, s)
         return dataclasses.replace(
             self,
-            k=self.k.reshape(b * h, s, d).at[rows, cols].set(flat_k).reshape(b, h, s, d),
+            k=_scatter_set(self.k.reshape(b * h, s, d), (rows, cols), flat_k).reshape(b, h, s, d),
             kt=kt,
-            v=self.v.reshape(b * h, s, d).at[rows, cols].set(v_new.reshape(b * h, t, d)).reshape(b, h, s, d),
+            v=_scatter_set(self.v.reshape(b * h, s, d), (rows, cols), v_new.reshape(b * h, t, d)).reshape(b, h, s, d),
             v_sum=self.v_sum + jnp.sum(v_new, axis=2, dtype=jnp.float32),
             lengths=self.lengths + t,
         )

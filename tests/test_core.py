@@ -317,6 +317,22 @@ def test_q_and_cache_dtypes_may_differ():
     np.testing.assert_allclose(out, want, atol=1e-4)
 
 
+@pytest.mark.parametrize("q_dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_on_a_bfloat16_cache_matches_numpy(q_dtype):
+    """A bfloat16 cache on CPU runs Dense through sparq_jax.native's kernel (elsewhere XLA's dot):
+    the reference is NumPy in float64 on the same bfloat16-rounded q, k, v, ragged lengths included;
+    the tolerance is the output's rounding to q's dtype (fp32: the fp32 softmax's few ulps)."""
+    q, k, v = _data(12, 2, 6, 3, 300, 64)
+    cache = sq.KVCache.from_kv(jnp.asarray(k, jnp.bfloat16), jnp.asarray(v, jnp.bfloat16), [300, 123])
+    qj = jnp.asarray(q, q_dtype)
+    out, _ = sq.attend(qj, cache, sq.Dense(), impl="xla")
+    assert out.dtype == q_dtype
+    want = np_dense(np.asarray(qj, np.float32), np.asarray(cache.k, np.float32), np.asarray(cache.v, np.float32),
+                    [300, 123])
+    np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=1e-5 if q_dtype == jnp.float32 else 2e-3,
+                               rtol=0 if q_dtype == jnp.float32 else 8e-3)
+
+
 def test_sliding_window_dense_and_sparq():
     q, k, v = _data(6, 2, 4, 2, 50, 16)
     lengths = [50, 30]
@@ -745,3 +761,25 @@ def test_unknown_method_object_is_a_type_error():
     cache = sq.KVCache.from_kv(np.zeros((1, 1, 8, 4), np.float32), np.zeros((1, 1, 8, 4), np.float32), [8])
     with pytest.raises(TypeError, match="Dense, SparQ, H2O, Streaming, FlexGen"):
         sq.attend(np.zeros((1, 1, 4), np.float32), cache, NotAMethod())
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_append_one_position_writes_it_and_drops_overflow(dtype):
+    """16-bit caches append a single position row by row (not XLA:CPU's widening scatter): the
+    written values land at each row's length, in K, K^T and V, and a row already full keeps its
+    contents (the write is dropped, the length still grows), as the scatter path does."""
+    rng = np.random.default_rng(21)
+    k, v = (rng.standard_normal((2, 3, 6, 4)).astype(np.float32) for _ in range(2))
+    lengths = np.array([3, 6])
+    cache = sq.KVCache.from_kv(jnp.asarray(k, dtype), jnp.asarray(v, dtype), lengths)
+    k_new, v_new = (rng.standard_normal((2, 3, 1, 4)).astype(np.float32) for _ in range(2))
+    out = jax.jit(lambda c: c.append(jnp.asarray(k_new, dtype), jnp.asarray(v_new, dtype)))(cache)
+    want_k = np.asarray(cache.k, np.float32).copy()
+    want_v = np.asarray(cache.v, np.float32).copy()
+    want_k[0, :, 3] = np.asarray(jnp.asarray(k_new[0, :, 0], dtype), np.float32)
+    want_v[0, :, 3] = np.asarray(jnp.asarray(v_new[0, :, 0], dtype), np.float32)
+    np.testing.assert_array_equal(np.asarray(out.k, np.float32), want_k)
+    np.testing.assert_array_equal(np.asarray(out.kt, np.float32), want_k.swapaxes(2, 3))
+    np.testing.assert_array_equal(np.asarray(out.v, np.float32), want_v)
+    np.testing.assert_array_equal(np.asarray(out.lengths), [4, 7])
+    assert out.k.dtype == dtype

@@ -111,6 +111,28 @@ def test_bf16_checkpoint(checkpoint):
     assert ours_error <= 2 * theirs_error
 
 
+def test_bf16_decode_step(checkpoint):
+    """Decode steps of a bfloat16 model (on CPU: sparq_jax.native's bfloat16 kernels for the
+    projections, the head and Dense on the bfloat16 cache) are no further from transformers' fp32
+    logits than transformers' own bfloat16 model, with the slack test_bf16_checkpoint allows."""
+    folder, ref = checkpoint("llama_gqa_llama3", dtype="bfloat16")
+    rng = np.random.default_rng(3)
+    ids = rng.integers(1, ref.config.vocab_size, (2, 12))
+    mask = np.ones_like(ids)
+    expected = torch_logits(ref, ids, mask)[:, -3:]
+    ref16 = type(ref).from_pretrained(folder, dtype=torch.bfloat16).eval()
+    theirs_error = np.abs(torch_logits(ref16, ids, mask)[:, -3:] - expected).max()
+    ours = models.from_pretrained(folder, dtype="bfloat16")
+    logits, state = ours.prefill(ids[:, :-2], max_len=12)
+    steps = [np.asarray(logits)]
+    for t in (10, 11):
+        logits, state = ours.decode_step(ids[:, t], state, sq.Dense())
+        steps.append(np.asarray(logits))
+    ours_error = np.abs(np.stack(steps, axis=1) - expected).max()
+    print(f"bf16 decode: ours {ours_error:.3f}, transformers {theirs_error:.3f}")
+    assert ours_error <= 2 * theirs_error
+
+
 @pytest.mark.parametrize("name", ["llama_gqa_llama3", "mistral_window"])
 def test_greedy_generate_matches_transformers(loaded, name):
     lm, ref = loaded(name)

@@ -122,3 +122,42 @@ def test_without_the_native_library_the_xla_top_k_is_used(monkeypatch, tmp_path)
     finally:
         native._state.clear()
         native._state.update(saved)
+
+
+MATMUL_CASES = [  # (T, T of w, M, K, N, transpose_w)
+    (1, 1, 1, 576, 1536, False),   # a decode projection
+    (1, 1, 3, 40, 1000, True),     # a tied head, K and N not multiples of 16
+    (3, 3, 3, 64, 700, True),      # attention logits: q against each (row, head)'s keys
+    (3, 3, 3, 700, 64, False),     # attention output: p against each (row, head)'s values
+    (2, 1, 11, 33, 530, False),    # more rows than the kernel keeps in registers, one shared w
+    (2, 2, 9, 19, 35, True),
+]
+
+
+@needs_native
+@pytest.mark.parametrize("case", MATMUL_CASES, ids=str)
+def test_native_matmul_bf16_matches_numpy(case):
+    t, tw, m, k, n, nt = case
+    rng = np.random.default_rng(sum(case[:5]))
+    x = rng.standard_normal((t, m, k)).astype(np.float32)
+    w = jnp.asarray(rng.standard_normal((tw, n, k) if nt else (tw, k, n)), jnp.bfloat16)
+    got = np.asarray(jax.jit(lambda x, w: native.matmul_bf16(x, w, transpose_w=nt))(x, w))
+    wf = np.asarray(w.astype(jnp.float32), np.float64)
+    want = np.matmul(x.astype(np.float64), wf.swapaxes(1, 2) if nt else wf)
+    # fp32 accumulation of k products: error below k * eps32 of the sum of |terms|
+    bound = np.matmul(np.abs(x.astype(np.float64)), np.abs(wf.swapaxes(1, 2) if nt else wf))
+    assert got.shape == (t, m, n) and got.dtype == np.float32
+    assert np.all(np.abs(got - want) <= k * 2.0 ** -23 * bound + 1e-30)
+
+
+@needs_native
+def test_native_matmul_bf16_rejects_bad_arguments():
+    x = jnp.zeros((1, 2, 8), jnp.float32)
+    with pytest.raises(ValueError, match="x must be float32 and w bfloat16, got x float32, w float32"):
+        native.matmul_bf16(x, jnp.zeros((1, 8, 4), jnp.float32))
+    with pytest.raises(ValueError, match="does not fit x"):
+        native.matmul_bf16(x, jnp.zeros((1, 7, 4), jnp.bfloat16))
+    with pytest.raises(ValueError, match="does not fit x"):
+        native.matmul_bf16(jnp.zeros((3, 2, 8), jnp.float32), jnp.zeros((2, 8, 4), jnp.bfloat16))
+    with pytest.raises(ValueError, match="rank 3"):
+        native.matmul_bf16(x[0], jnp.zeros((8, 4), jnp.bfloat16))
