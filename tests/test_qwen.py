@@ -114,11 +114,13 @@ def test_qwen_logits_match_transformers(qwen05):
 def test_qwen_1_5b_logits_match_transformers(tmp_path):
     """Ours and transformers' fp32 logits on the same 512 tokens, each in its own process."""
     _fetched(LARGE)
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # each side runs this module by name (python -m test_qwen), the tests folder on PYTHONPATH
+    tests = os.path.join(ROOT, "tests")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, tests, os.environ.get("PYTHONPATH", "")])}
     times = {}
     for side in ("ours", "transformers"):     # ours first: it writes the ids
         start = time.perf_counter()
-        run = subprocess.run([sys.executable, os.path.abspath(__file__), side, LARGE, str(tmp_path)],
+        run = subprocess.run([sys.executable, "-m", "test_qwen", side, LARGE, str(tmp_path)],
                              cwd=ROOT, env=env, capture_output=True, text=True)
         times[side] = time.perf_counter() - start
         assert run.returncode == 0, run.stderr[-3000:]
@@ -135,7 +137,6 @@ def test_qwen_1_5b_logits_match_transformers(tmp_path):
 
 def _main(side: str, name: str, folder: str) -> None:
     """One side of the parity test: logits [1, T, V] fp32 into folder/<side>.npy."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     if side == "ours":
         lm = models.from_pretrained(name)
         ids = _ids(lm.tokenizer)
