@@ -51,13 +51,9 @@ def _check_models(ns):
 
 def _check_evaluation(ns):
     rows = {r["method"]: r for r in ns["rows"]}
-    assert list(rows) == ["dense", "sparq", "h2o"] and all(r["n"] == 4 and r["task"] == "passkey" for r in rows.values())
+    assert list(rows) == ["dense", "sparq"] and all(r["n"] == 4 and r["task"] == "passkey" for r in rows.values())
     assert rows["dense"]["transfer_ratio"] == 1.0 and rows["dense"]["score"] == 1.0     # SmolLM2 at 768 tokens: every key
-    for name in ("sparq", "h2o"):
-        assert 0.1 < rows[name]["transfer_ratio"] < 0.135 and 0 <= rows[name]["score"] <= 1
-    run = ns["run"]
-    assert list(run.runs) == ["dense", "sparq"] and run.runs["dense"].correct == [True, True]
-    assert 0.1 < run.runs["sparq"].transfer_ratio <= 0.125 * 1.01
+    assert 0.1 < rows["sparq"]["transfer_ratio"] < 0.135 and 0 <= rows["sparq"]["score"] <= 1
 
 
 def _check_lm_eval(ns):
