@@ -67,9 +67,20 @@ def plot(results, path: str, title: str) -> None:
         for r in rows:
             if r["method"] == "dense":
                 ax.axhline(r["score"], color="k", ls="--", lw=1, label="dense")
-        for name in dict.fromkeys(r["method"] for r in rows):
-            if name == "dense":
-                continue
+        sparse = [r for r in rows if r["method"] != "dense"]
+        if len({r["compression"] for r in sparse}) == 1:
+            # one ratio: a bar per method (a ratio axis would only spread its measured ratios apart)
+            for i, r in enumerate(sparse):
+                ax.bar(i, r["score"], color=styles.get(r["method"], ("C7",))[0], label=r["method"])
+            ax.set_xticks(range(len(sparse)), [f"{r['method']}\n{r['transfer_ratio']:.3f}" for r in sparse], fontsize=8)
+            ax.set_xlabel(f"method and measured transfer ratio (target {sparse[0]['compression']:g})")
+            ax.set_ylabel(SCORE_LABEL.get(task, "score"))
+            ax.set_title(task)
+            ax.grid(alpha=0.3, axis="y")
+            if task in ("passkey", "multikey", "needle"):
+                ax.set_ylim(0, 1.05)
+            continue
+        for name in dict.fromkeys(r["method"] for r in sparse):
             pts = sorted((r["transfer_ratio"], r["score"]) for r in rows if r["method"] == name)
             color, marker = styles.get(name, (None, "o"))
             ax.plot(*zip(*pts), marker=marker, color=color, label=name)
