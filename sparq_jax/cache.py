@@ -25,7 +25,7 @@ def _scatter_set(buf: jax.Array, index, new: jax.Array) -> jax.Array:
     dynamic_update_slice instead: XLA:CPU widens a bfloat16 scatter's whole operand to fp32 and back,
     copying the cache three times per append (measured: a bfloat16 SmolLM2 decode step at S=1k took
     105 ms against fp32's 76). A position past the end is dropped, as the scatter drops it."""
-    rows, cols = index[0], index[-1]
+    cols = index[-1]
     if buf.dtype.itemsize != 2 or cols.shape[1] != 1:
         return buf.at[index].set(new)
     transposed = len(index) == 3

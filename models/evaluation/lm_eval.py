@@ -53,7 +53,7 @@ except ImportError as err:  # pragma: no cover - the message is the point
                       "(lm-eval==0.4.13)") from err
 
 from .. import hf
-from ..lm import LanguageModel, TransferMeter
+from ..lm import LanguageModel, TransferMeter, prefill_options
 from . import harness
 from .harness import token_nll
 
@@ -202,7 +202,7 @@ class SparqJaxLM(TemplateLM):
         pad = self.lm.pad_token_id if self.lm.pad_token_id is not None else 0
         ids, mask = harness.left_pad(rows, pad)
         logits, state = self.lm.prefill(ids, mask, max_len=harness.round_up(ids.shape[1] + max(extra, 1)),
-                                        transposed_keys=method.reads_transposed_keys, h2o=method.stateful)
+                                        **prefill_options([method]))
         return logits, state, mask.sum(axis=1)
 
     def _batches(self, n: int) -> list[range]:
