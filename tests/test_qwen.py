@@ -75,6 +75,8 @@ def qwen05():
     gc.collect()
 
 
+@pytest.mark.skipif(not SLOW, reason="loads the 491 MB Qwen2.5-Coder-0.5B (~20 s; the suite stays under 10 min): "
+                                      "opt in with SPARQ_JAX_SLOW=1")
 def test_qwen_config_and_tokenizer(qwen05):
     c = qwen05.config
     assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
