@@ -12,7 +12,15 @@ from .known import KNOWN_MODELS
 from .llama import Llama, init_model
 from .lm import LanguageModel, TransferMeter, bucket_length, prefill_options
 from .tokenizer import byte_tokenizer
-from . import cli, evaluation  # noqa: E402  (after the names they import)
+
+
+def __getattr__(name):
+    # models.evaluation and models.cli load on first use: `import models` stays the model alone.
+    if name in ("cli", "evaluation"):
+        import importlib
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["BUNDLED", "CheckpointError", "ConfigError", "KNOWN_MODELS", "LanguageModel", "Llama", "ModelConfig",
            "RopeParameters", "TransferMeter", "bucket_length", "prefill_options", "byte_tokenizer", "from_pretrained", "init_model", "save_pretrained"]
