@@ -1,6 +1,8 @@
 """The native CPU top-k (sparq_jax.native, an XLA FFI custom call) against NumPy and the XLA top-k."""
+import hashlib
 import os
 import shutil
+import subprocess
 import warnings
 
 import jax
@@ -161,3 +163,34 @@ def test_native_matmul_bf16_rejects_bad_arguments():
         native.matmul_bf16(jnp.zeros((3, 2, 8), jnp.float32), jnp.zeros((2, 8, 4), jnp.bfloat16))
     with pytest.raises(ValueError, match="rank 3"):
         native.matmul_bf16(x[0], jnp.zeros((8, 4), jnp.bfloat16))
+
+
+def test_the_cached_library_is_named_by_source_and_compiler_and_checked_before_loading(monkeypatch, tmp_path):
+    # A stand-in compiler (no real build): `--version` prints a version, `-o FILE` writes a library.
+    calls, version = [], {"text": "c++ 1.0"}
+
+    def fake_run(cmd, **kwargs):
+        if cmd[1] == "--version":
+            return subprocess.CompletedProcess(cmd, 0, version["text"], "")
+        calls.append(cmd)
+        with open(cmd[cmd.index("-o") + 1], "wb") as f:
+            f.write(b"library built from " + version["text"].encode())
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setenv("CXX", "c++")
+    monkeypatch.setenv("SPARQ_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(native.subprocess, "run", fake_run)
+    first = native._build()
+    assert len(calls) == 1 and open(first + ".sha256").read().strip() == hashlib.sha256(open(first, "rb").read()).hexdigest()
+    assert native._build() == first and len(calls) == 1                 # cached, checked, not rebuilt
+    with open(first, "ab") as f:                                           # replaced by someone else
+        f.write(b"\x90 injected")
+    assert native._build() == first and len(calls) == 2                  # rebuilt, not loaded
+    assert open(first, "rb").read() == b"library built from c++ 1.0"
+    os.remove(first + ".sha256")                                           # no record: rebuilt
+    assert native._build() == first and len(calls) == 3
+    version["text"] = "c++ 2.0"                                            # another compiler: another name
+    second = native._build()
+    assert second != first and len(calls) == 4
+    assert sorted(os.listdir(tmp_path / "cache")) == sorted(
+        os.path.basename(p) for p in (first, first + ".sha256", second, second + ".sha256"))

@@ -14,7 +14,8 @@ bfloat16 weights once, widen them and accumulate in fp32, at the speed of readin
 
 The library is compiled on first use with the system's C++ compiler ($CXX, else c++) against jaxlib's
 FFI headers, and kept in $SPARQ_JAX_CACHE (default ~/.cache/sparq_jax) under a name that hashes the
-source, jax's version and the command, so a new jax or an edited source builds anew. Without a
+source, the compiler's version, jax's version and the command, so a new jax, compiler or edited
+source builds anew; its sha256, recorded at build time, is checked before each load (else it is rebuilt). Without a
 compiler (or with SPARQ_JAX_NATIVE=0) `available()` says why, and the caller keeps the XLA path.
 """
 from __future__ import annotations
@@ -30,6 +31,8 @@ import threading
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from ..paths import cache_dir, cache_subdir  # noqa: F401  (cache_dir: the old home of the name)
 
 _DIR = os.path.dirname(os.path.abspath(__file__))
 _SOURCES = [os.path.join(_DIR, "top_k.cc"), os.path.join(_DIR, "matmul.cc")]
@@ -47,38 +50,46 @@ def _threads() -> int:
     return max(1, min(n, 16))
 
 
-def cache_dir() -> str:
-    """The package's one cache folder (built libraries, fetched models): $SPARQ_JAX_CACHE, default
-    ~/.cache/sparq_jax. Not created here."""
-    return os.environ.get("SPARQ_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sparq_jax")
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def _build() -> str:
-    """Compiles the sources (once per source text, jax version and command); returns the library's path."""
+    """Compiles the sources once per source text, compiler (its --version), jax version and command;
+    returns the library's path. The library's sha256 is written beside it at build time and checked
+    before every load: a library that does not match (damaged, or replaced by someone who can write
+    the cache folder) is rebuilt, never loaded."""
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if not cxx:
         raise RuntimeError("no C++ compiler found (set $CXX)")
     cmd = [cxx, "-O3", "-std=c++17", "-Wno-psabi", "-shared", "-fPIC", "-isystem", jax.ffi.include_dir(), *_SOURCES, "-lpthread"]
-    digest = hashlib.sha256(jax.__version__.encode() + " ".join(cmd).encode())
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True)
+    digest = hashlib.sha256(jax.__version__.encode() + " ".join(cmd).encode() + version.stdout.encode())
     for path in _SOURCES:
         with open(path, "rb") as f:
             digest.update(f.read())
-    digest = digest.hexdigest()[:16]
-    cache = cache_dir()
-    path = os.path.join(cache, f"sparq_native-{digest}.so")
-    if os.path.exists(path):
-        return path
-    os.makedirs(cache, exist_ok=True)
+    cache = cache_subdir()
+    path = os.path.join(cache, f"sparq_native-{digest.hexdigest()[:16]}.so")
+    record = path + ".sha256"
+    if os.path.exists(path) and os.path.exists(record):
+        with open(record) as f:
+            if f.read().strip() == _sha256(path):
+                return path
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)  # built aside, then renamed: never half-written
     os.close(fd)
     try:
         run = subprocess.run(cmd + ["-o", tmp], capture_output=True, text=True)
         if run.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed: {run.stderr.strip()[-2000:]}")
+        with open(tmp + ".sha256", "w") as f:
+            f.write(_sha256(tmp) + "\n")
+        os.replace(tmp + ".sha256", record)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for leftover in (tmp, tmp + ".sha256"):
+            if os.path.exists(leftover):
+                os.remove(leftover)
     return path
 
 
