@@ -10,6 +10,8 @@ import dataclasses
 import json
 from typing import Optional
 
+from sparq_jax.validation import check_int
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
@@ -81,6 +83,12 @@ class ModelConfig:
     bos_token_id: Optional[int] = 1
     eos_token_id: tuple[int, ...] = (2,)        # config.json may hold one id or a list
     pad_token_id: Optional[int] = None
+
+    @property
+    def grouped(self) -> bool:
+        """Whether query heads share KV heads (GQA): what sq.method_from_name's `grouped` takes, so that
+        every caller builds the same "sparq" for a model."""
+        return self.num_key_value_heads < self.num_attention_heads
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -191,10 +199,7 @@ class ModelConfig:
 
 
 def _positive_int(d: dict, name: str) -> int:
-    value = d.get(name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"config.json: {name} must be a positive integer, got {value!r}")
-    return value
+    return check_int(f"config.json: {name}", d.get(name), 1, ConfigError)
 
 
 def _rope_parameters(d: dict) -> RopeParameters:

@@ -136,7 +136,7 @@ def decode_case(o: DecodeOptions, lm: LanguageModel, seq_len: int, batch: int) -
     c = lm.config
     d, layers, hkv = c.head_dim, c.num_hidden_layers, c.num_key_value_heads
     n = o.steps
-    methods = {"dense": sq.Dense(), "sparq": sq.method_from_name("sparq", o.compression, d, seq_len)}
+    methods = {"dense": sq.Dense(), "sparq": sq.method_from_name("sparq", o.compression, d, seq_len, grouped=c.grouped)}
     state = random_caches(jax.random.PRNGKey(seq_len), layers, batch, hkv, seq_len, seq_len + n, d, DTYPES[o.dtype])
     logits = jnp.zeros((batch, c.vocab_size), jnp.float32)
     q = jax.random.normal(jax.random.PRNGKey(1), (layers, batch, c.num_attention_heads, d), DTYPES[o.dtype])

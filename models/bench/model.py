@@ -132,7 +132,7 @@ def run_model(o: ModelOptions) -> dict:
         if s + o.new_tokens > config.max_position_embeddings:
             print(f"note: context {s} + {o.new_tokens} new tokens exceeds max_position_embeddings="
                   f"{config.max_position_embeddings}")
-        sparq = sq.method_from_name("sparq", o.compression, config.head_dim, s)
+        sparq = sq.method_from_name("sparq", o.compression, config.head_dim, s, grouped=config.grouped)
         for b in o.batches:
             row = model_case(o, lm, peer, rng.integers(0, config.vocab_size, (b, s)).astype(np.int32), sparq)
             results.append(row)

@@ -95,8 +95,7 @@ def compare_methods(lm: LanguageModel, prompts: Sequence[str], methods: Sequence
     if lengths.max() + max_new_tokens > config.max_position_embeddings:
         print(f"note: prompt ({lengths.max()} tokens) + max_new_tokens exceeds the model's "
               f"max_position_embeddings={config.max_position_embeddings}", file=sys.stderr)
-    grouped = config.num_key_value_heads < config.num_attention_heads
-    built = {name: sq.method_from_name(name, compression, config.head_dim, int(lengths.min()), grouped=grouped)
+    built = {name: sq.method_from_name(name, compression, config.head_dim, int(lengths.min()), grouped=config.grouped)
              for name in dict.fromkeys(methods)}
 
     bar = tqdm(total=1 + 2 * len(built), desc="prefill", leave=False, file=sys.stderr, disable=not progress)

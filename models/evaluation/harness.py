@@ -262,7 +262,7 @@ def evaluate(lm: LanguageModel, task_names, methods, ratios=COMPRESSION, limit: 
             raise ValueError(f"unknown method {name!r}; choose from {', '.join(sq.METHOD_NAMES)}")
     context_length = context_length or lm.config.max_position_embeddings
     d = lm.config.head_dim
-    grouped = lm.config.num_key_value_heads < lm.config.num_attention_heads
+    grouped = lm.config.grouped
     done = set(done)
     results = []
     plan = {}

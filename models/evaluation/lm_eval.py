@@ -123,7 +123,7 @@ class SparqJaxLM(TemplateLM):
         self._max_length = (check_int("max_length", max_length) if max_length is not None
                             else config.max_position_embeddings)
         # A compression no prompt up to max_length reaches fails now, before any weight is read.
-        sq.method_from_name(method, self.compression, config.head_dim, self._max_length, grouped=self._grouped(config))
+        sq.method_from_name(method, self.compression, config.head_dim, self._max_length, grouped=config.grouped)
         if lm is None:
             lm = hf.from_pretrained(pretrained, dtype=dtype)
         if lm.tokenizer is None:
@@ -132,10 +132,6 @@ class SparqJaxLM(TemplateLM):
         self.tokenizer = lm.tokenizer
         self.pretrained_name = pretrained if isinstance(pretrained, str) else repr(pretrained)
         self.transfer_ratios: list[tuple[str, float, int]] = []
-
-    @staticmethod
-    def _grouped(config) -> bool:
-        return config.num_key_value_heads < config.num_attention_heads
 
     # lm-eval's properties -------------------------------------------------------------------
     @property
@@ -186,7 +182,7 @@ class SparqJaxLM(TemplateLM):
         c = self.lm.config
         try:
             return sq.method_from_name(self.method_name, self.compression, c.head_dim,
-                                       harness.budget_length(int(seq_len)), grouped=self._grouped(c))
+                                       harness.budget_length(int(seq_len)), grouped=c.grouped)
         except ValueError as err:
             raise ValueError(f"sparq-jax: a batch of requests of about {int(seq_len)} tokens: {err}") from None
 
