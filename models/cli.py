@@ -1,54 +1,57 @@
-"""argparse value types shared by the scripts (and the lm-eval backend's model_args): each rejects a
-bad value with a message naming it."""
+"""argparse value types shared by the scripts: each wraps a library check and rejects a bad value with
+a message naming it (argparse adds the flag and exits 2)."""
 from __future__ import annotations
 
 import argparse
 import math
-from fractions import Fraction
 
-from sparq_jax.validation import check_int
+from sparq_jax.validation import check_int, check_number, parse_ratio
 
 
+def _argparse(check):
+    """An argparse type from a library check that raises ValueError."""
+    def parse(text: str):
+        try:
+            return check(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    parse.__name__ = parse.__qualname__ = check.__name__
+    return parse
+
+
+def _number(text: str, kind=float):
+    try:
+        return kind(text)
+    except ValueError:
+        return text                   # not a number: the check names it
+
+
+@_argparse
 def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = text
-    return check_int("the value", value, 1, argparse.ArgumentTypeError)
+    return check_int("the value", _number(text, int), 1)
 
 
+@_argparse
 def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+    return check_number("the value", _number(text), 0.0, math.inf)
 
 
+@_argparse
 def int_list(text: str) -> list[int]:
     """A comma-separated list of positive integers, e.g. 1024,4096."""
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of positive integers, got {text!r}")
-    return values
+    items = [x for x in text.split(",") if x.strip()]
+    if not items:
+        raise ValueError(f"expected a comma-separated list of positive integers, got {text!r}")
+    return [check_int("each value", _number(x, int), 1) for x in items]
 
 
+@_argparse
 def ratio(text: str) -> float:
-    """A transfer ratio in (0, 1], written 0.125 or 1/8."""
-    try:
-        value = float(Fraction(text.strip()))
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"--compression must be a number like 0.125 or 1/8, got {text!r}")
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"--compression values must be in (0, 1], got {text!r}")
-    return value
+    """A transfer ratio in (0, 1], written 0.125 or 1/8 (sparq_jax.validation.parse_ratio)."""
+    return parse_ratio(text, "the ratio")
 
 
+@_argparse
 def ratio_list(text: str) -> list[float]:
     """A comma-separated list of ratios, e.g. 1/2,1/4,0.125."""
-    return [ratio(item) for item in text.split(",")]
+    return [parse_ratio(item, "each ratio") for item in text.split(",")]

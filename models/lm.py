@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import sparq_jax as sq
 from sparq_jax.methods import transfer_totals
-from sparq_jax.validation import check_int
+from sparq_jax.validation import check_int, check_number
 from sparq_jax.sharding import DATA
 
 from . import llama
@@ -223,8 +223,7 @@ class LanguageModel:
         ids, mask = self._batch(input_ids, attention_mask)
         t = ids.shape[1]
         max_len = t + DEFAULT_NEW_TOKENS if max_len is None else max_len
-        if isinstance(max_len, bool) or not isinstance(max_len, (int, np.integer)) or max_len < t:
-            raise ValueError(f"max_len must be an integer >= the prompt width {t}, got {max_len!r}")
+        check_int(f"max_len (at least the prompt width {t})", max_len, t)
         logits, state = _prefill_jit(self._graphdef, self.params, *self._place(ids, mask), max_len=int(max_len),
                                      transposed_keys=transposed_keys, h2o=h2o, mesh=self.mesh)
         self._remember(state, int(mask.sum(axis=1).max()))
@@ -349,12 +348,10 @@ class LanguageModel:
         """Check generate's sampling arguments -> (eos ids int64 [E], pad id)."""
         if not isinstance(do_sample, bool):
             raise ValueError(f"do_sample must be True or False, got {do_sample!r}")
-        if do_sample and not (isinstance(temperature, (int, float)) and temperature > 0):
-            raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
-        if do_sample and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
+        if do_sample:
+            check_number("temperature", temperature, 0.0)
+            check_number("top_p", top_p, 0.0, 1.0)
+        check_int("seed", seed, None)
         eos = self.eos_token_id if eos_token_id is None else eos_token_id
         eos = np.atleast_1d(np.asarray(eos, dtype=np.int64)).reshape(-1)
         self._check_ids(eos, "eos_token_id")

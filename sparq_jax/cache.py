@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .validation import check_int
+
 
 def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
@@ -107,8 +109,7 @@ class KVCache:
         """An empty cache (all lengths 0). h2o=True keeps the state the H2O method needs."""
         for name, value in (("batch", batch), ("num_kv_heads", num_kv_heads), ("max_len", max_len),
                             ("head_dim", head_dim)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_int(name, value)
         dtype = _check_float_dtype(dtype)
         shape = (batch, num_kv_heads, max_len, head_dim)
         return cls(
@@ -138,8 +139,9 @@ class KVCache:
         _check_float_dtype(v.dtype)
         b, h, s, d = k.shape
         max_len = s if max_len is None else max_len
-        if not isinstance(max_len, (int, np.integer)) or max_len < s:
-            raise ValueError(f"max_len must be an integer >= the {s} positions given, got {max_len!r}")
+        check_int(f"max_len (at least the {s} positions given)", max_len, s)
+        if not jnp.issubdtype(jnp.asarray(lengths).dtype, jnp.integer):
+            raise ValueError(f"lengths must be integers, got {lengths!r}")
         lengths = jnp.asarray(lengths, jnp.int32)
         if lengths.shape != (b,):
             raise ValueError(f"lengths must have shape ({b},), got {lengths.shape}")

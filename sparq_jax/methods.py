@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from fractions import Fraction
 
 import numpy as np
 
-from .validation import check_int
+from .validation import check_int, parse_ratio
 
 # A budget may overshoot the requested ratio by this factor at most.
 _TOLERANCE = 1.01
@@ -25,14 +24,6 @@ def _check_int(name: str, value, minimum: int) -> None:
     if isinstance(value, np.integer):       # frozen configs hold Python ints (hashable, static under jit)
         raise ValueError(f"{name} must be a Python int, got {value!r} ({type(value).__name__})")
     check_int(name, value, minimum)
-
-
-def _check_ratio(ratio, lower=0.0) -> float:
-    if isinstance(ratio, (str, Fraction)):
-        ratio = float(Fraction(ratio))
-    if not isinstance(ratio, (int, float)) or not (lower < ratio <= 1):
-        raise ValueError(f"ratio must be in ({lower:g}, 1], got {ratio!r}")
-    return float(ratio)
 
 
 def _check_shape_args(head_dim, seq_len) -> None:
@@ -125,7 +116,7 @@ class SparQ:
         """The paper's long-context recipe: r = ratio*d, k = ratio*S/2, l = k/4; k (then r) shrunk if
         that recipe lands more than 1% above `ratio` (short sequences, where the 4*d term matters).
         reallocate_mean and group_scores are passed on unchanged (they do not change the reads)."""
-        ratio = _check_ratio(ratio)
+        ratio = parse_ratio(ratio)
         _check_shape_args(head_dim, seq_len)
         limit = ratio * dense_transfers(seq_len, head_dim) * _TOLERANCE
         rank = min(head_dim, max(1, round(ratio * head_dim)))
@@ -171,7 +162,7 @@ class H2O:
 
     @classmethod
     def for_compression(cls, ratio, head_dim: int, seq_len: int) -> "H2O":
-        ratio = _check_ratio(ratio)
+        ratio = parse_ratio(ratio)
         _check_shape_args(head_dim, seq_len)
         budget = ratio * dense_transfers(seq_len, head_dim) * _TOLERANCE
         top_k = math.floor((budget - 2 * head_dim - 2 * seq_len) / (2 * head_dim))
@@ -202,7 +193,7 @@ class Streaming:
 
     @classmethod
     def for_compression(cls, ratio, head_dim: int, seq_len: int, *, sink: int = 16) -> "Streaming":
-        ratio = _check_ratio(ratio)
+        ratio = parse_ratio(ratio)
         _check_shape_args(head_dim, seq_len)
         _check_int("sink", sink, 0)
         budget = ratio * dense_transfers(seq_len, head_dim) * _TOLERANCE
@@ -231,7 +222,7 @@ class FlexGen:
 
     @classmethod
     def for_compression(cls, ratio, head_dim: int, seq_len: int) -> "FlexGen":
-        ratio = _check_ratio(ratio)
+        ratio = parse_ratio(ratio)
         _check_shape_args(head_dim, seq_len)
         budget = ratio * dense_transfers(seq_len, head_dim) * _TOLERANCE
         top_k = math.floor((budget - seq_len * head_dim - 2 * head_dim) / head_dim)
@@ -261,16 +252,27 @@ def method_from_name(name: str, ratio, head_dim: int, seq_len: int, *, grouped: 
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHOD_NAMES)}")
     if name == "dense":
         return Dense()
-    try:
+    ratio = parse_ratio(ratio, "compression")
+    _check_shape_args(head_dim, seq_len)
+
+    def build(length):
         if name.startswith("sparq"):
-            return SparQ.for_compression(ratio, head_dim, seq_len,
+            return SparQ.for_compression(ratio, head_dim, length,
                                          reallocate_mean=name == "sparq-mean" or (name == "sparq" and not grouped),
                                          group_scores="logits" if name == "sparq-logits" else "softmax")
-        return METHODS[name].for_compression(ratio, head_dim, seq_len)
+        return METHODS[name].for_compression(ratio, head_dim, length)
+
+    try:
+        return build(seq_len)
     except ValueError as err:
-        raise ValueError(f"method {name} at compression {ratio if isinstance(ratio, str) else f'{ratio:g}'}: "
-                         f"{err}. Use a longer prompt or a larger compression (e.g. 1/2), or leave {name} "
-                         f"out") from None
+        # The budget is out of reach. A longer prompt helps only if the ratio is above the method's
+        # floor for long prompts (a few reads per position, or FlexGen's all of K, stay).
+        try:
+            build(seq_len * 64)
+            advice = "Use a longer prompt or a larger compression (e.g. 1/2)"
+        except ValueError:
+            advice = "Use a larger compression (e.g. 1/2)"
+        raise ValueError(f"method {name} at compression {ratio:g}: {err}. {advice}, or leave {name} out") from None
 
 
 KNOWN_METHODS = (Dense, SparQ, H2O, Streaming, FlexGen)

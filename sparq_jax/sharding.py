@@ -16,11 +16,11 @@ from __future__ import annotations
 from typing import Optional
 
 import jax
-import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from .attention import attend
 from .cache import KVCache
+from .validation import check_int
 
 DATA, MODEL = "data", "model"
 
@@ -32,8 +32,7 @@ def make_mesh(data: int, model: int, devices=None) -> jax.sharding.Mesh:
     all-reduces, lies along the fastest links (within a host, a TPU slice's torus).
     """
     for name, value in (("data", data), ("model", model)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_int(name, value)
     devices = jax.devices() if devices is None else list(devices)
     if data * model != len(devices):
         raise ValueError(f"data * model must equal the number of devices: data={data} x model={model} = "

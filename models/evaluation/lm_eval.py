@@ -40,7 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 import sparq_jax as sq
-from sparq_jax.validation import check_int
+from sparq_jax.validation import check_int, parse_ratio
 
 try:
     from lm_eval import utils as lm_utils
@@ -64,15 +64,11 @@ SHIPPED_TASKS = ("sparq_passkey", "sparq_plays_next_line")
 
 def parse_compression(method: str, compression) -> float:
     """compression (0.125, "0.125" or "1/8") -> a ratio in (0, 1]; dense takes none (or 1)."""
-    from models.cli import ratio
     if compression is None:
         if method != "dense":
             raise ValueError(f"method={method} needs compression= (a transfer ratio in (0, 1], e.g. 1/8)")
         return 1.0
-    try:
-        value = ratio(str(compression))
-    except Exception as err:   # argparse.ArgumentTypeError
-        raise ValueError(f"compression={compression!r}: {err}") from None
+    value = parse_ratio(compression, "compression")
     if method == "dense" and value != 1.0:
         raise ValueError(f"method=dense reads the whole cache: compression must be 1 or left out, "
                          f"got {compression!r}")

@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..paths import cache_dir, cache_subdir  # noqa: F401  (cache_dir: the old home of the name)
+from ..paths import cache_dir, cache_subdir
+from ..validation import check_int  # noqa: F401  (cache_dir: the old home of the name)
 
 _DIR = os.path.dirname(os.path.abspath(__file__))
 _SOURCES = [os.path.join(_DIR, "top_k.cc"), os.path.join(_DIR, "matmul.cc")]
@@ -114,8 +115,7 @@ def top_k_positions(score, k: int):
     """The positions of the k largest entries of each row of fp32 score [..., S] (ties: lowest
     positions first), in increasing position order, int32 [..., k]: CPU only, after available()."""
     s = score.shape[-1]
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= s:
-        raise ValueError(f"k must be an integer in [1, {s}] (the row length), got {k!r}")
+    check_int("k", k, 1, maximum=s)   # at most the row length
     if score.dtype != jnp.float32:
         raise ValueError(f"score must be float32, got {score.dtype}")
     ok, reason = available()
