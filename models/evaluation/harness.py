@@ -83,6 +83,16 @@ def left_pad(rows: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
     return ids, mask
 
 
+def prefill_rows(lm: LanguageModel, rows: list[list[int]], extra: int, **options):
+    """Left-padded dense prefill of token rows (widths bucketed, so nearby lengths share a compile)
+    with room for `extra` more positions -> (logits [B, V], state, lengths [B]). options: lm.prefill's
+    cache flags."""
+    pad = lm.pad_token_id if lm.pad_token_id is not None else 0
+    ids, mask = left_pad(rows, pad)
+    logits, state = lm.prefill(ids, mask, max_len=round_up(ids.shape[1] + extra), **options)
+    return logits, state, mask.sum(axis=1)
+
+
 class Prefilled:
     """One dense prefill of a batch of token rows, serving every method: K^T kept (SparQ), H2O's
     scores seeded. The last `forced` tokens of each row are not prefilled but fed through decode steps
@@ -92,11 +102,8 @@ class Prefilled:
     def __init__(self, lm: LanguageModel, rows: list[list[int]], forced: int, extra: int, **info):
         if forced < 1 or min(map(len, rows)) <= forced:
             raise ValueError(f"every prompt needs more than {forced} tokens")
-        pad = lm.pad_token_id if lm.pad_token_id is not None else 0
-        ids, mask = left_pad([r[:-forced] for r in rows], pad)
-        max_len = round_up(ids.shape[1] + forced + extra)
-        _, self.state = lm.prefill(ids, mask, max_len=max_len, transposed_keys=True, h2o=True)
-        self.lengths = mask.sum(axis=1)
+        _, self.state, self.lengths = prefill_rows(lm, [r[:-forced] for r in rows], forced + extra,
+                                                   transposed_keys=True, h2o=True)
         self.forced = np.asarray([r[-forced:] for r in rows], np.int32)
         self.info = info
 
@@ -116,24 +123,40 @@ def token_nll(logits, targets):
     return -jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
 
 
-def _greedy(logits) -> np.ndarray:
+def greedy(logits) -> np.ndarray:
     return np.asarray(jnp.argmax(logits, axis=-1)).astype(np.int32)
 
 
 class Decoding:
-    """A method decoding from a Prefilled: step(tokens) runs one decode step and meters its transfers.
+    """A method decoding from a prefill: step(tokens) runs one decode step and meters its transfers
+    (`steps` counts them). Decoding(lm, prefilled, method) starts from a copy of a Prefilled (logits
+    None until a step); Decoding.start from a prefill's own state, which it consumes, and logits.
     After force(), logits are those of the last forced token."""
 
-    def __init__(self, lm: LanguageModel, prefilled: Prefilled, method):
-        self.lm, self.method = lm, method
-        self.state, self.lengths = prefilled.fresh()
-        self.meter = TransferMeter(method, lm.config.head_dim, lm.config.sliding_window)
-        self.logits = None
+    def __init__(self, lm: LanguageModel, prefilled: Prefilled, method, meter: Optional[TransferMeter] = None):
+        self._begin(lm, *prefilled.fresh(), method, meter, None)
+
+    @classmethod
+    def start(cls, lm: LanguageModel, state, lengths, method, meter: Optional[TransferMeter] = None,
+              logits=None) -> "Decoding":
+        """From lm.prefill's state and lengths [B] (decode_step donates the state: not used again);
+        meter: a TransferMeter to add this run's transfers to (its method set to `method`)."""
+        run = cls.__new__(cls)
+        run._begin(lm, state, lengths, method, meter, logits)
+        return run
+
+    def _begin(self, lm, state, lengths, method, meter, logits) -> None:
+        self.lm, self.method, self.state, self.lengths, self.logits, self.steps = lm, method, state, lengths, logits, 0
+        if meter is None:
+            meter = TransferMeter(method, lm.config.head_dim, lm.config.sliding_window)
+        meter.method = method
+        self.meter = meter
 
     def step(self, tokens):
         self.lengths = self.lengths + 1
         self.meter.step(self.lengths)
         self.logits, self.state = self.lm.decode_step(tokens, self.state, method=self.method)
+        self.steps += 1
         return self.logits
 
     def force(self, forced: np.ndarray) -> None:
@@ -157,7 +180,7 @@ def run_passkey(lm, samples: list[tasks.PasskeySample], method_of, prefilled: Pr
     run.force(prefilled.forced)
     out = []
     for j in range(prefilled.info["new_tokens"]):
-        token = _greedy(run.logits)
+        token = greedy(run.logits)
         out.append(token)
         if j + 1 < prefilled.info["new_tokens"]:
             run.step(token)
@@ -188,7 +211,7 @@ def run_repetition(lm, samples: list[tasks.RepetitionSample], method_of, prefill
     generated = [[] for _ in samples]
     alive = np.ones(len(samples), bool)
     for j in range(prefilled.info["new_tokens"]):
-        token = _greedy(run.logits)
+        token = greedy(run.logits)
         for i in np.flatnonzero(alive):
             generated[i].append(int(token[i]))
             alive[i] = still_matching(text.decode(lm.tokenizer, generated[i]), samples[i].target)

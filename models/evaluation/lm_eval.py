@@ -188,14 +188,11 @@ class SparqJaxLM(TemplateLM):
             tqdm.write(f"sparq-jax {kind}: {self.method_name} at {self.compression:g}, measured transfer "
                        f"ratio {meter.ratio:.4f} over {steps} decode steps", file=sys.stderr)
 
-    def _prefill(self, rows: list[list[int]], extra: int, method):
-        """Left-padded dense prefill of rows (widths bucketed, so nearby lengths share a compile) with
-        room for `extra` decode steps -> (logits [B, V], state, lengths [B])."""
-        pad = self.lm.pad_token_id if self.lm.pad_token_id is not None else 0
-        ids, mask = harness.left_pad(rows, pad)
-        logits, state = self.lm.prefill(ids, mask, max_len=harness.round_up(ids.shape[1] + max(extra, 1)),
-                                        **prefill_options([method]))
-        return logits, state, mask.sum(axis=1)
+    def _prefill(self, rows: list[list[int]], extra: int, method, meter: TransferMeter) -> harness.Decoding:
+        """A Decoding of `method` from a dense prefill of rows with room for `extra` decode steps; its
+        logits are the prefill's (each row's last token)."""
+        logits, state, lengths = harness.prefill_rows(self.lm, rows, max(extra, 1), **prefill_options([method]))
+        return harness.Decoding.start(self.lm, state, lengths, method, meter, logits)
 
     def _batches(self, n: int) -> list[range]:
         return [range(b, min(b + self.batch_size, n)) for b in range(0, n, self.batch_size)]
@@ -237,9 +234,8 @@ class SparqJaxLM(TemplateLM):
                    disable=disable_tqdm or not self.progress, dynamic_ncols=True)
         for b, method in zip(batches, methods):
             batch = [rows[i] for i in b]
-            meter.method = method
             steps = max(len(r.forced) for r in batch)
-            logits, state, lengths = self._prefill([r.prefill for r in batch], steps, method)
+            run = self._prefill([r.prefill for r in batch], steps, method, meter)
             logp = np.zeros(len(batch), np.float64)
             greedy = np.ones(len(batch), bool)
 
@@ -255,19 +251,16 @@ class SparqJaxLM(TemplateLM):
                 logp[live] -= nll[live]
                 greedy[live] &= top[live] == targets[live]
 
-            score(logits, -1)          # only rows whose prefill scores their first target
+            score(run.logits, -1)          # only rows whose prefill scores their first target
             for j in range(steps):
-                tokens = np.asarray([r.forced[j] if j < len(r.forced) else r.prefill[-1] for r in batch], np.int32)
-                lengths = lengths + 1
-                meter.step(lengths)
-                logits, state = self.lm.decode_step(tokens, state, method=method)
-                score(logits, j)
-            total_steps += steps
+                score(run.step(np.asarray([r.forced[j] if j < len(r.forced) else r.prefill[-1] for r in batch],
+                                          np.int32)), j)
+            total_steps += run.steps
             for r, i in enumerate(b):
                 out[i] = (float(logp[r]), bool(greedy[r]))
                 if requests[i][0] is not None:
                     self.cache_hook.add_partial("loglikelihood", requests[i][0], out[i])
-            del state
+            del run
             self._after_batch()
             bar.update(len(b))
         bar.close()
@@ -327,7 +320,6 @@ class SparqJaxLM(TemplateLM):
                    disable=disable_tqdm or not self.progress, dynamic_ncols=True)
         eos = set(self.lm.eos_token_id) | {self.eot_token_id}
         for chunk, contexts, until, new, method in plans:
-            meter.method = method
             texts, steps = self._generate(contexts, until, new, method, meter, eos)
             total_steps += steps
             for i, text in zip(chunk, texts):
@@ -341,18 +333,13 @@ class SparqJaxLM(TemplateLM):
 
     def _generate(self, contexts, until, new, method, meter, eos):
         one = len(contexts[0]) < 2          # then every context of the batch has one token
-        logits, state, lengths = self._prefill([c if one else c[:-1] for c in contexts], new, method)
-        steps = 0
+        run = self._prefill([c if one else c[:-1] for c in contexts], new, method, meter)
         if not one:
-            lengths = lengths + 1
-            meter.step(lengths)
-            logits, state = self.lm.decode_step(np.asarray([c[-1] for c in contexts], np.int32), state,
-                                                method=method)
-            steps += 1
+            run.step(np.asarray([c[-1] for c in contexts], np.int32))
         generated = [[] for _ in contexts]
         done = np.zeros(len(contexts), bool)
         for j in range(new):
-            token = np.asarray(jnp.argmax(logits, axis=-1)).astype(np.int32)
+            token = harness.greedy(run.logits)
             for r in np.flatnonzero(~done):
                 if int(token[r]) in eos:
                     done[r] = True
@@ -362,13 +349,9 @@ class SparqJaxLM(TemplateLM):
                 done[r] = any(s and s in text for s in until)
             if done.all() or j + 1 == new:
                 break
-            lengths = lengths + 1
-            meter.step(lengths)
-            logits, state = self.lm.decode_step(token, state, method=method)
-            steps += 1
-        del state
+            run.step(token)
         texts = [postprocess_generated_text(self.tok_decode(g), until, None) for g in generated]
-        return texts, steps
+        return texts, run.steps
 
     def get_model_info(self) -> dict:
         return {"sparq_jax_method": self.method_name, "sparq_jax_compression": self.compression,
