@@ -80,3 +80,15 @@ def unique(items, default) -> list:
 # The one method-list flag of every script: --methods dense,sparq,h2o, comma-separated or repeated
 # (--method is the same flag): type=method_list, action="extend", then unique(args.methods, default).
 method_list = names_list(METHOD_NAMES, "method")
+
+
+def _path(image: bool):
+    def check(text: str) -> str:
+        from .evaluation.results import check_output_path
+        return check_output_path(text, "the path", image=image)
+    check.__name__ = "image_file" if image else "output_file"
+    return _argparse(check)
+
+
+# A file to write: its folder exists and it is not a folder (image_file: and matplotlib writes its extension).
+output_file, image_file = _path(False), _path(True)

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
+import types
 
 import models
-from models import evaluation
-from models.cli import method_list, names_list, positive_int, ratio_list, unique
+from models import evaluation, hf
+from models.cli import image_file, method_list, names_list, output_file, positive_int, ratio_list, unique
 from sparq_jax import METHOD_NAMES
 
 
@@ -44,7 +46,10 @@ def parse_args(argv=None):
                    help="target transfer ratios, comma list (0.125 or 1/8); default 1/2,1/4,1/8,1/16")
     p.add_argument("--limit", type=positive_int, help=f"samples per task (default {evaluation.DEFAULT_N})")
     p.add_argument("--context-length", type=positive_int,
-                   help="prompt tokens per sample (default: the model's max_position_embeddings)")
+                   help=f"prompt tokens per sample, at least {evaluation.harness.MIN_CONTEXT} (default: the model's "
+                        f"max_position_embeddings less {evaluation.harness.ANSWER_ROOM} for the answers)")
+    p.add_argument("--beyond-positions", action="store_true",
+                   help="allow prompts and answers past the model's max_position_embeddings (refused otherwise)")
     p.add_argument("--seed", type=int, default=0, help="seed of the task builders")
     p.add_argument("--batch", type=positive_int, default=16, help="rows per prefill / decode batch (default 16)")
     p.add_argument("--bpc-tokens", type=positive_int, default=evaluation.BPC_SCORED,
@@ -52,9 +57,11 @@ def parse_args(argv=None):
                         f"at most half the window)")
     p.add_argument("--heldout", default=evaluation.HELDOUT, help="folder of *.txt held-out texts for repetition "
                                                                  "and bpc (default: the plays in models/bundled/heldout)")
-    p.add_argument("--json", help="write the results here as JSON; if it exists with the same model, "
-                                  "context length and seed, its cells are kept and not run again")
-    p.add_argument("--plot", help="write a PNG of score vs measured transfer ratio here")
+    p.add_argument("--json", type=output_file, help="write the results here as JSON, each cell as soon as it is "
+                                                    "finished; if it exists with the same model, context length and "
+                                                    "seed, its cells are kept and not run again")
+    p.add_argument("--plot", type=image_file, help="write a plot (.png, .pdf, .svg) of score vs measured transfer "
+                                                   "ratio here")
     args = p.parse_args(argv)
     args.tasks, args.methods = unique(args.tasks, evaluation.TASKS[:4]), unique(args.methods, METHOD_NAMES)
     return p, args
@@ -73,7 +80,7 @@ def lm_eval_main(argv):
     p.add_argument("--limit", type=positive_int, help="documents per task")
     p.add_argument("--batch-size", type=positive_int, default=1, help="rows per prefill (default 1)")
     p.add_argument("--dtype", default="float32", help="the weights' dtype (float32, bfloat16, float16)")
-    p.add_argument("--output", help="write lm-eval's results here as JSON")
+    p.add_argument("--output", type=output_file, help="write lm-eval's results here as JSON")
     args = p.parse_args(argv)
     from models.evaluation import lm_eval as backend
     try:
@@ -83,38 +90,53 @@ def lm_eval_main(argv):
         p.error(str(err))
 
 
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt       # SIGTERM ends the run as Ctrl-C does: the finished cells are stored
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["lm-eval"]:
         return lm_eval_main(argv[1:])
     parser, args = parse_args(argv)
-    if args.context_length is not None and args.context_length < 64:
-        parser.error(f"--context-length must be >= 64, got {args.context_length}")
     heldout = None
     if set(args.tasks) & {"repetition", "bpc"}:
         try:
             heldout = evaluation.heldout_text(args.heldout)
         except ValueError as err:
             parser.error(f"--heldout: {err}")
+    # Every check before any weight is read: the checkpoint's config and tokenizer are enough.
     try:
-        lm = models.from_pretrained(args.model)
-    except ValueError as err:
+        checkpoint = hf.open_checkpoint(args.model)
+    except (ValueError, OSError) as err:
         parser.error(f"--model {args.model!r}: {err}")
-    if lm.tokenizer is None:
+    model = types.SimpleNamespace(config=checkpoint.config, tokenizer=checkpoint.tokenizer())
+    if model.tokenizer is None:
         parser.error(f"--model {args.model!r} has no tokenizer")
-    ctx = args.context_length or lm.config.max_position_embeddings
-    if ctx > lm.config.max_position_embeddings:
-        parser.error(f"--context-length {ctx} exceeds the model's max_position_embeddings "
-                     f"{lm.config.max_position_embeddings}")
+    try:
+        grid = evaluation.prepare(model, args.tasks, args.methods, args.compression, args.limit, args.context_length,
+                                  args.seed, heldout, args.batch, (), args.bpc_tokens, args.beyond_positions)
+    except ValueError as err:
+        parser.error(str(err))
+    ctx = grid.context_length
     try:
         store = evaluation.ResultsFile(args.json, {"model": args.model, "context_length": ctx, "seed": args.seed})
     except ValueError as err:
-        raise SystemExit(f"error: --json {err}")
+        parser.error(f"--json: {err}")
     if store.rows:
         print(f"resuming {args.json}: {len(store.rows)} cells kept", file=sys.stderr)
+    lm = models.from_pretrained(args.model)
     start = time.time()
-    evaluation.evaluate(lm, args.tasks, args.methods, args.compression, args.limit, ctx, args.seed, heldout,
-                        batch=args.batch, done=store.done, on_result=store.add, bpc_tokens=args.bpc_tokens)
+    signal.signal(signal.SIGTERM, _interrupted)
+    try:
+        evaluation.evaluate(lm, args.tasks, args.methods, args.compression, args.limit, ctx, args.seed, heldout,
+                            batch=args.batch, done=store.done, on_result=store.add, bpc_tokens=args.bpc_tokens,
+                            beyond_positions=args.beyond_positions)
+    except KeyboardInterrupt:
+        kept = f"; the {len(store.rows)} finished cells are in {args.json}: run the same command to resume" \
+            if args.json else ""
+        print(f"interrupted{kept}", file=sys.stderr)
+        return 130
     wanted = {(t, m, r) for t in args.tasks for m, r in evaluation.configurations(args.methods, args.compression)}
     results = [r for r in store.rows if (r["task"], r["method"], r["compression"]) in wanted]
     print(evaluation.format_table(results))
@@ -127,4 +149,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    outcome = main()
+    sys.exit(outcome if isinstance(outcome, int) else 0)      # 130: interrupted

@@ -15,6 +15,8 @@ cache length over the scored steps); a row's transfer_ratio is measured by model
 """
 from __future__ import annotations
 
+import contextvars
+import dataclasses
 import functools
 import sys
 import time
@@ -27,6 +29,7 @@ from tqdm import tqdm
 
 import sparq_jax as sq
 from sparq_jax import tasks
+from sparq_jax.validation import check_int, parse_ratio
 
 from ..lm import LanguageModel, TransferMeter
 from . import prompts as text
@@ -35,6 +38,11 @@ COMPRESSION = (1 / 2, 1 / 4, 1 / 8, 1 / 16)
 # Samples per task unless `limit` says otherwise: a few minutes of CPU for the bundled model's grid.
 DEFAULT_N = {"passkey": 40, "multikey": 40, "repetition": 32, "bpc": 16, "needle": 25, "code": 20}
 BPC_SCORED = 256           # tokens of each bpc window scored through decode steps (at most half)
+MIN_CONTEXT = 64           # the shortest context_length taken (a task may need more: prepare() says how much)
+# The default context_length is the model's max_position_embeddings less this room for what is decoded
+# after the prompt (question, answer, scored continuation), so that no task decodes past the positions
+# the model was trained on.
+ANSWER_ROOM = 32
 
 
 # Shapes and budgets are bucketed so that the batches of a grid share their compiles (a decode step is
@@ -83,10 +91,22 @@ def left_pad(rows: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
     return ids, mask
 
 
+# While prepare() measures a task's positions, prefill_rows records them here instead of prefilling.
+_measuring: contextvars.ContextVar = contextvars.ContextVar("_measuring", default=None)
+
+
+class _Measured(Exception):
+    pass
+
+
 def prefill_rows(lm: LanguageModel, rows: list[list[int]], extra: int, **options):
     """Left-padded dense prefill of token rows (widths bucketed, so nearby lengths share a compile)
     with room for `extra` more positions -> (logits [B, V], state, lengths [B]). options: lm.prefill's
     cache flags."""
+    measured = _measuring.get()
+    if measured is not None:
+        measured.append(max(map(len, rows)) + extra)
+        raise _Measured
     pad = lm.pad_token_id if lm.pad_token_id is not None else 0
     ids, mask = left_pad(rows, pad)
     logits, state = lm.prefill(ids, mask, max_len=round_up(ids.shape[1] + extra), **options)
@@ -264,51 +284,154 @@ def configurations(methods, ratios) -> list[tuple[str, float]]:
     return out
 
 
-def evaluate(lm: LanguageModel, task_names, methods, ratios=COMPRESSION, limit: Optional[int] = None,
-             context_length: Optional[int] = None, seed: int = 0, heldout: Optional[str] = None, batch: int = 16,
-             progress: bool = True, done=(), on_result: Optional[Callable[[dict], None]] = None,
-             bpc_tokens: int = BPC_SCORED) -> list[dict]:
-    """Result rows {"task", "method", "compression", "transfer_ratio", "score", "n"} for the grid of
-    tasks (prompts.TASKS) x methods (sq.METHOD_NAMES; dense once) x ratios.
+def positions_needed(model, task: str, samples: list, batch: int, bpc_tokens: int = BPC_SCORED) -> int:
+    """The most positions a row of `task`'s samples reaches (prompt, forced and decoded tokens), batch
+    by batch as evaluate() runs them: the tasks' own prefill functions, stopped before any model work.
+    model: anything with .tokenizer (no weights are needed)."""
+    prefill_fn = RUNNERS[task][0]
+    if task == "bpc":
+        prefill_fn = functools.partial(prefill_fn, scored=bpc_tokens)
+    found = []
+    token = _measuring.set(found)
+    try:
+        for b0 in range(0, len(samples), batch):
+            try:
+                prefill_fn(model, samples[b0:b0 + batch])
+            except _Measured:
+                pass
+    finally:
+        _measuring.reset(token)
+    return max(found, default=0)          # 0: a task whose prefill does not go through prefill_rows
 
-    Per task and batch of samples: one dense prefill, then every method from it. limit: samples per
-    task (default DEFAULT_N); context_length: prompt tokens (default the model's context); heldout:
-    the text of repetition and bpc (default prompts.heldout_text()). Cells in `done` ((task, method,
-    compression) triples) are skipped; on_result(row) is called as each row is ready (to save
-    progress). Every sample and budget is built before any model work; a method that cannot reach a
-    ratio raises, except FlexGen below its floor of ~1/2, which is skipped with a note on stderr.
-    """
-    if lm.tokenizer is None:
+
+def _shortest_context(tokenizer, task: str, context_length: int, limit: int, seed: int, heldout) -> Optional[int]:
+    """The shortest context length >= context_length (<= limit) at which `task` builds a sample, or None."""
+    def builds(n: int) -> bool:
+        try:
+            text.build_samples(tokenizer, task, 1, n, seed, heldout)
+            return True
+        except ValueError:
+            return False
+    if not builds(limit):
+        return None
+    low, high = context_length, limit          # builds(high); not builds(low)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if builds(mid) else (mid, high)
+    return high
+
+
+@dataclasses.dataclass
+class Grid:
+    """What evaluate() will run, checked: the context length, per task the cells to run ((method,
+    ratio) pairs, those in `done` left out) and the samples."""
+
+    context_length: int
+    cells: dict
+    samples: dict
+
+
+def prepare(model, task_names, methods, ratios=COMPRESSION, limit: Optional[int] = None,
+            context_length: Optional[int] = None, seed: int = 0, heldout: Optional[str] = None, batch: int = 16,
+            done=(), bpc_tokens: int = BPC_SCORED, beyond_positions: bool = False) -> Grid:
+    """Every check of evaluate(), with no model work: `model` needs only .config and .tokenizer (a
+    LanguageModel, or models.hf.open_checkpoint's config and tokenizer before any weight is read).
+    ValueError naming the value, the limit and what to change: unknown tasks or methods, a ratio a
+    method cannot reach (FlexGen below its floor is skipped with a note), a context_length under
+    MIN_CONTEXT or under what a task needs with this tokenizer, or one whose rows (prompt and decoded
+    tokens) go past max_position_embeddings unless beyond_positions=True. context_length defaults to
+    max_position_embeddings - ANSWER_ROOM."""
+    config, tokenizer = model.config, model.tokenizer
+    if tokenizer is None:
         raise ValueError("the model has no tokenizer; the evaluation tasks are text")
+    for name in task_names:
+        if name not in text.TASKS and name not in RUNNERS:
+            raise ValueError(f"unknown task {name!r}; choose from {', '.join(text.TASKS)}")
     for name in methods:
         if name not in sq.METHOD_NAMES:
             raise ValueError(f"unknown method {name!r}; choose from {', '.join(sq.METHOD_NAMES)}")
-    context_length = context_length or lm.config.max_position_embeddings
-    d = lm.config.head_dim
-    grouped = lm.config.grouped
+    ratios = [parse_ratio(r, "ratio") for r in ratios]
+    batch, bpc_tokens = check_int("batch", batch), check_int("bpc_tokens", bpc_tokens)
+    if limit is not None:
+        limit = check_int("limit", limit)
+    positions = config.max_position_embeddings
+    if context_length is None:
+        context_length = max(MIN_CONTEXT, positions - ANSWER_ROOM)
+    context_length = check_int(f"context_length (at least {MIN_CONTEXT} tokens)", context_length, MIN_CONTEXT)
     done = set(done)
-    results = []
-    plan = {}
+    cells = {}
     for task in task_names:
-        cells = []
+        todo = []
         for name, ratio in configurations(methods, ratios):
             if (task, name, ratio) in done:
                 continue
             try:
-                sq.method_from_name(name, ratio, d, context_length, grouped=grouped)
+                sq.method_from_name(name, ratio, config.head_dim, context_length, grouped=config.grouped)
             except ValueError as err:
                 if name != "flexgen":
                     raise
                 tqdm.write(f"skipped {name} at {ratio:g}: {err}", file=sys.stderr)
                 continue
-            cells.append((name, ratio))
-        if cells:
-            plan[task] = cells
-    n_of = {t: limit or DEFAULT_N[t] for t in plan}
-    if set(plan) & {"repetition", "bpc"} and heldout is None:
+            todo.append((name, ratio))
+        if todo:
+            cells[task] = todo
+    if set(cells) & {"repetition", "bpc"} and heldout is None:
         heldout = text.heldout_text()
-    samples_of = {t: text.build_samples(lm.tokenizer, t, n_of[t], context_length, seed, heldout)
-                  for t in plan}  # errors first
+    samples, beyond = {}, []
+    for task in cells:
+        try:
+            samples[task] = text.build_samples(tokenizer, task, limit or DEFAULT_N[task], context_length, seed, heldout)
+        except ValueError as err:
+            shortest = _shortest_context(tokenizer, task, context_length, max(positions, context_length), seed, heldout)
+            fix = (f"use a context length of at least {shortest} tokens or leave {task} out" if shortest else
+                   f"the model's max_position_embeddings={positions} is too short for it: leave {task} out")
+            raise ValueError(f"context_length={context_length} is too short for task {task} with this "
+                             f"tokenizer ({err}): {fix}") from None
+        needed = positions_needed(model, task, samples[task], batch, bpc_tokens)
+        if needed > positions:
+            beyond.append((task, needed))
+    if beyond and not beyond_positions:
+        worst = max(n for _, n in beyond)
+        raise ValueError(
+            f"context_length={context_length}: {', '.join(f'{t} decodes up to {n} positions' for t, n in beyond)} "
+            f"(prompt and decoded tokens), past the model's max_position_embeddings={positions}; use a context "
+            f"length of at most {context_length - (worst - positions)}, or beyond_positions=True "
+            f"(--beyond-positions) to decode past the positions the model was trained on")
+    return Grid(context_length, cells, samples)
+
+
+def _row(task: str, name: str, ratio: float, scores: list, moved: list, samples: list) -> dict:
+    row = {"task": task, "method": name, "compression": ratio, "transfer_ratio": moved[0] / moved[1],
+           "score": float(np.mean(scores)), "n": len(scores)}
+    if task == "needle":         # the samples cycle through the depths: each depth's mean score
+        depth_of = [text.NEEDLE_DEPTHS[i % len(text.NEEDLE_DEPTHS)] for i in range(len(samples))]
+        row["by_depth"] = {f"{d:g}": float(np.mean([x for x, e in zip(scores, depth_of) if e == d]))
+                           for d in sorted(set(depth_of))}
+    return row
+
+
+def evaluate(lm: LanguageModel, task_names, methods, ratios=COMPRESSION, limit: Optional[int] = None,
+             context_length: Optional[int] = None, seed: int = 0, heldout: Optional[str] = None, batch: int = 16,
+             progress: bool = True, done=(), on_result: Optional[Callable[[dict], None]] = None,
+             bpc_tokens: int = BPC_SCORED, beyond_positions: bool = False) -> list[dict]:
+    """Result rows {"task", "method", "compression", "transfer_ratio", "score", "n"} for the grid of
+    tasks (prompts.TASKS) x methods (sq.METHOD_NAMES; dense once) x ratios.
+
+    Per task and batch of samples: one dense prefill, then every method from it. limit: samples per
+    task (default DEFAULT_N); context_length: prompt tokens (default max_position_embeddings -
+    ANSWER_ROOM); heldout: the text of repetition and bpc (default prompts.heldout_text()). Cells in
+    `done` ((task, method, compression) triples) are skipped; on_result(row) is called as soon as a
+    cell is finished (in its task's last batch; to store it). Every check (prepare(): samples,
+    budgets, context length and positions) runs before any model work; a method that cannot reach a
+    ratio raises, except FlexGen below its floor of ~1/2, which is skipped with a note on stderr.
+    beyond_positions=True lets rows go past max_position_embeddings.
+    """
+    grid = prepare(lm, task_names, methods, ratios, limit, context_length, seed, heldout, batch, done, bpc_tokens,
+                   beyond_positions)
+    plan, samples_of, context_length = grid.cells, grid.samples, grid.context_length
+    d, grouped = lm.config.head_dim, lm.config.grouped
+    results = []
+    n_of = {t: len(samples_of[t]) for t in plan}
     units = sum(-(-n_of[t] // batch) * (1 + len(c)) for t, c in plan.items())
     tqdm.write(f"work: {sum(n_of[t] * context_length for t in plan)} prompt tokens prefilled, "
                f"{sum(n_of[t] * len(c) for t, c in plan.items())} (sample, method) runs", file=sys.stderr)
@@ -335,20 +458,13 @@ def evaluate(lm: LanguageModel, task_names, methods, ratios=COMPRESSION, limit: 
                 moved[(name, ratio)][1] += meter.dense_total
                 release_memory()
                 bar.update()
+                if b0 + batch >= len(samples):       # the cell is finished: out at once, to be stored
+                    results.append(_row(task, name, ratio, scores[(name, ratio)], moved[(name, ratio)], samples))
+                    if on_result is not None:
+                        on_result(results[-1])
             del prefilled
             if bar.n and b0 == 0 and task == next(iter(plan)):
                 tqdm.write(f"estimated time: {(time.time() - start) / bar.n * units / 60:.0f} min "
                            f"(from the first batch)", file=sys.stderr)
-        for name, ratio in cells:
-            row = {"task": task, "method": name, "compression": ratio,
-                   "transfer_ratio": moved[(name, ratio)][0] / moved[(name, ratio)][1],
-                   "score": float(np.mean(scores[(name, ratio)])), "n": len(scores[(name, ratio)])}
-            if task == "needle":         # the samples cycle through the depths: each depth's mean score
-                depth_of = [text.NEEDLE_DEPTHS[i % len(text.NEEDLE_DEPTHS)] for i in range(len(samples))]
-                row["by_depth"] = {f"{d:g}": float(np.mean([x for x, e in zip(scores[(name, ratio)], depth_of)
-                                                              if e == d])) for d in sorted(set(depth_of))}
-            results.append(row)
-            if on_result is not None:
-                on_result(row)
     bar.close()
     return results

@@ -56,6 +56,7 @@ from .. import hf
 from ..lm import LanguageModel, TransferMeter, prefill_options
 from . import harness
 from .harness import token_nll
+from .results import check_output_path
 
 MODEL_NAME = "sparq-jax"
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lm_eval_tasks")
@@ -389,6 +390,8 @@ def run(pretrained, method: str, compression, tasks, include_path=None, limit: O
     as JSON there. Model arguments are checked (and the tasks found) before any weight is read."""
     import lm_eval
 
+    if output:
+        check_output_path(output, "output")
     manager = task_manager(include_path, tasks)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
@@ -405,7 +408,6 @@ def run(pretrained, method: str, compression, tasks, include_path=None, limit: O
     if print_table:
         print(lm_utils.make_table(results))
     if output:
-        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
         with open(output, "w") as f:
             json.dump({k: v for k, v in results.items() if k != "samples"}, f, indent=2,
                       default=lm_utils.handle_non_serializable)

@@ -4,27 +4,75 @@ from __future__ import annotations
 import json
 import os
 
+ROW_KEYS = ("task", "method", "compression", "transfer_ratio", "score", "n")
+
+
+def check_output_path(path: str, what: str = "path", image: bool = False) -> str:
+    """path, if a file can be written there: its folder exists, it is not a folder itself, and (image)
+    its extension is one matplotlib writes. ValueError naming `what`, the path and what to change."""
+    if not isinstance(path, str) or not path.strip():
+        raise ValueError(f"{what} must be a file path, got {path!r}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"{what} {path!r} is a folder; give a file path in it")
+    if not os.path.isdir(folder):
+        raise ValueError(f"{what} {path!r}: its folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{what} {path!r}: its folder {folder} is not writable")
+    extension = os.path.splitext(path)[1].lower().lstrip(".")
+    if image:
+        from matplotlib.backend_bases import FigureCanvasBase
+        writes = sorted(FigureCanvasBase.get_supported_filetypes())      # what savefig writes here
+        if extension not in writes:
+            raise ValueError(f"{what} {path!r} must end in an image extension matplotlib writes "
+                             f"({', '.join('.' + e for e in writes)}), got {'.' + extension if extension else 'none'}")
+    return path
+
 SCORE_LABEL = {"passkey": "passkey accuracy", "multikey": "multi-key accuracy", "repetition": "characters matched",
                "bpc": "bits per character (lower is better)", "needle": "needle accuracy",
                "code": "code characters matched"}
 
 
 class ResultsFile:
-    """Result rows kept in a JSON file {**header, "results": rows}, rewritten whole (never half-written)
-    after each added row. An existing file with the same header is resumed (its rows kept, `done`
-    lists their cells); one with another header is a ValueError, so no run mixes settings. path None
-    keeps the rows in memory only."""
+    """Result rows kept in a JSON file {**header, "results": rows}, rewritten whole by atomic replace
+    (never half-written) after each added row. An existing file with the same header is resumed (its
+    rows kept, `done` lists their cells); one with another header, or one that is not such a file
+    (invalid JSON, not an object, rows without their keys, a folder), is a ValueError naming the file
+    and what is wrong, and the file is never overwritten. path None keeps the rows in memory only."""
 
     def __init__(self, path, header: dict):
         self.path, self.header = path, dict(header)
         self.rows: list[dict] = []
+        if path:
+            check_output_path(path, "the results file")
         if path and os.path.exists(path):
+            self.rows = self._read(path)
+
+    def _read(self, path: str) -> list[dict]:
+        def bad(what: str) -> ValueError:
+            return ValueError(f"{path} is not a results file of this program: {what}; fix or move it, or "
+                              f"choose another file (it was not changed)")
+        try:
             with open(path) as f:
                 data = json.load(f)
-            if any(data.get(k) != v for k, v in self.header.items()):
-                raise ValueError(f"{path} holds a run with other settings "
-                                 f"({', '.join(f'{k}={data.get(k)!r}' for k in self.header)}); choose another file")
-            self.rows = data.get("results", [])
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise bad(f"invalid JSON ({err})") from None
+        except OSError as err:
+            raise ValueError(f"{path} cannot be read: {err.strerror or err}") from None
+        if not isinstance(data, dict):
+            raise bad(f"it holds a JSON {type(data).__name__}, not an object")
+        if any(data.get(k) != v for k, v in self.header.items()):
+            raise ValueError(f"{path} holds a run with other settings "
+                             f"({', '.join(f'{k}={data.get(k)!r}' for k in self.header)}); choose another file")
+        rows = data.get("results", [])
+        if not isinstance(rows, list):
+            raise bad(f'"results" is a {type(rows).__name__}, not a list of rows')
+        for i, row in enumerate(rows):
+            missing = [k for k in ROW_KEYS if not isinstance(row, dict) or k not in row]
+            if missing:
+                raise bad(f"row {i} lacks {', '.join(missing)}" if isinstance(row, dict)
+                          else f"row {i} is a {type(row).__name__}, not an object")
+        return rows
 
     @property
     def done(self) -> set:
@@ -54,6 +102,7 @@ def format_table(results) -> str:
 
 def plot(results, path: str, title: str) -> None:
     """One panel per task: each method's score against its measured transfer ratio, dense as a line."""
+    check_output_path(path, "the plot", image=True)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -101,6 +150,7 @@ def plot(results, path: str, title: str) -> None:
 def plot_needle(rows_by_length: dict, path: str, title: str, methods=None) -> None:
     """Needle-in-a-haystack heatmaps, one per (method, compression): accuracy by depth (rows) and
     context length (columns). rows_by_length: {context_length: result rows holding needle rows}."""
+    check_output_path(path, "the plot", image=True)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
