@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 import weakref
 from typing import Optional, Sequence
 
@@ -221,6 +222,7 @@ class LanguageModel:
             if not isinstance(flag, bool):
                 raise ValueError(f"{name} must be True or False, got {flag!r}")
         ids, mask = self._batch(input_ids, attention_mask)
+        self._warn_beyond_positions(int(mask.sum(axis=1).max()), "the prompt")
         t = ids.shape[1]
         max_len = t + DEFAULT_NEW_TOKENS if max_len is None else max_len
         check_int(f"max_len (at least the prompt width {t})", max_len, t)
@@ -228,6 +230,14 @@ class LanguageModel:
                                      transposed_keys=transposed_keys, h2o=h2o, mesh=self.mesh)
         self._remember(state, int(mask.sum(axis=1).max()))
         return logits, state
+
+    def _warn_beyond_positions(self, positions: int, what: str) -> None:
+        """Warns once per model (as transformers does) when a call reaches past max_position_embeddings."""
+        limit = self.config.max_position_embeddings
+        if positions > limit and not getattr(self, "_warned_beyond_positions", False):
+            self._warned_beyond_positions = True
+            warnings.warn(f"{what} reaches {positions} positions, past the model's max_position_embeddings={limit}: "
+                          f"the model was not trained on positions that far, its outputs may degrade", stacklevel=3)
 
     def _remember(self, state: tuple, longest: int) -> None:
         lengths = state[0].lengths
@@ -271,6 +281,7 @@ class LanguageModel:
         ids, mask = self._batch(input_ids, attention_mask)
         max_new_tokens = _check_new_tokens(max_new_tokens)
         eos, pad_token_id = self._sampling(do_sample, temperature, top_p, seed, eos_token_id, pad_token_id)
+        self._warn_beyond_positions(int(mask.sum(axis=1).max()) + max_new_tokens, "prompt + max_new_tokens")
         t = ids.shape[1]
         width = bucket_length(t)
         ids_p = np.pad(ids, ((0, 0), (width - t, 0)), constant_values=pad_token_id)

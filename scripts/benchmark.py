@@ -17,7 +17,7 @@ import json
 
 from models.bench import attention, decode, hlo, model
 from models.bench.timing import DTYPES
-from models.cli import int_list, positive_int, ratio
+from models.cli import image_file, int_list, output_file, positive_int, ratio
 
 # Defaults are the options dataclasses' (argparse leaves a flag not given out of the namespace).
 COMMANDS = {"attention": (attention.AttentionOptions, attention.run_attention),
@@ -32,7 +32,7 @@ def _attention_flags(a) -> None:
     a.add_argument("--compression", type=ratio, help="target transfer ratio for SparQ.for_compression (0.125 or 1/8)")
     a.add_argument("--rank", type=positive_int, help="SparQ r (with --top-k, instead of --compression)")
     a.add_argument("--top-k", type=positive_int, help="SparQ k")
-    a.add_argument("--local-window", type=int)
+    a.add_argument("--local-window", type=int, help="SparQ l (with --rank and --top-k)")
     a.add_argument("--no-reallocate", dest="reallocate_mean", action="store_false",
                    help="SparQ without mean reallocation")
     a.add_argument("--dtype", choices=sorted(DTYPES))
@@ -47,8 +47,8 @@ def _attention_flags(a) -> None:
     a.add_argument("--breakdown", action="store_true",
                    help="also time SparQ's stages one by one (step 1, softmax + top-k variants, steps 2+3)")
     a.add_argument("--seed", type=int)
-    a.add_argument("--sweep", type=int_list, help="comma-separated sequence lengths (overrides --seq-len)")
-    a.add_argument("--plot", help="PNG of time and speedup vs S (with --sweep)")
+    a.add_argument("--sweep", type=int_list, help="comma-separated sequence lengths (instead of --seq-len)")
+    a.add_argument("--plot", type=image_file, help="a plot (.png, .pdf, .svg) of time and speedup vs S (with --sweep)")
 
 
 def _decode_flags(d) -> None:
@@ -91,17 +91,43 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(sub.add_parser("model", help="prefill and decode throughput of a real checkpoint, with transformers "
                                               "as peer", **quiet))
     for p in sub.choices.values():
-        p.add_argument("--json", help="write the results as JSON" if p is not n else "write the counts as JSON")
+        p.add_argument("--json", type=output_file,
+                       help="write the results as JSON" if p is not n else "write the counts as JSON")
     return parser
+
+
+# Flags that do nothing next to others (argparse leaves a flag not given out of the namespace): refused.
+CONFLICTS = {"attention": [("compression", ("rank", "top_k")), ("seq_len", ("sweep",))],
+             "decode": [], "launches": [], "model": []}
+NEEDS = {"attention": [("local_window", ("rank", "top_k"))], "decode": [], "launches": [], "model": []}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_flags(parser, command: str, values: dict) -> None:
+    """parser.error naming the flag when a flag given would be ignored."""
+    for flag, others in CONFLICTS[command]:
+        clash = [o for o in others if o in values]
+        if flag in values and clash:
+            parser.error(f"{_flag(flag)} does not apply with {' and '.join(map(_flag, clash))}: give one or the other")
+    for flag, needed in NEEDS[command]:
+        if flag in values and not all(o in values for o in needed):
+            parser.error(f"{_flag(flag)} applies only with {' and '.join(map(_flag, needed))}")
 
 
 def main(argv=None) -> None:
     parser = build_parser()
     values = vars(parser.parse_args(argv))
     command, path = values.pop("command"), values.pop("json", None)
+    check_flags(parser, command, values)
     options_type, run = COMMANDS[command]
     try:
         options = options_type(**values)
+        if command == "attention":          # every budget before any work
+            for seq_len in options.sweep or (options.seq_len,):
+                options.method(seq_len)
     except ValueError as err:
         parser.error(str(err))
     try:

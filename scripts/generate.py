@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
+import types
 
 import models
-from models import evaluation
-from models.cli import method_list, positive_int, ratio, unique
+from models import evaluation, hf
+from models.cli import method_list, output_file, positive_int, ratio, unique
 from sparq_jax import METHOD_NAMES
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -34,7 +34,7 @@ PROMPT_TOKENS = 4000
 BATCH = 8
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     first, rest = __doc__.split("\n\n", 1)
     p = argparse.ArgumentParser(description=first, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL,
@@ -44,50 +44,81 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch; through the chat template "
                                                       "when the model has one; default: long prompts with a "
                                                       "hidden fact and a question about it)")
-    p.add_argument("--batch", type=positive_int, default=BATCH, help=f"default prompts: how many (default {BATCH})")
-    p.add_argument("--prompt-tokens", type=positive_int, default=PROMPT_TOKENS,
+    p.add_argument("--batch", type=positive_int, help=f"default prompts: how many (default {BATCH}; not with --prompt)")
+    p.add_argument("--prompt-tokens", type=positive_int,
                    help=f"default prompts: their length in tokens (default {PROMPT_TOKENS}, capped by the "
-                        f"model's context; at least 64)")
+                        f"model's context less --max-new-tokens; at least 64; not with --prompt)")
     p.add_argument("--methods", "--method", type=method_list, action="extend",
                    help=f"attention methods for decoding, a comma list of {', '.join(METHOD_NAMES)} (repeatable; "
                         f"default: dense,sparq)")
     p.add_argument("--compression", type=ratio, default=1 / 8,
                    help="target transfer ratio of the sparse methods, e.g. 0.125 or 1/8 (default 1/8)")
     p.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens to generate per prompt (default 32)")
+    p.add_argument("--beyond-positions", action="store_true",
+                   help="allow prompt + new tokens past the model's max_position_embeddings (refused otherwise)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights' dtype (default float32)")
-    p.add_argument("--json", metavar="FILE", help="also write the results as JSON (per method: text, "
-                                                   "tokens_per_s, transfer_ratio)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the default prompts' pass keys (default 0)")
+    p.add_argument("--json", metavar="FILE", type=output_file,
+                   help="also write the results as JSON (per method: text, tokens_per_s, transfer_ratio)")
+    p.add_argument("--seed", type=int, help="seed of the default prompts' pass keys (default 0; not with --prompt)")
+    return p
+
+
+def parse_args(argv=None, parser=None) -> argparse.Namespace:
+    """The flags, checked: conflicting options and bad values exit 2 naming them."""
+    p = parser or build_parser()
     args = p.parse_args(argv)
     args.methods = unique(args.methods, ["dense", "sparq"])
+    if args.prompt is not None:
+        given = [flag for flag, value in (("--batch", args.batch), ("--prompt-tokens", args.prompt_tokens),
+                                          ("--seed", args.seed)) if value is not None]
+        if given:
+            p.error(f"{', '.join(given)} {'shape' if len(given) > 1 else 'shapes'} the default prompts and do not "
+                    f"apply with --prompt "
+                    f"(the batch is the prompts given): leave {' and '.join(given)} out, or --prompt out")
+        if not all(s.strip() for s in args.prompt):
+            p.error("--prompt: empty prompt")
+    args.batch = BATCH if args.batch is None else args.batch
+    args.prompt_tokens = PROMPT_TOKENS if args.prompt_tokens is None else args.prompt_tokens
+    args.seed = 0 if args.seed is None else args.seed
     if args.prompt_tokens < 64:
         p.error(f"--prompt-tokens: must be >= 64, got {args.prompt_tokens}")
-    if args.prompt is not None and not all(s.strip() for s in args.prompt):
-        p.error("--prompt: empty prompt")
-    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        p.error(f"--json: folder {os.path.dirname(os.path.abspath(args.json))} does not exist")
     return args
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    print(f"loading {args.model} ...", file=sys.stderr, flush=True)
+    parser = build_parser()
+    args = parse_args(argv, parser)
+    # Every check before any weight is read: the checkpoint's config and tokenizer are enough.
     try:
-        lm = models.from_pretrained(args.model, dtype=args.dtype)
+        checkpoint = hf.open_checkpoint(args.model)
     except (ValueError, OSError) as err:
-        raise SystemExit(f"error: --model {args.model}: {err}")
-    if lm.tokenizer is None:
-        raise SystemExit(f"error: --model {args.model} has no tokenizer")
-    config, keys = lm.config, None
+        parser.error(f"--model {args.model}: {err}")
+    config, keys = checkpoint.config, None
+    model = types.SimpleNamespace(config=config, tokenizer=checkpoint.tokenizer())
+    if model.tokenizer is None:
+        parser.error(f"--model {args.model} has no tokenizer")
     if args.prompt is None:
-        budget = min(args.prompt_tokens, config.max_position_embeddings - args.max_new_tokens)
-        prompts, keys = evaluation.default_prompts(lm, args.batch, budget, args.seed)
+        room = config.max_position_embeddings - args.max_new_tokens
+        budget = args.prompt_tokens if args.beyond_positions else min(args.prompt_tokens, room)
+        try:
+            prompts, keys = evaluation.default_prompts(model, args.batch, budget, args.seed)
+        except ValueError as err:
+            cap = "" if budget == args.prompt_tokens else (
+                f" (--prompt-tokens {args.prompt_tokens} capped to max_position_embeddings "
+                f"{config.max_position_embeddings} - --max-new-tokens {args.max_new_tokens})")
+            parser.error(f"the default prompts get {budget} tokens{cap}: {err}; "
+                         f"{'lower --max-new-tokens' if cap else 'raise --prompt-tokens'}")
     else:
-        prompts = evaluation.chat_prompts(lm, args.prompt)
+        prompts = evaluation.chat_prompts(model, args.prompt)
     try:
-        run = evaluation.compare_methods(lm, prompts, args.methods, args.compression, args.max_new_tokens, keys)
+        evaluation.prepare_comparison(model, prompts, args.methods, args.compression, args.max_new_tokens, keys,
+                                      beyond_positions=args.beyond_positions)
     except ValueError as err:
-        raise SystemExit(f"error: {err}")
+        parser.error(str(err))
+    print(f"loading {args.model} ...", file=sys.stderr, flush=True)
+    lm = models.from_pretrained(args.model, dtype=args.dtype)
+    run = evaluation.compare_methods(lm, prompts, args.methods, args.compression, args.max_new_tokens, keys,
+                                     beyond_positions=args.beyond_positions)
 
     print(f"model: {args.model} ({config.model_type}, {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
           f"{config.num_attention_heads}/{config.num_key_value_heads} heads of {config.head_dim}), {args.dtype}")

@@ -727,7 +727,7 @@ def test_generate_script_runs(tiny_chatless, tmp_path):
         assert len(r["text"]) == 2 and r["tokens_per_s"] > 0
         assert (r["transfer_ratio"] == 1.0) == (name == "dense") and 0 < r["transfer_ratio"] <= 1
     short = _generate("--model", tiny_chatless, "--prompt", "To be", "--method", "dense,sparq")
-    assert short.returncode == 1 and "Use a longer prompt or a larger compression" in short.stderr
+    assert short.returncode == 2 and "Use a longer prompt or a larger compression" in short.stderr
     assert "decode tokens/s" not in short.stdout
 
 
@@ -735,7 +735,7 @@ def test_generate_script_runs(tiny_chatless, tmp_path):
                     reason="models/bundled has no trained checkpoint")
 def test_generate_script_bundled_table():
     """The main job on the bundled model: pass-key prompts, one prefill, the table parsed."""
-    run = _generate("--model", "bundled", "--max-new-tokens", "8")
+    run = _generate("--model", "bundled", "--max-new-tokens", "8", "--batch", "3")
     assert run.returncode == 0, run.stderr[-2000:]
     out = run.stdout
     lines = out[out.index("method      transfer ratio"):].strip().splitlines()[1:]

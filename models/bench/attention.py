@@ -22,9 +22,9 @@ IMPL_CHOICES = ("xla", "pallas_gpu", "pallas_tpu", "all")
 
 @dataclasses.dataclass(frozen=True)
 class AttentionOptions:
-    """The flags of `benchmark.py attention`. SparQ is sparq_jax.method_from_name("sparq-mean", or
-    "sparq" without reallocate_mean) at `compression`, or SparQ(rank, top_k, local_window) if both
-    are given. ValueError (naming the flag) for a combination that cannot run."""
+    """The flags of `benchmark.py attention`. SparQ is SparQ.for_compression(compression,
+    reallocate_mean) (method_from_name's "sparq-mean", or "sparq" without reallocate_mean), or
+    SparQ(rank, top_k, local_window) if both are given. ValueError (naming the flag) for a combination that cannot run."""
 
     batch: int = 4
     q_heads: int = 8
@@ -67,8 +67,11 @@ class AttentionOptions:
         """The SparQ timed at seq_len."""
         if self.rank is not None:
             return sq.SparQ(self.rank, self.top_k, self.local_window, reallocate_mean=self.reallocate_mean)
-        name = "sparq-mean" if self.reallocate_mean else "sparq"
-        return sq.method_from_name(name, self.compression, self.head_dim, seq_len)
+        try:
+            return sq.SparQ.for_compression(self.compression, self.head_dim, seq_len,
+                                            reallocate_mean=self.reallocate_mean)
+        except ValueError as err:
+            raise ValueError(f"--compression {self.compression:g}: {err}") from None
 
     @property
     def calls_per_sample(self) -> int:

@@ -18,7 +18,8 @@ Methods by name: sparq_jax.method_from_name / METHOD_NAMES.
 """
 from sparq_jax import METHOD_NAMES, method_from_name
 
-from .compare import Comparison, MethodRun, chat_prompts, compare_methods, default_prompts, tokenize_prompts
+from .compare import (Comparison, MethodRun, chat_prompts, compare_methods, default_prompts, prepare_comparison,
+                      tokenize_prompts)
 from .harness import (BPC_SCORED, COMPRESSION, DEFAULT_N, RUNNERS, Decoding, Grid, Prefilled, configurations, evaluate,
                       prepare, still_matching, token_nll)
 from .prompts import (FACT_NAMES, HELDOUT, MULTIKEY_KEYS, TASKS, build_samples, chars_per_token, fact_prompts,
@@ -28,5 +29,5 @@ from .results import SCORE_LABEL, ResultsFile, check_output_path, format_table, 
 __all__ = ["BPC_SCORED", "COMPRESSION", "Comparison", "DEFAULT_N", "Decoding", "FACT_NAMES", "HELDOUT", "METHOD_NAMES",
            "Grid", "MULTIKEY_KEYS", "MethodRun", "Prefilled", "RUNNERS", "ResultsFile", "SCORE_LABEL", "TASKS", "build_samples",
            "chars_per_token", "chat_prompts", "check_output_path", "compare_methods", "configurations", "default_prompts", "evaluate",
-           "fact_prompts", "format_table", "heldout_text", "method_from_name", "passkey_prompts", "plot", "plot_needle", "prepare",
+           "fact_prompts", "format_table", "heldout_text", "method_from_name", "passkey_prompts", "plot", "plot_needle", "prepare", "prepare_comparison",
            "still_matching", "tokenize_prompts", "token_nll"]

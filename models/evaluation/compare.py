@@ -75,28 +75,46 @@ def tokenize_prompts(lm: LanguageModel, prompts: Sequence[str], chat: Optional[b
     return batch["input_ids"], batch["attention_mask"]
 
 
-def compare_methods(lm: LanguageModel, prompts: Sequence[str], methods: Sequence[str], compression: float = 1 / 8,
-                    max_new_tokens: int = 32, keys: Optional[Sequence[str]] = None, chat: Optional[bool] = None,
-                    progress: bool = True) -> Comparison:
-    """Prefill `prompts` once (dense) and greedily decode max_new_tokens with each method of `methods`
-    (sq.METHOD_NAMES) at transfer ratio `compression`: every budget is built (from the shortest
-    prompt) before any model work, so a method that cannot reach it raises ValueError first. Each
-    method runs twice from the same prefill, the second timed. keys: the answers, scored by
-    sq.tasks.score_passkey on each text."""
-    if lm.tokenizer is None:
+def prepare_comparison(model, prompts: Sequence[str], methods: Sequence[str], compression: float = 1 / 8,
+                       max_new_tokens: int = 32, keys: Optional[Sequence[str]] = None, chat: Optional[bool] = None,
+                       beyond_positions: bool = False):
+    """compare_methods' checks, with no model work: `model` needs only .config and .tokenizer (a
+    LanguageModel, or models.hf.open_checkpoint's config and tokenizer before any weight is read).
+    -> (ids, mask [B, T], {name: method}). ValueError naming the value: no tokenizer, a budget a
+    method cannot reach (sized at the shortest prompt), keys not one per prompt, or prompt +
+    max_new_tokens past max_position_embeddings unless beyond_positions=True."""
+    if model.tokenizer is None:
         raise ValueError("the model has no tokenizer (tokenizer.json / tokenizer_config.json, or a vocabulary "
                          "in the .gguf)")
     max_new_tokens = check_int("max_new_tokens", max_new_tokens)
+    if not prompts:
+        raise ValueError("no prompts given")
     if keys is not None and len(keys) != len(prompts):
         raise ValueError(f"keys must have one entry per prompt ({len(prompts)}), got {len(keys)}")
-    config = lm.config
-    ids, mask = tokenize_prompts(lm, prompts, chat)
+    config = model.config
+    ids, mask = tokenize_prompts(model, prompts, chat)
     lengths = mask.sum(axis=1)
-    if lengths.max() + max_new_tokens > config.max_position_embeddings:
-        print(f"note: prompt ({lengths.max()} tokens) + max_new_tokens exceeds the model's "
-              f"max_position_embeddings={config.max_position_embeddings}", file=sys.stderr)
+    if lengths.max() + max_new_tokens > config.max_position_embeddings and not beyond_positions:
+        raise ValueError(f"the longest prompt ({lengths.max()} tokens) + max_new_tokens={max_new_tokens} is past the "
+                         f"model's max_position_embeddings={config.max_position_embeddings}: use shorter prompts or "
+                         f"fewer new tokens, or beyond_positions=True (--beyond-positions) to decode past the "
+                         f"positions the model was trained on")
     built = {name: sq.method_from_name(name, compression, config.head_dim, int(lengths.min()), grouped=config.grouped)
              for name in dict.fromkeys(methods)}
+    return ids, mask, built
+
+
+def compare_methods(lm: LanguageModel, prompts: Sequence[str], methods: Sequence[str], compression: float = 1 / 8,
+                    max_new_tokens: int = 32, keys: Optional[Sequence[str]] = None, chat: Optional[bool] = None,
+                    progress: bool = True, beyond_positions: bool = False) -> Comparison:
+    """Prefill `prompts` once (dense) and greedily decode max_new_tokens with each method of `methods`
+    (sq.METHOD_NAMES) at transfer ratio `compression`: every check (prepare_comparison: budgets from
+    the shortest prompt, positions) runs before any model work, so a method that cannot reach its
+    budget raises ValueError first. Each method runs twice from the same prefill, the second timed.
+    keys: the answers, scored by sq.tasks.score_passkey on each text."""
+    ids, mask, built = prepare_comparison(lm, prompts, methods, compression, max_new_tokens, keys, chat,
+                                          beyond_positions)
+    lengths = mask.sum(axis=1)
 
     bar = tqdm(total=1 + 2 * len(built), desc="prefill", leave=False, file=sys.stderr, disable=not progress)
     start = time.perf_counter()
@@ -122,13 +140,15 @@ def compare_methods(lm: LanguageModel, prompts: Sequence[str], methods: Sequence
 
 
 def default_prompts(lm: LanguageModel, n: int, n_tokens: int, seed: int = 0):
-    """The main job's prompts: chat prompts with a hidden fact (fact_prompts) when the model has a chat
-    template, else three pass-key prompts (passkey_prompts). -> (prompts, keys)."""
+    """The main job's n prompts of about n_tokens tokens: chat prompts with a hidden fact (fact_prompts)
+    when the model has a chat template, else pass-key prompts with the key at depths (i + 1) / (n + 1)
+    (passkey_prompts). -> (prompts, keys). lm: needs only .tokenizer."""
     from .prompts import fact_prompts, passkey_prompts
 
+    n = check_int("n", n)
     if lm.tokenizer.chat_template:
         return fact_prompts(lm.tokenizer, n, n_tokens, seed)
-    return passkey_prompts(lm.tokenizer, n_tokens, seed)
+    return passkey_prompts(lm.tokenizer, n_tokens, seed, depths=tuple((i + 1) / (n + 1) for i in range(n)))
 
 
 def chat_prompts(lm: LanguageModel, texts: Sequence[str]) -> list[str]:

@@ -24,6 +24,8 @@ NEEDLE_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 MULTIKEY_KEYS = 3          # keys hidden per multi-key prompt (with 4 at ~3.7k tokens SmolLM2-135M found 4 of 8)
 # The people the main job's prompts' facts are about (one per prompt, in order).
 FACT_NAMES = ("Prospero", "Viola", "Brutus", "Miranda", "Olivia", "Cassius", "Ariel", "Malvolio")
+FACT_ROOM = 80             # tokens of a fact prompt besides its passage (fact, question, chat template)
+FACT_PASSAGE = 64          # the shortest passage a fact prompt hides its fact in
 
 
 def heldout_text(folder: str = HELDOUT) -> str:
@@ -93,7 +95,10 @@ def passkey_prompts(tokenizer, n_tokens: int, seed: int, depths=(0.25, 0.5, 0.75
     question = "\n" + tasks.PASSKEY_QUESTION.rstrip()
     per_filler = len(encode(tokenizer, tasks.PASSKEY_FILLER))
     fixed = len(tokenizer(tasks.PASSKEY_INTRO + question + tasks.passkey_needle("00000"))["input_ids"])
-    repeats = max(1, (n_tokens - fixed) // per_filler)
+    if n_tokens < fixed + per_filler:
+        raise ValueError(f"pass-key prompts of {n_tokens} tokens leave no room for filler around the key: they "
+                         f"need at least {fixed + per_filler} tokens with this tokenizer")
+    repeats = (n_tokens - fixed) // per_filler
     prompts, keys = [], []
     for depth in depths:
         key = str(int(rng.integers(10000, 100000)))
@@ -112,12 +117,15 @@ def fact_prompts(tokenizer, n: int, n_tokens: int, seed: int, heldout: str | Non
     rng = np.random.default_rng(seed)
     text = heldout_text() if heldout is None else heldout
     per_char = len(encode(tokenizer, text[:20000])) / 20000
+    if n_tokens < FACT_ROOM + FACT_PASSAGE:
+        raise ValueError(f"fact prompts of {n_tokens} tokens leave no room for a passage around the fact: they "
+                         f"need at least {FACT_ROOM + FACT_PASSAGE} tokens")
     prompts, keys = [], []
     for i in range(n):
         name = FACT_NAMES[i % len(FACT_NAMES)]
         key = str(int(rng.integers(10000, 100000)))
         fact = f"{name}'s pass key is {key}. Remember it: {name}'s pass key is {key}."
-        chars = int((n_tokens - 80) / per_char)
+        chars = int((n_tokens - FACT_ROOM) / per_char)
         start = int(rng.integers(0, len(text) - chars))
         passage = text[start:start + chars]
         at = passage.rfind("\n", 0, int(len(passage) * (i + 1) / (n + 1))) + 1
