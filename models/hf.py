@@ -35,6 +35,11 @@ LOAD_DTYPES = ("float32", "bfloat16", "float16")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Buffers some checkpoints carry that the model recomputes.
 _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+# What a Hub download asks for: the safetensors weights, the configs and the tokenizer files, never a
+# pickled *.bin / *.pt checkpoint (this loader refuses those anyway).
+HUB_FILES = ("*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
+             "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+             "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 # The small trained model that ships with the package (models.BUNDLED; the name "bundled").
 BUNDLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bundled")
@@ -176,6 +181,9 @@ def _resolve(path_or_repo_id) -> tuple[str, str]:
     """("folder" or "gguf", local path). In order: a local path (a folder, a .gguf file, a folder with
     one .gguf and no config.json), "bundled", a known name (models/known.py, fetched on first use),
     a Hugging Face repo id (fetched through huggingface_hub)."""
+    if not isinstance(path_or_repo_id, (str, os.PathLike)) or not os.fspath(path_or_repo_id):
+        raise CheckpointError(f"path_or_repo_id must be a checkpoint folder, a .gguf file, a known name (bundled, "
+                              f"{', '.join(known.KNOWN_MODELS)}) or a Hugging Face repo id, got {path_or_repo_id!r}")
     path = os.path.expanduser(os.fspath(path_or_repo_id))
     if os.path.exists(path):
         found = gguf.find(path)
@@ -195,8 +203,7 @@ def _resolve(path_or_repo_id) -> tuple[str, str]:
                               f"{', '.join(known.KNOWN_MODELS)})")
     try:
         from huggingface_hub import snapshot_download
-        return "folder", snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "tokenizer*",
-                                                                 "*.model", "*.txt", "*.bin"])
+        return "folder", snapshot_download(path, allow_patterns=list(HUB_FILES))
     except Exception as err:  # offline, unknown repo, gated: all end the same way for the user
         raise CheckpointError(
             f"{path!r} is not a local folder, a .gguf file or a known name (bundled, "

@@ -150,4 +150,10 @@ def main(argv=None):
 
 if __name__ == "__main__":
     outcome = main()
-    sys.exit(outcome if isinstance(outcome, int) else 0)      # 130: interrupted
+    if outcome == 130:
+        # Interrupted: the finished cells are stored. Leave at once: an interpreter shutdown with XLA's
+        # threads still compiling or running can crash.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(0)
