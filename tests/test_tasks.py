@@ -217,8 +217,8 @@ def test_evaluate_script_writes_json_and_table(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [(["--compression", "2"], "must be in (0, 1]"),
-                                           (["--methods", "magic"], "--methods must be a comma list"),
-                                           (["--tasks", "qa"], "--tasks must be a comma list"),
+                                           (["--methods", "magic"], "unknown method 'magic'"),
+                                           (["--tasks", "qa"], "unknown task 'qa'"),
                                            (["--limit", "0"], "must be a positive integer, got 0")])
 def test_evaluate_rejects_bad_flags(argv, message):
     run = _script("evaluate.py", *argv)
