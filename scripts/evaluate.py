@@ -123,18 +123,19 @@ def main(argv=None):
         store = evaluation.ResultsFile(args.json, {"model": args.model, "context_length": ctx, "seed": args.seed})
     except ValueError as err:
         parser.error(f"--json: {err}")
-    if store.rows:
-        print(f"resuming {args.json}: {len(store.rows)} cells kept", file=sys.stderr)
+    if store.rows or store.partial:
+        print(f"resuming {args.json}: {len(store.rows)} cells kept"
+              + (f", {len(store.partial)} cells part-done" if store.partial else ""), file=sys.stderr)
     lm = models.from_pretrained(args.model)
     start = time.time()
     signal.signal(signal.SIGTERM, _interrupted)
     try:
         evaluation.evaluate(lm, args.tasks, args.methods, args.compression, args.limit, ctx, args.seed, heldout,
                             batch=args.batch, done=store.done, on_result=store.add, bpc_tokens=args.bpc_tokens,
-                            beyond_positions=args.beyond_positions)
+                            beyond_positions=args.beyond_positions, partial=store.partial, on_progress=store.progress)
     except KeyboardInterrupt:
-        kept = f"; the {len(store.rows)} finished cells are in {args.json}: run the same command to resume" \
-            if args.json else ""
+        kept = (f"; the {len(store.rows)} finished cells (and the finished batches of "
+                f"{len(store.partial)} more) are in {args.json}: run the same command to resume") if args.json else ""
         print(f"interrupted{kept}", file=sys.stderr)
         return 130
     wanted = {(t, m, r) for t in args.tasks for m, r in evaluation.configurations(args.methods, args.compression)}

@@ -145,7 +145,7 @@ def test_interrupted_evaluation_keeps_finished_cells_and_resumes(tmp_path):
     finally:
         child.kill()
     assert child.returncode == 130, err[-2000:]
-    assert "interrupted; the 1 finished cells are in" in err and "Traceback" not in err, err[-2000:]
+    assert "interrupted; the 1 finished cells" in err and "Traceback" not in err, err[-2000:]
     with open(out) as f:
         first = json.load(f)
     assert [(r["task"], r["method"]) for r in first["results"]] == [("passkey", "dense")]
@@ -158,6 +158,38 @@ def test_interrupted_evaluation_keeps_finished_cells_and_resumes(tmp_path):
         rows = json.load(f)["results"]
     assert rows[0] == first["results"][0]
     assert [r["method"] for r in rows] == ["dense", "sparq"]
+
+
+def test_an_interrupted_cell_goes_on_from_its_last_stored_batch(tmp_path, monkeypatch):
+    """With more samples than the batch, each finished batch of a cell is stored too."""
+    lm = models.from_pretrained("bundled")
+    prefill, run = evaluation.RUNNERS["passkey"]
+    ran = []
+
+    def counted(lm, chunk, method_of, prefilled):
+        scores, meter = run(lm, chunk, method_of, prefilled)
+        ran.append((chunk[0].answer, scores.tolist()))
+        return scores, meter
+    monkeypatch.setitem(evaluation.RUNNERS, "passkey", (prefill, counted))
+    path, header = str(tmp_path / "r.json"), {"model": "bundled", "context_length": 400, "seed": 0}
+    grid = dict(limit=2, batch=1, context_length=400, progress=False)
+    store = evaluation.ResultsFile(path, header)
+
+    def stored_then_interrupted(record):
+        store.progress(record)
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        evaluation.evaluate(lm, ["passkey"], ["dense"], on_result=store.add, on_progress=stored_then_interrupted,
+                            **grid)
+    again = evaluation.ResultsFile(path, header)
+    (record,) = again.partial.values()
+    assert (record["method"], record["batches"], len(record["scores"])) == ("dense", 1, 1) and again.rows == []
+    (row,) = evaluation.evaluate(lm, ["passkey"], ["dense"], partial=again.partial, on_result=again.add,
+                                 on_progress=again.progress, **grid)
+    assert len(ran) == 2 and ran[0][0] != ran[1][0]           # the first batch was not run again
+    assert record["scores"] == ran[0][1] and row["n"] == 2 and row["score"] == np.mean(ran[0][1] + ran[1][1])
+    with open(path) as f:
+        assert "partial" not in json.load(f) and again.rows == [row]
 
 
 # ---------------------------------------------------------------------------------------------

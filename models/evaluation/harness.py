@@ -413,7 +413,8 @@ def _row(task: str, name: str, ratio: float, scores: list, moved: list, samples:
 def evaluate(lm: LanguageModel, task_names, methods, ratios=COMPRESSION, limit: Optional[int] = None,
              context_length: Optional[int] = None, seed: int = 0, heldout: Optional[str] = None, batch: int = 16,
              progress: bool = True, done=(), on_result: Optional[Callable[[dict], None]] = None,
-             bpc_tokens: int = BPC_SCORED, beyond_positions: bool = False) -> list[dict]:
+             bpc_tokens: int = BPC_SCORED, beyond_positions: bool = False, partial=None,
+             on_progress: Optional[Callable[[dict], None]] = None) -> list[dict]:
     """Result rows {"task", "method", "compression", "transfer_ratio", "score", "n"} for the grid of
     tasks (prompts.TASKS) x methods (sq.METHOD_NAMES; dense once) x ratios.
 
@@ -421,9 +422,12 @@ def evaluate(lm: LanguageModel, task_names, methods, ratios=COMPRESSION, limit: 
     task (default DEFAULT_N); context_length: prompt tokens (default max_position_embeddings -
     ANSWER_ROOM); heldout: the text of repetition and bpc (default prompts.heldout_text()). Cells in
     `done` ((task, method, compression) triples) are skipped; on_result(row) is called as soon as a
-    cell is finished (in its task's last batch; to store it). Every check (prepare(): samples,
-    budgets, context length and positions) runs before any model work; a method that cannot reach a
-    ratio raises, except FlexGen below its floor of ~1/2, which is skipped with a note on stderr.
+    cell is finished (to store it). A cell of several batches reports each batch before its last to
+    on_progress(record) ({"task", "method", "compression", "n", "batch", "batches", "scores",
+    "moved"}); `partial` ({cell triple: such a record}) resumes each cell after its recorded batches
+    (a record of another n or batch size is ignored). Every check (prepare(): samples, budgets,
+    context length and positions) runs before any model work; a method that cannot reach a ratio
+    raises, except FlexGen below its floor of ~1/2, which is skipped with a note on stderr.
     beyond_positions=True lets rows go past max_position_embeddings.
     """
     grid = prepare(lm, task_names, methods, ratios, limit, context_length, seed, heldout, batch, done, bpc_tokens,
@@ -442,14 +446,22 @@ def evaluate(lm: LanguageModel, task_names, methods, ratios=COMPRESSION, limit: 
         prefill_fn, run_fn = RUNNERS[task]
         if task == "bpc":
             prefill_fn = functools.partial(prefill_fn, scored=bpc_tokens)
-        scores = {c: [] for c in cells}
-        moved = {c: [0, 0] for c in cells}
-        for b0 in range(0, len(samples), batch):
+        scores, moved, kept = {}, {}, {}
+        for c in cells:
+            record = (partial or {}).get((task, *c))
+            ok = record is not None and record.get("n") == len(samples) and record.get("batch") == batch
+            scores[c], moved[c] = (list(record["scores"]), list(record["moved"])) if ok else ([], [0, 0])
+            kept[c] = record["batches"] if ok else 0
+        for index, b0 in enumerate(range(0, len(samples), batch)):
+            todo = [c for c in cells if kept[c] <= index]
+            if not todo:                                 # every cell stored past this batch
+                bar.update(1 + len(cells))
+                continue
             chunk = samples[b0:b0 + batch]
             bar.set_postfix_str(f"{task} prefill")
             prefilled = prefill_fn(lm, chunk)
-            bar.update()
-            for name, ratio in cells:
+            bar.update(1 + len(cells) - len(todo))
+            for name, ratio in todo:
                 bar.set_postfix_str(f"{task} {name} {ratio:g}")
                 method_of = functools.partial(sq.method_from_name, name, ratio, d, grouped=grouped)
                 s, meter = run_fn(lm, chunk, lambda seq_len: method_of(seq_len), prefilled)
@@ -462,6 +474,10 @@ def evaluate(lm: LanguageModel, task_names, methods, ratios=COMPRESSION, limit: 
                     results.append(_row(task, name, ratio, scores[(name, ratio)], moved[(name, ratio)], samples))
                     if on_result is not None:
                         on_result(results[-1])
+                elif on_progress is not None:         # a batch of it: stored too, so a rerun goes on from here
+                    on_progress({"task": task, "method": name, "compression": ratio, "n": len(samples),
+                                 "batch": batch, "batches": index + 1, "scores": list(scores[(name, ratio)]),
+                                 "moved": list(moved[(name, ratio)])})
             del prefilled
             if bar.n and b0 == 0 and task == next(iter(plan)):
                 tqdm.write(f"estimated time: {(time.time() - start) / bar.n * units / 60:.0f} min "

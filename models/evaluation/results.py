@@ -5,6 +5,7 @@ import json
 import os
 
 ROW_KEYS = ("task", "method", "compression", "transfer_ratio", "score", "n")
+PARTIAL_KEYS = ("task", "method", "compression", "n", "batch", "batches", "scores", "moved")
 
 
 def check_output_path(path: str, what: str = "path", image: bool = False) -> str:
@@ -34,8 +35,9 @@ SCORE_LABEL = {"passkey": "passkey accuracy", "multikey": "multi-key accuracy", 
 
 
 class ResultsFile:
-    """Result rows kept in a JSON file {**header, "results": rows}, rewritten whole by atomic replace
-    (never half-written) after each added row. An existing file with the same header is resumed (its
+    """Result rows kept in a JSON file {**header, "results": rows, "partial": the finished batches of
+    unfinished cells}, rewritten whole by atomic replace (never half-written) after each added row or
+    batch (add, progress: evaluate's on_result, on_progress). An existing file with the same header is resumed (its
     rows kept, `done` lists their cells); one with another header, or one that is not such a file
     (invalid JSON, not an object, rows without their keys, a folder), is a ValueError naming the file
     and what is wrong, and the file is never overwritten. path None keeps the rows in memory only."""
@@ -43,6 +45,7 @@ class ResultsFile:
     def __init__(self, path, header: dict):
         self.path, self.header = path, dict(header)
         self.rows: list[dict] = []
+        self.partial: dict = {}          # (task, method, compression) -> the batches of an unfinished cell
         if path:
             check_output_path(path, "the results file")
         if path and os.path.exists(path):
@@ -72,6 +75,11 @@ class ResultsFile:
             if missing:
                 raise bad(f"row {i} lacks {', '.join(missing)}" if isinstance(row, dict)
                           else f"row {i} is a {type(row).__name__}, not an object")
+        partial = data.get("partial", [])
+        if not isinstance(partial, list) or not all(isinstance(p, dict) and all(k in p for k in PARTIAL_KEYS)
+                                                    for p in partial):
+            raise bad(f'"partial" must be a list of objects with {", ".join(PARTIAL_KEYS)}')
+        self.partial = {(p["task"], p["method"], p["compression"]): p for p in partial}
         return rows
 
     @property
@@ -80,15 +88,25 @@ class ResultsFile:
         return {(r["task"], r["method"], r["compression"]) for r in self.rows}
 
     def add(self, row: dict) -> None:
+        """A finished cell (evaluate's on_result): kept, its partial record dropped, the file rewritten."""
+        self.partial.pop((row["task"], row["method"], row["compression"]), None)
         self.rows.append(row)
+        self.write()
+
+    def progress(self, record: dict) -> None:
+        """A batch of an unfinished cell (evaluate's on_progress): kept, the file rewritten."""
+        self.partial[(record["task"], record["method"], record["compression"])] = dict(record)
         self.write()
 
     def write(self) -> None:
         if not self.path:
             return
         tmp = self.path + ".tmp"
+        document = {**self.header, "results": self.rows}
+        if self.partial:
+            document["partial"] = list(self.partial.values())
         with open(tmp, "w") as f:
-            json.dump({**self.header, "results": self.rows}, f, indent=2)
+            json.dump(document, f, indent=2)
         os.replace(tmp, self.path)
 
 
