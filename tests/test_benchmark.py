@@ -1,12 +1,12 @@
 """models.bench (what the benchmarks report, on tiny shapes; not how fast), sparq_jax.stages (sparq's
-recorded parts) against attend and NumPy, scripts/benchmark.py's command line, scripts/row_reads.c and scripts/device_check.sh --smoke."""
+recorded parts) against attend and NumPy, scripts/benchmark.py's command line, scripts/row_reads.c
+and scripts/device_check.sh --smoke."""
 import json
 import os
 import shutil
 import subprocess
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -1,7 +1,8 @@
 """pallas_kernels: SparQ's two kernels per backend against plain jnp transcriptions, in interpret
 mode on CPU (Triton: interpret=True; TPU: pltpu.InterpretParams, which simulates the DMAs), then
 end to end: every backend of sparq_jax.backends (its kernels interpreted) against
-sparq_jax.sparq.sparq_reference. Kernel-level cases fix the indices, so nothing depends on ties. Parameter combinations are chosen pairwise, not as a full product.
+sparq_jax.sparq.sparq_reference. Kernel-level cases fix the indices, so nothing depends on ties.
+Parameter combinations are chosen pairwise, not as a full product.
 
 Compiled tests (names contain "compiled") run only on a GPU or TPU backend and skip elsewhere:
     PYTHONPATH=. python -m pytest tests/test_kernels.py -k compiled -v
@@ -506,8 +507,8 @@ def test_auto_falls_back_to_xla_when_a_gpu_kernel_fails(sq, monkeypatch):
     monkeypatch.setattr(sparq_gpu, "approx_scores", broken)
     with pytest.warns(UserWarning) as record:
         got, _ = sq.attend(q, cache, method)
-    assert len(_compile_warnings(record)) == 1
-    assert "pallas_gpu" in _compile_warnings(record)[0] and "RuntimeError: forced kernel failure" in _compile_warnings(record)[0]
+    (message,) = _compile_warnings(record)
+    assert "pallas_gpu" in message and "RuntimeError: forced kernel failure" in message
     assert_close(got, want, jnp.float32)
     with warnings.catch_warnings(record=True) as again:      # known to fail: no second compile, no second warning
         warnings.simplefilter("always")
