@@ -291,13 +291,13 @@ def test_sparq_group_scores_agree_with_one_head_per_group(local_window, transpos
             for g in ("softmax", "logits")]
     np.testing.assert_array_equal(outs[0], outs[1])
     # the same positions, compared directly on the scores that step 2 ranks
-    from sparq_jax import attention as att
+    from sparq_jax import backends
+    from sparq_jax.attention import candidate_mask
     qf = jnp.asarray(q, jnp.float32).reshape(3, 4, 1, 16)
-    i1, q1 = att._query_components(qf, 4)
-    logits1 = att.approx_logits_xla(q1, cache.k, i1, transposed=False)
-    mask = att.candidate_mask(cache.lengths, cache.max_len, None)
-    chosen = [np.asarray(att.top_k_positions(att._approx_scores(qf, q1, logits1, mask, cache.lengths,
-                                                                local_window, g)[1], 10))
+    mask = candidate_mask(cache.lengths, cache.max_len, None)
+    xla = backends.get("xla_cpu")
+    chosen = [np.asarray(xla.top_k(xla.scores(qf, cache, mask, method=sq.SparQ(4, 10, local_window, group_scores=g),
+                                              window=None)[0], 10))
               for g in ("softmax", "logits")]
     np.testing.assert_array_equal(chosen[0], chosen[1])
 
