@@ -23,7 +23,8 @@ passes were the slowest part of SparQ):
 
 sq.attend(impl="pallas_gpu") runs approx_scores, top_k_positions and gather_attend_scored: three
 kernels per layer (with XLA between them only the group sum of s_hat under group_scores="softmax",
-v_bar, and the combination of split partials).
+v_bar, and the combination of split partials); sparq_gpu's approx_logits and gather_attend serve the
+benchmark-only backend "pallas_gpu_unfused", sparq_tpu's the "pallas_tpu" one (sparq_jax.backends).
 
   sparq_gpu   Pallas Triton backend (in-kernel gathers by index vector); interpret=True runs on CPU
   sparq_tpu   Pallas Mosaic TPU backend (scalar-prefetched indices, per-row DMA from HBM);
@@ -64,7 +65,7 @@ def gpu_kernels_available() -> tuple[bool, str]:
 
 def order_key(x):
     """fp32 array -> int32 keys in the order of the floats' values (-0.0 equal to +0.0; NaN not
-    allowed): the top-k selections compare these, in XLA (sparq_jax.attention) and in a kernel."""
+    allowed): the top-k selections compare these, in XLA (sparq_jax.topk) and in a kernel."""
     import jax
     import jax.numpy as jnp
 

@@ -221,7 +221,7 @@ def _approx_scores_kernel(q_ref, keys_ref, bounds_ref, z_ref, m_ref, l_ref, *sco
     pick = (rank[None, :] == j[:, None]) & (j < r)[:, None]                            # [r_pad, d_pad]
     rows = jnp.sum(jnp.where(pick, d[None, :], 0), axis=1)                             # i1 [r_pad]
     q1 = _dot_nt(q, jnp.where(pick, 1.0, 0.0))                                          # [g_pad, r_pad], exact
-    # Eq. 9's temperature (a query of zeros keeps sqrt(D), as attention._approx_scores does)
+    # Eq. 9's temperature (a query of zeros keeps sqrt(D), as sparq_jax.sparq.approx_scores does)
     l1_full = jnp.sum(jnp.abs(q), axis=1)
     l1_part = jnp.sum(jnp.abs(q1), axis=1)
     tau = jnp.sqrt(D * jnp.where(l1_full > 0, l1_part / jnp.where(l1_full > 0, l1_full, 1.0), 1.0))
@@ -270,7 +270,7 @@ def approx_scores(q, keys, bounds, *, rank, transposed=True, group_scores="softm
       interpret: run in the Pallas interpreter (CPU).
 
     Returns (z, m, l, score):
-      z fp32 [B, Hkv, G, S]: q[i1] . K[:, i1] / tau (attention._approx_scores' z), every position;
+      z fp32 [B, Hkv, G, S]: q[i1] . K[:, i1] / tau (sparq_jax.sparq.approx_scores' z), every position;
       m, l fp32 [B, Hkv, G, n_blocks]: each block's max of z over its candidates (-inf if none) and
         sum of exp(z - m) there, so that s_hat = exp(z - M) / L with M = max(m), L = sum(l * exp(m - M));
       score fp32 [B, Hkv, S] for "logits": the group sum of z, +inf from the always-kept position on,
@@ -419,7 +419,7 @@ def _top_k_kernel(score_ref, *refs, S, k, block, n_chunks, early_exit, pieces):
 @functools.partial(jax.jit, static_argnames=("k", "block", "interpret", "early_exit", "splits"))
 def top_k_positions(score, k, *, block=None, interpret=False, early_exit=True, splits=None):
     """The positions of the k largest entries of each row of score [..., S] (ties: lowest positions
-    first), in increasing position order: sparq_jax.attention.top_k_positions as one program per row.
+    first), in increasing position order: sparq_jax.topk.top_k_positions as one program per row.
 
     Args:
       score: float [..., S] (compared as fp32; NaN is not allowed).

@@ -177,6 +177,72 @@ def test_sparq_matches_naive_reference(Hq, Hkv, rank, top_k, local_window, reall
     assert same is cache
 
 
+# (Hq, Hkv, rank, top_k, local_window, reallocate, window, group_scores): MHA, GQA with both
+# rankings, MQA, a sliding window, top_k beyond every length
+REFERENCE_CASES = [
+    (4, 4, 4, 8, 0, True, None, "softmax"),
+    (8, 2, 8, 12, 3, True, None, "softmax"),
+    (8, 2, 5, 10, 2, False, 24, "logits"),
+    (6, 2, 6, 16, 4, True, None, "logits"),
+    (8, 1, 6, 16, 4, False, None, "softmax"),
+    (4, 1, 16, 100, 0, True, 30, "softmax"),
+]
+
+
+def _grouped(case, transposed, dtype=np.float32):
+    """(qg [B, Hkv, G, D], cache, mask, method, window, q, k, v, lengths) for a REFERENCE_CASES entry."""
+    from sparq_jax.attention import candidate_mask
+    Hq, Hkv, rank, top_k, local_window, reallocate, window, group_scores = case
+    B, S, D = 3, 64, 16
+    q, k, v = _data(40, B, Hq, Hkv, S, D, dtype)
+    lengths = [64, 37, 9]
+    cache = sq.KVCache.from_kv(k, v, lengths, max_len=80, transposed_keys=transposed)
+    method = sq.SparQ(rank, top_k, local_window, reallocate, group_scores=group_scores)
+    qg = jnp.asarray(q).reshape(B, Hkv, Hq // Hkv, D)
+    return qg, cache, candidate_mask(cache.lengths, cache.max_len, window), method, window, q, k, v, lengths
+
+
+@pytest.mark.parametrize("case", REFERENCE_CASES, ids=lambda c: f"{c[0]}-{c[1]}-w{c[6]}-{c[7]}-r{int(c[5])}")
+def test_sparq_reference_matches_numpy(case):
+    """sparq_reference (Algorithm 1 verbatim, what every backend is tested against) against the
+    float64 NumPy transcription of the paper, GQA with both group rankings."""
+    from sparq_jax.sparq import sparq_reference
+    qg, cache, mask, method, window, q, k, v, lengths = _grouped(case, transposed=False)
+    got = np.asarray(sparq_reference(qg, cache, mask, method, window)).reshape(q.shape)
+    want = np_sparq(q, k, v, lengths, method.rank, method.top_k, method.local_window, method.reallocate_mean, window,
+                    group_scores=method.group_scores)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["xla_cpu", "xla"])
+@pytest.mark.parametrize("transposed", [True, False])
+def test_xla_backends_match_the_reference(backend, transposed):
+    """sparq(...) with each XLA backend (runnable on any platform) against sparq_reference."""
+    from sparq_jax import backends
+    from sparq_jax.sparq import sparq, sparq_reference
+    run = jax.jit(sparq, static_argnames=("method", "window", "backend"))
+    for case in REFERENCE_CASES:
+        qg, cache, mask, method, window, *_ = _grouped(case, transposed)
+        got = run(qg, cache, mask, method=method, window=window, backend=backends.get(backend))
+        want = sparq_reference(qg, cache, mask, method, window)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6, rtol=1e-5, err_msg=str(case))
+
+
+def test_one_top_k_order_everywhere():
+    """Every top-k SparQ, H2O and FlexGen can run (each XLA backend's, the counting one, the native
+    one): the k largest, ties to the lowest positions, in increasing position order."""
+    from sparq_jax import backends, topk
+    rng = np.random.default_rng(3)
+    score = (rng.integers(-3, 4, size=(2, 3, 200)) / 2).astype(np.float32)     # heavy ties
+    score[0, 0, 5:9], score[1, 2, ::3] = np.inf, -np.inf
+    want = np.sort(np.argsort(-score, axis=-1, kind="stable")[..., :40], axis=-1)
+    fns = {"counting": topk.top_k_positions, "cpu": topk.cpu_top_k, "sorted": topk.sorted_top_k,
+           **{name: backends.get(name).top_k for name in ("xla_cpu", "xla", "pallas_tpu")}}
+    for name, fn in fns.items():
+        np.testing.assert_array_equal(np.asarray(jax.jit(fn, static_argnums=1)(jnp.asarray(score), 40)), want,
+                                      err_msg=name)
+
+
 def test_newest_position_and_local_window_always_selected():
     q, k, v = _data(2, 2, 4, 2, 32, 16)
     lengths = np.array([32, 20])
@@ -225,13 +291,13 @@ def test_sparq_group_scores_agree_with_one_head_per_group(local_window, transpos
             for g in ("softmax", "logits")]
     np.testing.assert_array_equal(outs[0], outs[1])
     # the same positions, compared directly on the scores that step 2 ranks
-    from sparq_jax import attention as att
+    from sparq_jax import backends
+    from sparq_jax.attention import candidate_mask
     qf = jnp.asarray(q, jnp.float32).reshape(3, 4, 1, 16)
-    i1, q1 = att._query_components(qf, 4)
-    logits1 = att.approx_logits_xla(q1, cache.k, i1, transposed=False)
-    mask = att.candidate_mask(cache.lengths, cache.max_len, None)
-    chosen = [np.asarray(att.top_k_positions(att._approx_scores(qf, q1, logits1, mask, cache.lengths,
-                                                                local_window, g)[1], 10))
+    mask = candidate_mask(cache.lengths, cache.max_len, None)
+    xla = backends.get("xla_cpu")
+    chosen = [np.asarray(xla.top_k(xla.scores(qf, cache, mask, method=sq.SparQ(4, 10, local_window, group_scores=g),
+                                              window=None)[0], 10))
               for g in ("softmax", "logits")]
     np.testing.assert_array_equal(chosen[0], chosen[1])
 
@@ -549,7 +615,7 @@ def test_for_compression_lands_at_most_one_percent_above(S, D, ratio):
 
 @pytest.mark.parametrize("S,k", [(37, 5), (64, 64), (1000, 63), (4096, 256), (9000, 700)])
 def test_top_k_positions_is_lax_top_k_as_a_set(S, k):
-    from sparq_jax.attention import top_k_positions
+    from sparq_jax.topk import top_k_positions
     rng = np.random.default_rng(S)
     # Heavy ties (few distinct values), -inf and +inf entries, negative and positive zeros.
     score = rng.integers(-3, 4, size=(3, 2, S)).astype(np.float32) / 2
@@ -567,7 +633,7 @@ def test_top_k_positions_long_rows(k):
     """Rows of 2**14 with continuous values (the search stops early, at a count of exactly k),
     periodic outliers, and a row of one value (the search runs to the last bit, ties resolved by
     position) all give lax.top_k's set."""
-    from sparq_jax.attention import top_k_positions
+    from sparq_jax.topk import top_k_positions
     rng = np.random.default_rng(k)
     S = 2**14
     score = rng.random((4, S)).astype(np.float32) ** 4
@@ -581,15 +647,17 @@ def test_top_k_positions_long_rows(k):
 
 @pytest.mark.parametrize("transposed", [True, False])
 def test_step1_is_the_partial_dot_product(transposed):
-    from sparq_jax import attention
+    from sparq_jax import xla_ops
     rng = np.random.default_rng(15)
     k = rng.standard_normal((2, 3, 40, 8)).astype(np.float32)
     q1 = rng.standard_normal((2, 3, 4, 5)).astype(np.float32)
     i1 = np.stack([np.stack([rng.permutation(8)[:5] for _ in range(3)]) for _ in range(2)]).astype(np.int32)
     keys = np.swapaxes(k, -1, -2) if transposed else k
-    got = attention.approx_logits_xla(jnp.asarray(q1), jnp.asarray(keys), jnp.asarray(i1), transposed=transposed)
     want = np.einsum("bhgr,bhsr->bhgs", q1, np.take_along_axis(k, i1[:, :, None, :], axis=3))
-    np.testing.assert_allclose(got, want, atol=1e-5)
+    for cpu in (True, False):
+        got = xla_ops.approx_logits_xla(jnp.asarray(q1), jnp.asarray(keys), jnp.asarray(i1), transposed=transposed,
+                                        cpu=cpu)
+        np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -617,7 +685,7 @@ def test_decode_step_updates_the_cache_in_place(batch, method):
 def test_first_at_least_is_searchsorted(W):
     """The two-level search top_k_positions compacts with, against NumPy's searchsorted (side
     'left'), including row lengths that need padding and more than 64 blocks of 32."""
-    from sparq_jax.attention import _first_at_least
+    from sparq_jax.topk import _first_at_least
     rng = np.random.default_rng(W)
     ends = np.cumsum(rng.integers(0, 4, (3, W)), axis=-1).astype(np.int32)
     ends[:, -1] = ends[:, -1].max()                     # every wanted value is reached in every row
@@ -629,8 +697,8 @@ def test_first_at_least_is_searchsorted(W):
 @pytest.mark.parametrize("G, dtype", [(1, jnp.float32), (4, jnp.bfloat16)])
 def test_step1_off_cpu_branch_matches_numpy(G, dtype):
     """approx_logits_xla runs a different formulation off the CPU (one gather of the r rows of K^T);
-    both branches, called directly here, against a NumPy transcription of q[i1] . K[:, i1]^T."""
-    from sparq_jax.attention import _approx_logits_kt_cpu, _approx_logits_kt_gather
+    both forms, called directly here, against a NumPy transcription of q[i1] . K[:, i1]^T."""
+    from sparq_jax.xla_ops import approx_logits_kt_cpu, approx_logits_kt_gather
     rng = np.random.default_rng(G)
     B, H, r, D, S = 2, 3, 5, 16, 70
     q1 = rng.standard_normal((B, H, G, r)).astype(np.float32)
@@ -638,7 +706,7 @@ def test_step1_off_cpu_branch_matches_numpy(G, dtype):
     i1 = np.stack([[rng.choice(D, r, replace=False) for _ in range(H)] for _ in range(B)]).astype(np.int32)
     want = np.einsum("bhgr,bhsr->bhgs", q1, np.take_along_axis(k, i1[:, :, None, :], axis=3))
     kt = jnp.swapaxes(jnp.asarray(k, dtype), 2, 3)
-    for fn in (_approx_logits_kt_cpu, _approx_logits_kt_gather):
+    for fn in (approx_logits_kt_cpu, approx_logits_kt_gather):
         got = np.asarray(fn(jnp.asarray(q1), kt, jnp.asarray(i1)))
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 

@@ -1,7 +1,8 @@
 """pallas_kernels: SparQ's two kernels per backend against plain jnp transcriptions, in interpret
 mode on CPU (Triton: interpret=True; TPU: pltpu.InterpretParams, which simulates the DMAs), then
-end to end through sq.attend against impl="xla". Kernel-level cases fix the indices, so nothing
-depends on ties. Parameter combinations are chosen pairwise, not as a full product.
+end to end: every backend of sparq_jax.backends (its kernels interpreted) against
+sparq_jax.sparq.sparq_reference. Kernel-level cases fix the indices, so nothing depends on ties.
+Parameter combinations are chosen pairwise, not as a full product.
 
 Compiled tests (names contain "compiled") run only on a GPU or TPU backend and skip elsewhere:
     PYTHONPATH=. python -m pytest tests/test_kernels.py -k compiled -v
@@ -9,6 +10,7 @@ Compiled tests (names contain "compiled") run only on a GPU or TPU backend and s
 import dataclasses
 import math
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +19,9 @@ import pytest
 
 import pallas_kernels
 from pallas_kernels import UnsupportedShapeError, sparq_gpu, sparq_tpu
-from sparq_jax import attention
+from sparq_jax import backends, topk
+from sparq_jax.attention import candidate_mask
+from sparq_jax.sparq import query_components, sparq, sparq_reference
 
 BACKENDS = {"gpu": sparq_gpu, "tpu": sparq_tpu}
 # step 1's S block per backend: a power of two for Triton, a multiple of 128 lanes for Mosaic
@@ -187,12 +191,14 @@ def s_hat_from_partials(z, m, l):
     return np.exp(z - top) / np.sum(l * np.exp(m - top), axis=-1, keepdims=True)
 
 
-def _xla_scores(q, keys, lengths, window, method, transposed):
-    """attention's XLA path between the steps: (s_hat [B, Hkv, G, S], score [B, Hkv, S])."""
-    mask = attention.candidate_mask(lengths, keys.shape[3] if transposed else keys.shape[2], window)
-    i1, q1 = attention._query_components(q, method.rank)
-    logits1 = attention.approx_logits_xla(q1, keys, i1, transposed=transposed)
-    return attention._approx_scores(q, q1, logits1, mask, lengths, method.local_window, method.group_scores)
+def _scores(backend, q, keys, lengths, window, method, transposed, interpret=False):
+    """A backend's scores part: (score [B, Hkv, S], its aux), the mask as attend builds it."""
+    import sparq_jax as sq
+
+    k = jnp.swapaxes(keys, 2, 3) if transposed else keys
+    cache = sq.KVCache.from_kv(k, k, lengths, transposed_keys=transposed)
+    mask = candidate_mask(lengths, cache.max_len, window)
+    return backends.get(backend, interpret).scores(q, cache, mask, method=method, window=window)
 
 
 SCORES_CASES = [
@@ -211,7 +217,7 @@ SCORES_CASES = [
                                        f"{jnp.dtype(c[8]).name}-{c[9].get('group_scores', 'softmax')}")
 def test_fused_scores_match_xla(case):
     """sparq_gpu.approx_scores (component choice, temperature, scaled logits, per-block softmax partials,
-    the "logits" score) through attention._fused_scores against the XLA path's s_hat and score."""
+    the "logits" score) through the pallas_gpu backend's scores against the XLA backend's s_hat and score."""
     _check_fused_scores(case, interpret=True)
 
 
@@ -225,10 +231,10 @@ def _check_fused_scores(case, interpret):
     keys = jnp.swapaxes(k, 2, 3) if transposed else k
     lengths = jnp.asarray(lengths, jnp.int32)
     method = sq.SparQ(**kwargs)
-    mask = attention.candidate_mask(lengths, S, window)
-    score, z, m, l, _ = attention._gpu_scores(q, keys, mask, lengths, method, window, transposed, interpret)
+    mask = candidate_mask(lengths, S, window)
+    score, (z, m, l, _) = _scores("pallas_gpu", q, keys, lengths, window, method, transposed, interpret)
     with jax.default_matmul_precision("highest"):  # fp32 products on a GPU too (not tf32)
-        want_s_hat, want_score = _xla_scores(q, keys, lengths, window, method, transposed)
+        want_score, want_s_hat = _scores("xla", q, keys, lengths, window, method, transposed)
     s_hat = np.where(np.asarray(mask)[:, None, None, :], s_hat_from_partials(z, m, l), 0)
     np.testing.assert_allclose(s_hat, np.asarray(want_s_hat), rtol=TOL[dtype], atol=TOL[dtype] / S)
     score, want_score = np.asarray(score), np.asarray(want_score)
@@ -254,12 +260,12 @@ def test_approx_scores_component_choice_ties_and_zero_queries():
     keys = jnp.swapaxes(k, 2, 3)
     lengths = jnp.asarray([S, S], jnp.int32)
     method = sq.SparQ(rank=4, top_k=8)
-    i1, _ = attention._query_components(jnp.asarray(q), 4)
+    i1, _ = query_components(jnp.asarray(q), 4)
     assert 3 in np.asarray(i1)[0, 0] and 9 not in np.asarray(i1)[0, 0]
     bounds = jnp.stack([jnp.zeros_like(lengths), lengths, lengths - 1], axis=-1)
     z, m, l, score = sparq_gpu.approx_scores(jnp.asarray(q), keys, bounds, rank=4, block_s=16, interpret=True)
     assert score is None and z.shape == (B, Hkv, G, S) and m.shape == l.shape == (B, Hkv, G, 3)
-    want_s_hat, _ = _xla_scores(jnp.asarray(q), keys, lengths, None, method, True)
+    _, want_s_hat = _scores("xla", jnp.asarray(q), keys, lengths, None, method, True)
     s_hat = s_hat_from_partials(z, m, l)
     np.testing.assert_allclose(s_hat, np.asarray(want_s_hat), rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(np.asarray(z)[1], 0.0)
@@ -387,11 +393,11 @@ def test_top_k_positions_signed_zeros_tie():
     for k in (3, 4, 5):
         want = ref_top_k_positions(x, k)
         np.testing.assert_array_equal(np.asarray(sparq_gpu.top_k_positions(jnp.asarray(x), k, interpret=True)), want)
-        np.testing.assert_array_equal(np.asarray(attention.top_k_positions(jnp.asarray(x), k)), want)
+        np.testing.assert_array_equal(np.asarray(topk.top_k_positions(jnp.asarray(x), k)), want)
 
 
 # --------------------------------------------------------------------------------------------
-# End to end: sq.attend with the kernels against impl="xla"
+# End to end: every backend against sparq_reference (Algorithm 1 verbatim)
 
 E2E_CASES = [
     # (B, Hq, Hkv, S, D, lengths, transposed_keys, dtype, method kwargs, window)
@@ -426,24 +432,105 @@ def _attend_inputs(sq, case):
     return q, cache, sq.SparQ(**kwargs)
 
 
-def _check_attend_against_xla(sq, case, impl, interpret):
+def _reference(q, cache, method, window):
+    """sparq_reference's output for q [B, Hq, D] in q's dtype, as attend returns it."""
+    b, hq, d = q.shape
+    qg = q.reshape(b, cache.num_kv_heads, hq // cache.num_kv_heads, d)
+    with jax.default_matmul_precision("highest"):  # fp32 products on a GPU too (not tf32)
+        out = sparq_reference(qg, cache, candidate_mask(cache.lengths, cache.max_len, window), method, window)
+    return out.reshape(b, hq, d).astype(q.dtype)
+
+
+def _check_against_reference(sq, case, backend, interpret):
+    """attend with impl=backend (the attend-reachable ones), else sparq with that backend directly."""
     B, Hq, Hkv, S, D, lengths, transposed, dtype, kwargs, window = case
     q, cache, method = _attend_inputs(sq, case)
-    with jax.default_matmul_precision("highest"):  # fp32 products on a GPU too (not tf32)
-        want, _ = sq.attend(q, cache, method, window=window, impl="xla")
-    got, _ = sq.attend(q, cache, method, window=window, impl=impl, interpret=interpret)
+    if backend in ("pallas_gpu", "pallas_tpu"):
+        got, _ = sq.attend(q, cache, method, window=window, impl=backend, interpret=interpret)
+    else:
+        qg = q.reshape(B, Hkv, Hq // Hkv, D)
+        mask = candidate_mask(cache.lengths, S, window)
+        got = sparq(qg, cache, mask, method, window, backends.get(backend, interpret)).reshape(B, Hq, D).astype(dtype)
     assert got.shape == (B, Hq, D) and got.dtype == dtype
-    assert_close(got, want, dtype)
+    assert_close(got, _reference(q, cache, method, window), dtype)
 
 
 @pytest.mark.parametrize("impl", [pytest.param("pallas_gpu", marks=needs_triton), "pallas_tpu"])
 @pytest.mark.parametrize("case", E2E_CASES, ids=E2E_IDS)
-def test_attend_sparq_matches_xla(sq, impl, case):
-    _check_attend_against_xla(sq, case, impl, interpret=True)
+def test_attend_sparq_matches_reference(sq, impl, case):
+    _check_against_reference(sq, case, impl, interpret=True)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", [E2E_CASES[0], E2E_CASES[1]], ids=E2E_IDS[:2])
+def test_unfused_gpu_backend_matches_reference(sq, case):
+    """The benchmark-only backend of sparq_gpu's separate step-1 and step-2 kernels."""
+    _check_against_reference(sq, case, "pallas_gpu_unfused", interpret=True)
+
+
+@needs_triton
+def test_gpu_top_k_is_the_documented_order():
+    """The pallas_gpu backend's top-k selects as every other backend's (sparq_jax.topk)."""
+    x = top_k_scores(4, (2, 3, 150), ties=True)
+    got = backends.get("pallas_gpu", True).top_k(jnp.asarray(x), 20)
+    np.testing.assert_array_equal(np.asarray(got), ref_top_k_positions(x, 20))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(backends.get("xla_cpu").top_k(jnp.asarray(x), 20)))
+
+
+def _failing_gpu_setup(sq, monkeypatch, seed):
+    """attend as on a GPU whose Triton backend imports; inputs of a shape no other test uses (so no
+    jit cache answers for the kernels) -> (q, cache, method, the reference output)."""
+    from sparq_jax import attention
+
+    monkeypatch.setattr(attention, "_platform", lambda: "gpu")
+    monkeypatch.setattr(pallas_kernels, "gpu_kernels_available", lambda: (True, ""))
+    rng = np.random.default_rng(seed)
+    k, v = (jnp.asarray(rng.standard_normal((1, 2, 40 + seed, 16)), jnp.float32) for _ in range(2))
+    cache = sq.KVCache.from_kv(k, v, jnp.asarray([30 + seed], jnp.int32))
+    q = jnp.asarray(rng.standard_normal((1, 4, 16)), jnp.float32)
+    method = sq.SparQ(4, 8, 2)
+    return q, cache, method, _reference(q, cache, method, None)
+
+
+def _compile_warnings(record):
+    return [str(w.message) for w in record if "failed to compile" in str(w.message)]
+
+
+def test_auto_falls_back_to_xla_when_a_gpu_kernel_fails(sq, monkeypatch):
+    """impl="auto" on a GPU: a kernel that fails for any reason (here: a forced error in the fused
+    scores kernel) costs one warning naming the error, and XLA runs; impl="pallas_gpu" raises it."""
+    q, cache, method, want = _failing_gpu_setup(sq, monkeypatch, seed=1)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("forced kernel failure")
+
+    monkeypatch.setattr(sparq_gpu, "approx_scores", broken)
+    with pytest.warns(UserWarning) as record:
+        got, _ = sq.attend(q, cache, method)
+    (message,) = _compile_warnings(record)
+    assert "pallas_gpu" in message and "RuntimeError: forced kernel failure" in message
+    assert_close(got, want, jnp.float32)
+    with warnings.catch_warnings(record=True) as again:      # known to fail: no second compile, no second warning
+        warnings.simplefilter("always")
+        assert_close(sq.attend(q, cache, method)[0], want, jnp.float32)
+    assert not _compile_warnings(again)
+    with pytest.raises(RuntimeError, match="forced kernel failure"):
+        sq.attend(q, cache, method, impl="pallas_gpu")
+
+
+def test_auto_falls_back_under_jit_when_the_gpu_kernels_do_not_lower(sq, monkeypatch):
+    """The real kernels, compiled (not interpreted) for a platform that cannot lower them (the CPU
+    here), inside an outer jit, where the failure would surface only when the caller's program
+    lowers: attend finds it first, warns once and runs XLA."""
+    q, cache, method, want = _failing_gpu_setup(sq, monkeypatch, seed=2)
+    with pytest.warns(UserWarning) as record:
+        got = jax.jit(lambda q, c: sq.attend(q, c, method)[0])(q, cache)
+    assert len(_compile_warnings(record)) == 1
+    assert_close(got, want, jnp.float32)
 
 
 def test_group_scores_case_tells_the_rankings_apart(sq):
-    """The kernels rank the score that attention._approx_scores builds, so they follow group_scores
+    """The kernels rank the score that sparq.approx_scores builds, so they follow group_scores
     as XLA does; the "logits" case above checks that only if its inputs select other positions
     under "softmax"."""
     case = E2E_CASES[E2E_IDS.index("G3-logits-f32")]
@@ -658,8 +745,8 @@ def test_compiled_gpu_split_k():
 
 @on_gpu
 @pytest.mark.parametrize("case", E2E_CASES, ids=E2E_IDS)
-def test_compiled_gpu_attend_matches_xla(sq, case):
-    _check_attend_against_xla(sq, case, "pallas_gpu", interpret=False)
+def test_compiled_gpu_attend_matches_reference(sq, case):
+    _check_against_reference(sq, case, "pallas_gpu", interpret=False)
 
 
 @on_tpu

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparq_jax import attention, native
+from sparq_jax import attention, native, topk
 
 has_compiler = bool(os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++"))
 needs_native = pytest.mark.skipif(not has_compiler or jax.default_backend() != "cpu",
@@ -103,7 +103,7 @@ def test_without_the_native_library_the_xla_top_k_is_used(monkeypatch, tmp_path)
         monkeypatch.setattr(native, "_SOURCES", [str(tmp_path / "edited_top_k.cc")])
         (tmp_path / "edited_top_k.cc").write_text("// not the shipped source: a cache miss\n")
         native._state.clear()
-        monkeypatch.setattr(attention, "_native_warned", False)
+        monkeypatch.setattr(topk, "_native_warned", False)
         ok, reason = native.available()
         assert not ok and "failed" in reason
         assert sorted(os.listdir(tmp_path)) == ["edited_top_k.cc"]

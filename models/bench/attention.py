@@ -1,5 +1,7 @@
-"""One decode step of attention, Dense vs SparQ, on random caches: every implementation at hand, the
-floor of streaming SparQ's bytes, the device's copy bandwidth and, on request, SparQ's stages one by one."""
+"""One decode step of attention, Dense vs SparQ, on random caches: every implementation at hand (each
+output against a reference: sparq_jax.sparq.sparq_reference, or plain softmax attention), the floor of
+streaming SparQ's bytes, the device's copy bandwidth and, on request, SparQ's parts one by one (as
+sparq_jax.sparq.sparq records them: nothing here composes SparQ's steps)."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,8 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import sparq_jax as sq
-from sparq_jax import stages
-from sparq_jax.attention import top_k_positions
+from sparq_jax import native, stages, topk
+from sparq_jax.attention import candidate_mask
+from sparq_jax.sparq import sparq_reference
 
 from .timing import DTYPES, drop_failing, environment, time_interleaved
 
@@ -143,27 +146,53 @@ def _impls(o: AttentionOptions) -> list[str]:
     return kernel_impls(jax.default_backend(), o.interpret) if o.impl == "all" else [o.impl]
 
 
-def _errors_vs_xla(fns, fargs, rows) -> dict[str, float]:
-    """Every row's output against the XLA row of its method: ||out - xla|| / ||xla||, fp32."""
-    outs = {name: np.asarray(fns[name](*fargs[name]), np.float32) for name in rows}
-    refs = {name: outs[name.split("/")[0] + "/xla"] for name in rows}
-    return {name: float(np.linalg.norm(outs[name].reshape(refs[name].shape) - refs[name]) / np.linalg.norm(refs[name]))
-            for name in rows}
+def _references(q, cache, sparq) -> dict:
+    """{method: fp32 [B, Hq, D]}: SparQ by sparq_reference, dense by a plain fp32 softmax (highest precision)."""
+    b, hq, d = q.shape
+    qg = q.reshape(b, cache.num_kv_heads, hq // cache.num_kv_heads, d).astype(jnp.float32)
+    mask = candidate_mask(cache.lengths, cache.max_len, None)
+
+    def dense(qg, k, v):
+        logits = jnp.einsum("bhgd,bhsd->bhgs", qg, k.astype(jnp.float32), precision="highest") / np.sqrt(d)
+        p = jax.nn.softmax(jnp.where(mask[:, None, None, :], logits, -jnp.inf), axis=-1)
+        return jnp.einsum("bhgs,bhsd->bhgd", p, v.astype(jnp.float32), precision="highest")
+
+    refs = {"dense": jax.jit(dense)(qg, cache.k, cache.v),
+            "sparq": jax.jit(sparq_reference, static_argnames=("method", "window"))(qg, cache, mask, method=sparq)}
+    return {name: np.asarray(out, np.float32).reshape(b, hq, d) for name, out in refs.items()}
+
+
+def _errors_vs_reference(fns, fargs, rows, refs) -> dict[str, float]:
+    """Every row's output against its method's reference: ||out - ref|| / ||ref||, fp32."""
+    errs = {}
+    for name in rows:
+        ref = refs[name.split("/")[0]]
+        out = np.asarray(fns[name](*fargs[name]), np.float32).reshape(ref.shape)
+        errs[name] = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+    return errs
+
+
+def _breakdown_backends(o: AttentionOptions) -> list[str]:
+    """The backends whose parts the breakdown times: each impl's, and with pallas_gpu its unfused
+    kernels (a benchmark-only backend)."""
+    impls = _impls(o)
+    return impls + (["pallas_gpu_unfused"] if "pallas_gpu" in impls else [])
 
 
 def _breakdowns(o: AttentionOptions, sparq, q, cache) -> dict:
     breakdown = {}
-    for impl in _impls(o):
+    for backend in _breakdown_backends(o):
         try:
-            breakdown[impl] = stage_breakdown(o, sparq, q, cache, impl)
-        except Exception as err:  # noqa: BLE001 - reported, the other implementations still run
-            print(f"breakdown of sparq/{impl} failed: {type(err).__name__}: {str(err)[:2000]}", file=sys.stderr)
-            breakdown[impl] = {"error": f"{type(err).__name__}: {str(err)[:2000]}"}
+            breakdown[backend] = stage_breakdown(o, sparq, q, cache, backend)
+        except Exception as err:  # noqa: BLE001 - reported, the other backends still run
+            print(f"breakdown of sparq/{backend} failed: {type(err).__name__}: {str(err)[:2000]}", file=sys.stderr)
+            breakdown[backend] = {"error": f"{type(err).__name__}: {str(err)[:2000]}"}
     return breakdown
 
 
 def attention_case(o: AttentionOptions, seq_len: int) -> dict:
-    """One shape timed: {"config", "rows" (method, impl, ms, bytes, gbps, rel_err_vs_xla), "dense_ms",
+    """One shape timed: {"config", "rows" (method, impl, ms, bytes, gbps, rel_err: against the method's
+    reference), "dense_ms",
     "sparq_ms" (each the fastest row of its method), "speedup", "transfer_ratio", "stream_ms",
     "copy_gbps", "breakdown" (None unless asked for)}."""
     sparq = o.method(seq_len)
@@ -183,9 +212,9 @@ def attention_case(o: AttentionOptions, seq_len: int) -> dict:
                                {"copy": (jnp.ones((copy_bytes // itemsize,), DTYPES[o.dtype]),)},
                                o.reps, o.warmup, inner))
     breakdown = _breakdowns(o, sparq, q, twice) if o.breakdown else None
-    errs = _errors_vs_xla(fns, fargs, rows)
+    errs = _errors_vs_reference(fns, fargs, rows, _references(q, twice, sparq))
     out_rows = [{"method": m, "impl": impl, "ms": ms[name], "bytes": nbytes, "gbps": nbytes / ms[name] / 1e6,
-                 "rel_err_vs_xla": errs[name]}
+                 "rel_err": errs[name]}
                 for name, (m, impl, nbytes) in rows.items()]
     dense_ms = min(r["ms"] for r in out_rows if r["method"] == "dense")
     sparq_ms = min(r["ms"] for r in out_rows if r["method"] == "sparq")
@@ -205,84 +234,51 @@ def attention_case(o: AttentionOptions, seq_len: int) -> dict:
     }
 
 
-def _stage_calls(o: AttentionOptions, sparq, st: stages.Stages, cache, impl: str) -> dict:
-    """{stage name: (jitted fn, args)}, each on the previous stage's real output (st)."""
-    from sparq_jax import native
-
-    step1, top_k, step2 = stages.step_functions(impl, o.interpret, transposed=True)
-    k = st.i2.shape[-1]
-    scores = jax.jit(lambda lg: stages.approx_scores(st.qg, st.q1, lg, st.mask, cache.lengths, sparq.local_window,
-                                                     sparq.group_scores))
-    calls = {
-        "step 1": (jax.jit(step1), (st.q1, cache.kt, st.i1)),
-        "softmax + group sum": (scores, (st.logits1,)),
-        "top-k: counting (XLA)": (jax.jit(lambda x: top_k_positions(x, k)), (st.score,)),
-        "top-k: lax.top_k": (jax.jit(lambda x: jax.lax.top_k(x, k)[1]), (st.score,)),
-        "alpha (s_hat at top-k)": (jax.jit(stages.covered_mass), (st.s_hat, st.i2, st.valid)),
-        "steps 2+3": (jax.jit(step2), (st.qg, cache.k, cache.v, st.i2, st.valid, st.alpha, st.v_bar)),
-    }
+def _top_k_variants(o: AttentionOptions, backend: str, k: int) -> dict:
+    """{name: top-k function of the score}: every top-k at hand for this backend, beside its own."""
+    calls = {"top-k: counting (XLA)": lambda x: topk.top_k_positions(x, k),
+             "top-k: lax.top_k, sorted": lambda x: topk.sorted_top_k(x, k)}
     if jax.default_backend() == "cpu" and native.available()[0]:
-        calls["top-k: native (CPU)"] = (jax.jit(lambda x: native.top_k_positions(x, k)), (st.score,))
-    if impl == "pallas_gpu":
-        calls.update(_fused_stage_calls(o, sparq, st, cache))
+        calls["top-k: native (CPU)"] = lambda x: native.top_k_positions(x, k)
+    if backend.startswith("pallas_gpu"):
+        from pallas_kernels import sparq_gpu
+
+        for name, kwargs in (("32 passes", {"early_exit": False}), ("a program per row", {"splits": 1})):
+            calls[f"top-k: Pallas, {name}"] = functools.partial(sparq_gpu.top_k_positions, k=k,
+                                                                interpret=o.interpret, **kwargs)
     return calls
 
 
-def _fused_stage_calls(o: AttentionOptions, sparq, st: stages.Stages, cache) -> dict:
-    """pallas_gpu's own kernels: the top-k variants, and what it runs in place of step 1 and the
-    softmax (one kernel, + the group sum of s_hat from its partials under group_scores="softmax")
-    and of steps 2+3 with alpha."""
-    from pallas_kernels import sparq_gpu
-
-    def top_k(**kwargs):
-        return jax.jit(lambda x: sparq_gpu.top_k_positions(x, st.i2.shape[-1], interpret=o.interpret, **kwargs))
-
-    fused = jax.jit(lambda q, keys: stages.fused_scores(q, keys, st.mask, cache.lengths, sparq, interpret=o.interpret))
-    calls = {"top-k: Pallas kernel": (top_k(), (st.score,)),
-             "top-k: Pallas, 32 passes": (top_k(early_exit=False), (st.score,)),
-             "top-k: Pallas, a program per row": (top_k(splits=1), (st.score,)),
-             "step 1 + scores, fused": (fused, (st.qg, cache.kt))}
-    try:
-        _, z, m, l, bounds = fused(st.qg, cache.kt)
-    except Exception as err:  # noqa: BLE001 - dropped (and reported) with its stage
-        print(f"(no input for 'steps 2+3 + alpha, fused': {type(err).__name__})", file=sys.stderr)
-        return calls
-    scored = jax.jit(lambda *a: sparq_gpu.gather_attend_scored(*a, reallocate=sparq.reallocate_mean,
-                                                               interpret=o.interpret))
-    v_bar = cache.v_sum / cache.max_len
-    calls["steps 2+3 + alpha, fused"] = (scored, (st.qg, cache.k, cache.v, st.i2, z, m, l, bounds, v_bar))
-    return calls
-
-
-def stage_breakdown(o: AttentionOptions, sparq, q, cache, impl: str) -> dict:
-    """SparQ's stages timed one by one (interleaved), each on the previous stage's real output (a full
-    cache: every position valid): step 1, the softmax and group sum, the top-k (each implementation
-    at hand), alpha, steps 2+3 -> {stage: {"ms", "bytes", "gbps"}}."""
-    st = jax.jit(functools.partial(stages.select, method=sparq, impl=impl, interpret=o.interpret))(q, cache)
-    calls = _stage_calls(o, sparq, st, cache, impl)
-    fns, fargs = {n: f for n, (f, _) in calls.items()}, {n: a for n, (_, a) in calls.items()}
+def stage_breakdown(o: AttentionOptions, sparq, q, cache, backend: str) -> dict:
+    """SparQ's parts on a backend (sparq_jax.backends.NAMES, or "xla": this platform's XLA backend),
+    as sparq(record=True) runs them, timed one by one (interleaved), each on the previous part's real
+    output (a full cache: every position valid): "scores" (step 1 and the approximate softmax),
+    "top-k" (and every other top-k at hand, on the same score), "v_bar", "steps 2+3"
+    -> {part: {"ms", "bytes", "gbps"}}."""
+    _, parts = stages.run(q, cache, sparq, backend=backend, interpret=o.interpret)
+    fns = {name: part.fn for name, part in parts.items()}
+    fargs = {name: part.args for name, part in parts.items()}
+    k = parts["top-k"].out.shape[-1]
+    for name, fn in _top_k_variants(o, backend, k).items():
+        fns[name], fargs[name] = jax.jit(fn), parts["top-k"].args
     drop_failing(fns, fargs)
     ms = time_interleaved(fns, fargs, o.reps, o.warmup, o.calls_per_sample)
     b, hkv, s, d = cache.k.shape
-    k, item = st.i2.shape[-1], cache.k.dtype.itemsize
-    logits, s_hat, score = st.logits1.size * 4, st.s_hat.size * 4, st.score.size * 4
-    nbytes = {"step 1": b * hkv * sparq.rank * s * item, "steps 2+3": 2 * b * hkv * k * d * item,
-              "step 1 + scores, fused": b * hkv * sparq.rank * s * item + logits,
-              "steps 2+3 + alpha, fused": 2 * b * hkv * k * d * item + logits * k // s,
-              "softmax + group sum": logits + s_hat + score, "alpha (s_hat at top-k)": s_hat * k // s}
-    for name in fns:
-        nbytes.setdefault(name, score)
-    return {name: {"ms": ms[name], "bytes": nbytes[name], "gbps": nbytes[name] / ms[name] / 1e6} for name in fns}
+    item, score = cache.k.dtype.itemsize, b * hkv * s * 4
+    nbytes = {"scores": b * hkv * sparq.rank * s * item, "steps 2+3": 2 * b * hkv * k * d * item,
+              "v_bar": b * hkv * d * 4}
+    return {name: {"ms": ms[name], "bytes": nbytes.get(name, score), "gbps": nbytes.get(name, score) / ms[name] / 1e6}
+            for name in fns}
 
 
 def print_case(result: dict) -> None:
     c = result["config"]
     print(f"\nB={c['batch']} Hq={c['q_heads']} Hkv={c['kv_heads']} S={c['seq_len']} D={c['head_dim']} "
           f"{c['dtype']} SparQ(r={c['rank']}, k={c['top_k']}, l={c['local_window']}) on {c['device']}")
-    print(f"{'method':<16}{'impl':<34}{'ms':>10}{'MB read':>10}{'GB/s':>8}{'err vs xla':>12}")
+    print(f"{'method':<16}{'impl':<34}{'ms':>10}{'MB read':>10}{'GB/s':>8}{'err vs ref':>12}")
     for r in result["rows"]:
         print(f"{r['method']:<16}{r['impl']:<34}{r['ms']:>10.3f}{r['bytes'] / 1e6:>10.1f}{r['gbps']:>8.1f}"
-              f"{r['rel_err_vs_xla']:>12.1e}")
+              f"{r['rel_err']:>12.1e}")
     print(f"speedup {result['speedup']:.2f}x (dense {result['dense_ms']:.3f} ms / sparq {result['sparq_ms']:.3f} ms), "
           f"transfer ratio {result['transfer_ratio']:.4f} (at most {1 / result['transfer_ratio']:.2f}x); "
           f"streaming SparQ's bytes takes {result['stream_ms']:.3f} ms "
