@@ -168,6 +168,18 @@ def methods(presses, ratios) -> list[tuple[str, float]]:
     return [("dense", 0.0)] + [(p, r) for r in ratios for p in presses]
 
 
+def raw_split(tokenizer, s: dict) -> tuple[list[int], list[int]]:
+    """(context ids, question ids) of --prompt raw: our harness's tokens (models/evaluation/ruler.py
+    prefill: the tokenizer's prefix + the ids of the whole prompt, no special tokens), of which the
+    last len(ids(question + answer_prefix)) are the question's, decoded after the prefill."""
+    enc = lambda text: list(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    full = list(tokenizer("")["input_ids"]) + enc(s["context"] + s["question"] + s["answer_prefix"])
+    k = len(enc(s["question"] + s["answer_prefix"]))
+    if not 0 < k < len(full):
+        raise ValueError(f"sample {sample_key(s)}: {k} question tokens of a {len(full)}-token prompt")
+    return full[:-k], full[-k:]
+
+
 def default_gguf() -> str:
     cache = os.environ.get("SPARQ_JAX_CACHE", os.path.expanduser("~/.cache/sparq_jax"))
     found = sorted(glob.glob(os.path.join(cache, "models", MODEL, "*.gguf")))
@@ -183,6 +195,8 @@ class Peer:
         import torch
         torch.set_num_threads(threads)
         from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
         import kvpress  # noqa: F401  (registers the kv-press-text-generation pipeline)
         self.torch = torch
         folder, name = os.path.split(os.path.abspath(gguf_path))
@@ -206,10 +220,8 @@ class Peer:
         if prompt == "chat":
             pre, _, _ = self.pipe._sanitize_parameters(question=s["question"], answer_prefix=s["answer_prefix"])
             return self.pipe.preprocess(s["context"], **pre)
-        enc = lambda text: list(self.tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
-        full = list(self.tok("")["input_ids"]) + enc(s["context"] + s["question"] + s["answer_prefix"])
-        k = len(enc(s["question"] + s["answer_prefix"]))
-        return {"context_ids": torch.tensor([full[:-k]]), "questions_ids": [torch.tensor([full[-k:]])]}
+        context_ids, question_ids = raw_split(self.tok, s)
+        return {"context_ids": torch.tensor([context_ids]), "questions_ids": [torch.tensor([question_ids])]}
 
     def run_pipeline(self, s: dict, name: str, ratio: float, prompt: str) -> tuple[str, float]:
         """One method through the pipeline itself (its __call__ for "chat", its _forward on our
@@ -321,8 +333,11 @@ def main(argv=None):
     unknown = [p for p in args.presses if not hasattr(kvpress, p)]
     if unknown:
         ap.error(f"--presses {unknown}: not kvpress presses (e.g. {', '.join(PRESSES)})")
-    samples = select(load_samples(args.samples), args.tasks, args.limit)
-    gguf_path = args.gguf or default_gguf()
+    try:
+        samples = select(load_samples(args.samples), args.tasks, args.limit)
+        gguf_path = args.gguf or default_gguf()
+    except (ValueError, FileNotFoundError) as e:
+        ap.error(str(e))
     if not os.path.isfile(gguf_path):
         ap.error(f"--gguf {gguf_path!r}: no such file")
 
@@ -345,7 +360,7 @@ def main(argv=None):
                 sys.exit(f"{path} holds --prompt {r['prompt']} runs, not {args.prompt}; use a new --out")
 
     peer = Peer(gguf_path, args.threads)
-    meta = dict(versions(), gguf=os.path.basename(gguf_path), threads=args.threads, mode=args.mode, prompt=args.prompt,
+    meta = dict(versions(), gguf_file=os.path.basename(gguf_path), threads=args.threads, mode=args.mode, prompt=args.prompt,
                 eos_token_id=peer.model.generation_config.eos_token_id)
     print(json.dumps(meta), flush=True)
     with open(path, "a") as f:
