@@ -67,8 +67,9 @@ def ours_cells(rows, length: int, tasks) -> tuple[dict, dict]:
     return cells, cpu
 
 
-def peer_cells(rows, length: int, tasks) -> tuple[dict, dict, dict]:
-    """-> (cells as ours_cells, CPU seconds per label, the shared prefills' CPU seconds per label)."""
+def peer_cells(rows, length: int, tasks) -> tuple[dict, dict, float]:
+    """-> (cells as ours_cells, CPU seconds per label, CPU seconds of the prefills the script ran: one
+    per sample and invocation, shared by the methods of that invocation)."""
     cells, cpu, prefill = {}, {}, {}
     for r in rows:
         if r["length"] != length or r["task"] not in tasks:
@@ -80,8 +81,8 @@ def peer_cells(rows, length: int, tasks) -> tuple[dict, dict, dict]:
         label = ("kvpress", r["method"], r["compression_ratio"])
         cells.setdefault((label, r["task"]), {})[r["key"]] = (score, r["answer"])
         cpu[label] = cpu.get(label, 0.0) + r["cpu_s"]
-        prefill[label] = prefill.get(label, 0.0) + r.get("prefill_cpu_s", 0.0)
-    return cells, cpu, prefill
+        prefill[(r["key"], r.get("prefill_cpu_s"))] = r.get("prefill_cpu_s") or 0.0
+    return cells, cpu, sum(prefill.values())
 
 
 def name(label) -> str:
@@ -100,7 +101,7 @@ def table(cells, cpu, labels, tasks) -> list[str]:
         if not any(got):
             continue
         means = [100 * np.mean([s for s, _ in g.values()]) if g else None for g in got]
-        full = all(len(g) == n_max[t] for g, t in zip(got, tasks))
+        full = all(g and len(g) == n_max[t] for g, t in zip(got, tasks))
         avg = np.mean([m for m in means if m is not None])
         lines.append(f"| {name(label)} | " + " | ".join("-" if m is None else f"{m:.0f}" for m in means)
                      + (f" | {avg:.1f}" if full else f" | ({avg:.1f})")
@@ -109,28 +110,33 @@ def table(cells, cpu, labels, tasks) -> list[str]:
 
 
 def agreement(cells, tasks) -> list[str]:
+    """Our dense vs kvpress's dense on the samples both have: the same generation (after RULER's
+    postprocess_pred), the same score, and each task's summed score within one sample."""
     ours, peer = ("ours", "dense", 1.0), ("kvpress", "dense", 0.0)
-    lines, rows, n_same, n_all = [], [], 0, 0
+    lines, rows, n_same, n_score, n_all = [], [], 0, 0, 0
     for t in tasks:
         a, b = cells.get((ours, t), {}), cells.get((peer, t), {})
         common = [i for i in a if i in b]
         if not common:
             continue
         same = [i for i in common if same_answer(a[i][1], b[i][1])]
-        n_same, n_all = n_same + len(same), n_all + len(common)
+        score = [i for i in common if a[i][0] == b[i][0]]
+        n_same, n_score, n_all = n_same + len(same), n_score + len(score), n_all + len(common)
         sa, sb = sum(a[i][0] for i in common), sum(b[i][0] for i in common)
-        rows.append(f"| {t} | {len(common)} | {len(same)} | {sa:.2f} | {sb:.2f} | {sb - sa:+.2f} "
+        rows.append(f"| {t} | {len(common)} | {len(same)} | {len(score)} | {sa:.2f} | {sb:.2f} | {sb - sa:+.2f} "
                     f"| {'yes' if abs(sb - sa) <= 1 else 'no'} |")
         for i in common:
             if i not in same:
-                lines.append(f"- `{i}`: ours {a[i][0]:.2f} `{a[i][1][:80]!r}`, kvpress {b[i][0]:.2f} `{b[i][1][:80]!r}`")
+                lines.append(f"- `{i}`: ours {a[i][0]:.2f} {a[i][1][:100]!r}; kvpress {b[i][0]:.2f} {b[i][1][:100]!r}")
     if not n_all:
         return ["No sample has both dense runs yet."]
-    head = [f"Dense agreement: the same generation (after RULER's postprocess_pred) on {n_same} of {n_all} samples "
-            f"({100 * n_same / n_all:.0f}%; goal >= 90%), each task's summed score within one sample of ours:", "",
-            "| task | n | same answer | ours (sum) | kvpress (sum) | difference | within one sample |",
-            "|---|---|---|---|---|---|---|", *rows, ""]
-    return head + (["Samples where the two dense runs differ:", "", *lines] if lines else ["No sample differs."])
+    head = [f"Dense agreement on the {n_all} samples both sides have run: the same generation (after RULER's "
+            f"postprocess_pred) on {n_same} ({100 * n_same / n_all:.0f}%; goal >= 90%), the same score on {n_score} "
+            f"({100 * n_score / n_all:.0f}%).", "",
+            "| task | n | same generation | same score | ours (sum) | kvpress (sum) | difference | within one sample |",
+            "|---|---|---|---|---|---|---|---|", *rows, ""]
+    return head + (["Samples whose two dense generations differ (first 100 characters):", "", *lines]
+                   if lines else ["No sample differs."])
 
 
 def main(argv=None) -> str:
@@ -142,7 +148,11 @@ def main(argv=None) -> str:
     ap.add_argument("--markdown", help="also write the text here")
     args = ap.parse_args(argv)
 
-    ours, ours_cpu = ours_cells(read_jsonl(args.ours), args.length, args.tasks)
+    if os.path.isfile(args.ours):
+        ours, ours_cpu = ours_cells(read_jsonl(args.ours), args.length, args.tasks)
+    else:
+        print(f"warning: --ours {args.ours!r}: no such file yet, kvpress rows only", file=sys.stderr)
+        ours, ours_cpu = {}, {}
     peer, peer_cpu, peer_prefill = peer_cells(read_jsonl(args.peer), args.length, args.tasks)
     cells, cpu = {**ours, **peer}, {**ours_cpu, **peer_cpu}
     labels = ([("ours", m, c) for m, c in OURS] + [("kvpress", "dense", 0.0)]
@@ -153,7 +163,7 @@ def main(argv=None) -> str:
              f"CPU h: ours, the decode steps of that method (the dense prefill shared by all our methods took "
              f"{ours_cpu.get('prefill', 0) / 3600:.2f} CPU h more); kvpress, each run's own prefill, compression "
              f"and decode (its script shares one prefill among all presses of a sample: "
-             f"{peer_prefill.get(('kvpress', 'dense', 0.0), 0) / 3600:.2f} CPU h of prefills in all). "
+             f"{peer_prefill / 3600:.2f} CPU h of prefills in all). "
              f"An average in brackets is over fewer samples than the column's largest n.", "",
              *agreement(cells, args.tasks)]
     text = "\n".join(lines)
