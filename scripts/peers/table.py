@@ -85,6 +85,30 @@ def peer_cells(rows, length: int, tasks) -> tuple[dict, dict, float]:
     return cells, cpu, sum(prefill.values())
 
 
+def token_check(peer_rows, samples_path: str, gguf_path: str) -> str:
+    """Whether the peer fed kvpress our harness's very tokens: our GGUF tokenizer's ids of each sample
+    (models/evaluation/ruler.py prefill: prefix + ids of the whole prompt) against the peer's ids_sha."""
+    import hashlib
+    from models import gguf
+    from models.evaluation import prompts
+    tok = gguf.tokenizer(gguf.open_gguf(gguf_path))
+    samples = {s["id"]: s for s in read_jsonl(samples_path)}
+    seen, same = {}, 0
+    for r in peer_rows:
+        if "ids_sha" not in r or r["key"] in seen:
+            continue
+        s = samples[r["key"]]
+        full = prompts.prefix(tok) + prompts.encode(tok, s["context"] + s["question"] + s["answer_prefix"])
+        k = len(prompts.encode(tok, s["question"] + s["answer_prefix"]))
+        ok = (hashlib.sha256(json.dumps(full).encode()).hexdigest()[:16] == r["ids_sha"]
+              and (len(full) - k, k) == (r["n_context_tokens"], r["n_question_tokens"]))
+        seen[r["key"]] = ok
+        same += ok
+    bad = [k for k, ok in seen.items() if not ok]
+    return (f"Tokens: kvpress got our harness's very token ids (and context/question split) on {same} of "
+            f"{len(seen)} samples" + (f"; not on {', '.join(bad)}." if bad else "."))
+
+
 def name(label) -> str:
     side, method, c = label
     if side == "ours":
@@ -146,6 +170,9 @@ def main(argv=None) -> str:
     ap.add_argument("--length", type=int, default=4096)
     ap.add_argument("--tasks", nargs="+", default=list(TASKS))
     ap.add_argument("--markdown", help="also write the text here")
+    ap.add_argument("--check-tokens", metavar="SAMPLES", help="the samples JSONL: check the peer's token ids "
+                    "against our GGUF tokenizer's (needs --gguf)")
+    ap.add_argument("--gguf", help="the model's GGUF file (for --check-tokens)")
     args = ap.parse_args(argv)
 
     if os.path.isfile(args.ours):
@@ -153,7 +180,10 @@ def main(argv=None) -> str:
     else:
         print(f"warning: --ours {args.ours!r}: no such file yet, kvpress rows only", file=sys.stderr)
         ours, ours_cpu = {}, {}
-    peer, peer_cpu, peer_prefill = peer_cells(read_jsonl(args.peer), args.length, args.tasks)
+    if args.check_tokens and not args.gguf:
+        ap.error("--check-tokens needs --gguf")
+    peer_rows = read_jsonl(args.peer)
+    peer, peer_cpu, peer_prefill = peer_cells(peer_rows, args.length, args.tasks)
     cells, cpu = {**ours, **peer}, {**ours_cpu, **peer_cpu}
     labels = ([("ours", m, c) for m, c in OURS] + [("kvpress", "dense", 0.0)]
               + [("kvpress", p, r) for r in RATIOS for p in PRESSES])
@@ -166,6 +196,9 @@ def main(argv=None) -> str:
              f"{peer_prefill / 3600:.2f} CPU h of prefills in all). "
              f"An average in brackets is over fewer samples than the column's largest n.", "",
              *agreement(cells, args.tasks)]
+    if args.check_tokens:
+        lines += ["", token_check([r for r in peer_rows if r["length"] == args.length and r["task"] in args.tasks],
+                                  args.check_tokens, args.gguf)]
     text = "\n".join(lines)
     print(text)
     if args.markdown:
