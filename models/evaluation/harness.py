@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 import sparq_jax as sq
-from sparq_jax import tasks
+from . import tasks
 
 from ..lm import LanguageModel, TransferMeter
 from . import prompts as text
