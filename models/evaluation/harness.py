@@ -26,14 +26,15 @@ import numpy as np
 from tqdm import tqdm
 
 import sparq_jax as sq
-from . import tasks
+from . import ruler, tasks
 
 from ..lm import LanguageModel, TransferMeter
 from . import prompts as text
 
 COMPRESSION = (1 / 2, 1 / 4, 1 / 8, 1 / 16)
 # Samples per task unless `limit` says otherwise: a few minutes of CPU for the bundled model's grid.
-DEFAULT_N = {"passkey": 40, "multikey": 40, "repetition": 32, "bpc": 16, "needle": 25, "code": 20}
+DEFAULT_N = {"passkey": 40, "multikey": 40, "repetition": 32, "bpc": 16, "needle": 25, "code": 20,
+             **{t: ruler.DEFAULT_N for t in ruler.TASKS}}
 BPC_SCORED = 256           # tokens of each bpc window scored through decode steps (at most half)
 
 
@@ -227,7 +228,8 @@ def run_bpc(lm, windows: list[str], method_of, prefilled: Prefilled):
 
 RUNNERS = {"passkey": (prefill_passkey, run_passkey), "multikey": (prefill_passkey, run_passkey),
            "needle": (prefill_passkey, run_passkey), "repetition": (prefill_repetition, run_repetition),
-           "code": (prefill_repetition, run_repetition), "bpc": (prefill_bpc, run_bpc)}
+           "code": (prefill_repetition, run_repetition), "bpc": (prefill_bpc, run_bpc),
+           **{t: (ruler.prefill, ruler.run) for t in ruler.TASKS}}
 
 
 def configurations(methods, ratios) -> list[tuple[str, float]]:
@@ -261,6 +263,10 @@ def evaluate(lm: LanguageModel, task_names, methods, ratios=COMPRESSION, limit: 
         if name not in sq.METHOD_NAMES:
             raise ValueError(f"unknown method {name!r}; choose from {', '.join(sq.METHOD_NAMES)}")
     context_length = context_length or lm.config.max_position_embeddings
+    task_names = ruler.expand(task_names)         # "ruler": its eleven tasks
+    for task in task_names:
+        if task in ruler.TASKS:
+            ruler.check_length(lm.tokenizer, task, context_length, lm.config.max_position_embeddings)
     d = lm.config.head_dim
     grouped = lm.config.num_key_value_heads < lm.config.num_attention_heads
     done = set(done)

@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from . import tasks
+from . import ruler, tasks
 
 from ..hf import BUNDLED
 
@@ -62,8 +62,10 @@ def build_samples(tokenizer, task: str, n: int, context_length: int, seed: int, 
     samples from `heldout` (default: heldout_text()); needle hides its number in the Paul Graham
     essays at NEEDLE_DEPTHS in turn, code copies from Python's standard-library sources (data.py),
     both from at least min(FAR_TOKENS, context_length // 2) tokens before the question."""
+    if task in ruler.TASKS:      # RULER's own generators; context_length is its max_seq_length
+        return ruler.build_samples(tokenizer, task, n, context_length, seed)
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+        raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS + ruler.TASKS)}")
     if task in ("needle", "code"):
         from . import data
 
