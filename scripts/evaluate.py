@@ -21,6 +21,7 @@ ratios >= its floor of ~1/2). Each row's transfer_ratio is measured over the dec
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -76,17 +77,21 @@ def lm_eval_main(argv):
     p.add_argument("--method", choices=METHOD_NAMES, default="dense")
     p.add_argument("--compression", help="the method's transfer ratio (0.125 or 1/8); not for dense")
     p.add_argument("--tasks", required=True, help="comma list of lm-eval task names (shipped: sparq_passkey, "
-                                                  "sparq_plays_next_line)")
+                                                  "sparq_plays_next_line, sparq_ruler)")
     p.add_argument("--include-path", help="a folder of more lm-eval task YAML")
     p.add_argument("--limit", type=positive_int, help="documents per task")
     p.add_argument("--batch-size", type=positive_int, default=1, help="rows per prefill (default 1)")
     p.add_argument("--dtype", default="float32", help="the weights' dtype (float32, bfloat16, float16)")
     p.add_argument("--output", help="write lm-eval's results here as JSON")
+    p.add_argument("--metadata", type=json.loads, default=None,
+                   help='the tasks\' metadata as JSON, e.g. \'{"max_seq_lengths": [4096]}\' for sparq_ruler')
     args = p.parse_args(argv)
+    if args.metadata is not None and not isinstance(args.metadata, dict):
+        p.error(f"--metadata must be a JSON object, got {args.metadata!r}")
     from models.evaluation import lm_eval as backend
     try:
         return backend.run(args.model, args.method, args.compression, args.tasks.split(","), args.include_path,
-                           args.limit, args.batch_size, args.dtype, args.output)
+                           args.limit, args.batch_size, args.dtype, args.output, metadata=args.metadata)
     except ValueError as err:
         p.error(str(err))
 

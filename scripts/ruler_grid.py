@@ -111,6 +111,7 @@ def cells(rows) -> dict:
     """{(length, task, label): {"scores", "cpu_s", "method_bytes", "dense_bytes"}} over the sample rounds;
     prefill CPU seconds under the label "prefill"."""
     out = {}
+    rows = list({_key(r): r for r in rows}.values())     # a prefill run again after a stop counts once
     for r in rows:
         label = "prefill" if r["method"] == "prefill" else _label(r["method"], r["compression"])
         c = out.setdefault((r["length"], r["task"], label), {"scores": [], "cpu_s": 0.0, "method_bytes": 0,
