@@ -179,10 +179,12 @@ def _seeded(seed: int):
         cwe.RNG.setstate(states[2])
 
 
-def min_length(tokenizer, task: str) -> int:
+def min_length(tokenizer, task: str, length: int = 4096) -> int:
     """The shortest max_seq_length task's generator can fill: its template at the smallest haystack it
-    tries (niah: one unit per needle; vt: 10 noise lines and its in-context example; cwe: 10 words;
-    fwe: none), plus the tokens it reserves for the answer."""
+    tries (niah: one unit per needle; vt: 10 noise lines and its in-context example; cwe: 10 words, as
+    at `length`; fwe: none), plus the tokens it reserves for the answer. vt's and cwe's generators
+    loop forever below it, so this is checked before they run. ValueError if vt's in-context example
+    (its own 500-token budget) cannot be built with this tokenizer."""
     check_task(task)
     r = _ruler()
     count = lambda text: len(tokenizer(text).input_ids)
@@ -190,19 +192,22 @@ def min_length(tokenizer, task: str) -> int:
         if task.startswith("niah"):
             s = dict(niah_settings(task))
             kind = s.pop("haystack")
-            needles = max(s.get("num_needle_k", 1), s.get("num_needle_q", 1)) * s.get("num_needle_v", 1)
+            keys = max(s.get("num_needle_k", 1), s.get("num_needle_q", 1))
             text, _, _ = r["prepare"].generate_input_output(
-                needles, _haystack(kind), type_haystack=kind, num_needle_k=max(s.get("num_needle_k", 1),
-                                                                                s.get("num_needle_q", 1)),
+                keys * s.get("num_needle_v", 1), _haystack(kind), type_haystack=kind, num_needle_k=keys,
                 type_needle_k=s["type_needle_k"], num_needle_v=s.get("num_needle_v", 1),
                 type_needle_v=s["type_needle_v"], template=s["template"], num_needle_q=s.get("num_needle_q", 1))
             return count(text) + MAX_NEW_TOKENS[task]
         if task == "vt":
+            icl, _ = r["vt"].generate_input_output(5, 1, 4, is_icl=True)
+            if count(icl) + MAX_NEW_TOKENS[task] > 500:
+                raise ValueError(f"RULER's vt cannot build its in-context example in 500 tokens of this tokenizer "
+                                 f"({count(icl) + MAX_NEW_TOKENS[task]} at its smallest)")
             example = r["vt"].sys_vartrack_w_noise_random(tokenizer, num_samples=1, max_seq_length=500, incremental=5)[0]
             text, _ = r["vt"].generate_input_output(10, 1, 4, is_icl=False)
             return count(text) + count(example["input"] + " " + " ".join(example["outputs"]) + "\n\n") + MAX_NEW_TOKENS[task]
         if task == "cwe":
-            _, text, _ = r["cwe"].generate_input_output(10, 4096)
+            _, text, _ = r["cwe"].generate_input_output(10, length)
             return count(text) + MAX_NEW_TOKENS[task]
         return count(r["fwe"].TEMPLATE.format(context="", query="")) + MAX_NEW_TOKENS[task]
 
@@ -213,7 +218,7 @@ def check_length(tokenizer, task: str, length: int, max_context: Optional[int] =
     check_int("length", length)
     if max_context is not None and length > max_context:
         raise ValueError(f"max_seq_length {length} is above the model's context ({max_context} tokens)")
-    need = min_length(tokenizer, task)
+    need = min_length(tokenizer, task, length)
     if length < need:
         raise ValueError(f"max_seq_length {length} is too short for RULER's {task}: its template, smallest haystack "
                          f"and answer take {need} tokens")

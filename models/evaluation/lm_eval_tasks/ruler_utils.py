@@ -12,6 +12,7 @@ lm-eval's --limit takes from every length. Scoring: lm-eval's common_utils (stri
 from __future__ import annotations
 
 import functools
+import os
 
 import datasets
 from lm_eval.tasks.ruler.common_utils import aggregate_metrics, process_results  # noqa: F401  (the yaml's)
@@ -21,6 +22,7 @@ from models.evaluation import ruler
 
 @functools.lru_cache(maxsize=4)
 def _checkpoint(name: str):
+    """(tokenizer, max_position_embeddings) of a checkpoint (anything hf.open_checkpoint takes)."""
     from models import hf
     checkpoint = hf.open_checkpoint(name)
     tokenizer = checkpoint.tokenizer()
@@ -29,18 +31,29 @@ def _checkpoint(name: str):
     return tokenizer, checkpoint.config.max_position_embeddings
 
 
+@functools.lru_cache(maxsize=4)
+def _tokenizer(name: str):
+    """tokenizer=: a folder of tokenizer files only (no model), or a checkpoint's."""
+    if os.path.isdir(name) and not os.path.exists(os.path.join(name, "config.json")):
+        from transformers import PreTrainedTokenizerFast
+        return PreTrainedTokenizerFast.from_pretrained(name)
+    return _checkpoint(name)[0]
+
+
 def settings(metadata: dict) -> tuple:
-    """(tokenizer, max_context, lengths, num_samples, seed) from the metadata, checked."""
-    name = metadata.get("tokenizer") or metadata.get("pretrained")
-    if not isinstance(name, str) or not name:
+    """(tokenizer, max_context or None, lengths, num_samples, seed) from the metadata, checked: the
+    tokenizer is tokenizer='s, else pretrained='s; the context bound is pretrained='s."""
+    name, model = metadata.get("tokenizer"), metadata.get("pretrained")
+    if not any(isinstance(x, str) and x for x in (name, model)):
         raise ValueError("the sparq_ruler tasks count lengths in the model's tokenizer: give pretrained= in "
                          "model_args or tokenizer= in --metadata")
     lengths = metadata.get("max_seq_lengths", [4096])
-    if isinstance(lengths, int) or not lengths or not all(isinstance(x, int) and not isinstance(x, bool)
-                                                          for x in lengths):
+    if not isinstance(lengths, list) or not lengths or not all(isinstance(x, int) and not isinstance(x, bool)
+                                                               for x in lengths):
         raise ValueError(f"metadata max_seq_lengths must be a list of integers, got {lengths!r}")
-    tokenizer, context = _checkpoint(name)
-    return tokenizer, context, list(lengths), int(metadata.get("num_samples", ruler.DEFAULT_N)), \
+    tokenizer = _tokenizer(name) if name else _checkpoint(model)[0]
+    context = _checkpoint(model)[1] if model else None
+    return tokenizer, context, lengths, int(metadata.get("num_samples", ruler.DEFAULT_N)), \
         int(metadata.get("seed", ruler.SEED))
 
 
