@@ -59,6 +59,8 @@ def read_rows(path: str) -> list[dict]:
 
 
 def run(args) -> None:
+    import jax
+
     import models
     import sparq_jax as sq
     from models.evaluation import harness, ruler
@@ -84,6 +86,7 @@ def run(args) -> None:
                     samples = ruler.build_samples(lm.tokenizer, task, max(b for _, b in batches), length, SEED)[start:stop]
                     c0, w0 = time.process_time(), time.time()
                     prefilled = ruler.prefill(lm, samples)
+                    jax.block_until_ready(prefilled.state)          # JAX dispatches asynchronously
                     write({"length": length, "task": task, "start": start, "stop": stop, "method": "prefill",
                            "compression": 1.0, "cpu_s": time.process_time() - c0, "wall_s": time.time() - w0,
                            "tokens": int(prefilled.lengths.sum() + prefilled.forced.size)})

@@ -171,3 +171,24 @@ def test_export_writes_the_schema(tok, tmp_path):
     assert rows[0]["context"] + rows[0]["question"] + rows[0]["answer_prefix"] == \
         ruler.build_samples(tok, "niah_single_1", 2, LENGTH)[0].prompt
     assert len({r["id"] for r in rows}) == 4
+
+
+def test_harness_runs_ruler_with_every_method_from_one_prefill(monkeypatch):
+    """evaluate(lm, [RULER task], ...) on the bundled model (byte tokenizer, 1024 tokens): one prefill
+    per batch serves dense and SparQ, rows as the other tasks', RULER's score in [0, 1]."""
+    import models
+    from models import evaluation
+    from models.evaluation import harness
+
+    lm = models.from_pretrained(models.BUNDLED)
+    prefills = []
+    real = ruler.prefill
+    monkeypatch.setitem(harness.RUNNERS, "niah_single_1",
+                        (lambda lm_, s: prefills.append(len(s)) or real(lm_, s), ruler.run))
+    rows = evaluation.evaluate(lm, ["niah_single_1"], ["dense", "sparq"], [1 / 4], limit=1, context_length=LENGTH,
+                               progress=False)
+    assert prefills == [1]
+    assert [(r["task"], r["method"], r["n"]) for r in rows] == [("niah_single_1", "dense", 1),
+                                                                  ("niah_single_1", "sparq", 1)]
+    assert rows[0]["transfer_ratio"] == 1.0 and 0.2 <= rows[1]["transfer_ratio"] <= 0.26
+    assert all(0.0 <= r["score"] <= 1.0 for r in rows)
