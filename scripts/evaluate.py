@@ -28,6 +28,7 @@ import time
 
 import models
 from models import evaluation
+from models.evaluation import ruler
 from models.cli import positive_int, ratio_list
 from sparq_jax import METHOD_NAMES
 
@@ -46,9 +47,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="bundled", help="a checkpoint folder, a .gguf file, a known name "
                                                        "(smollm2-135m-instruct) or bundled (default: bundled)")
-    p.add_argument("--tasks", type=_list(evaluation.TASKS, "tasks"), default=list(evaluation.TASKS[:4]),
-                   help=f"comma list of {evaluation.TASKS} (default: the first four; needle fetches the Paul "
-                        f"Graham essays once, code copies Python's own standard-library sources)")
+    p.add_argument("--tasks", type=_list(evaluation.TASKS + (ruler.GROUP,) + ruler.TASKS, "tasks"),
+                   default=list(evaluation.TASKS[:4]),
+                   help=f"comma list of {evaluation.TASKS}, ruler (its eleven tasks) or RULER's {ruler.TASKS} "
+                        f"(default: the first four; needle and RULER fetch the Paul Graham essays once, code "
+                        f"copies Python's own standard-library sources)")
     p.add_argument("--methods", type=_list(METHOD_NAMES, "methods"), default=list(METHOD_NAMES),
                    help=f"comma list of {METHOD_NAMES}")
     p.add_argument("--compression", type=ratio_list, default=list(evaluation.COMPRESSION),
@@ -128,7 +131,8 @@ def main(argv=None):
     start = time.time()
     evaluation.evaluate(lm, args.tasks, args.methods, args.compression, args.limit, ctx, args.seed, heldout,
                         batch=args.batch, done=store.done, on_result=store.add, bpc_tokens=args.bpc_tokens)
-    wanted = {(t, m, r) for t in args.tasks for m, r in evaluation.configurations(args.methods, args.compression)}
+    wanted = {(t, m, r) for t in ruler.expand(args.tasks)
+              for m, r in evaluation.configurations(args.methods, args.compression)}
     results = [r for r in store.rows if (r["task"], r["method"], r["compression"]) in wanted]
     print(evaluation.format_table(results))
     print(f"({time.time() - start:.0f} s, context {ctx} tokens, seed {args.seed})")
