@@ -85,7 +85,7 @@ def main(argv=None):
     def attention(layer, q, k, v):           # llama.decode_step's, keeping each layer's q and cache
         cache = state[layer].append(k.swapaxes(1, 2), v.swapaxes(1, 2))
         captured[layer] = (np.asarray(q[:, 0], np.float32), cache)
-        out = sq.attend(q[:, 0], cache, sq.Dense(), window=cfg.sliding_window)
+        out, cache = sq.attend(q[:, 0], cache, sq.Dense(), window=cfg.sliding_window)
         return out[:, None], cache
 
     token = jnp.asarray([ids[-1]], jnp.int32)
