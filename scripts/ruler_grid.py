@@ -135,7 +135,25 @@ def report(args) -> str:
     table = cells(rows)
     lengths = sorted({k[0] for k in table})
     labels = [l for l in dict.fromkeys(_label(m, r) for g in GRID for m, r in g[3]) if any(k[2] == l for k in table)]
-    lines = []
+    def average(length, label):
+        """(mean score over the tasks dense has at this length, complete?) or None."""
+        tasks = [t for t in ALL if (length, t, "dense") in table]
+        got = [table.get((length, t, label)) for t in tasks]
+        if not any(got):
+            return None
+        full = all(c and len(c["scores"]) == len(table[(length, t, "dense")]["scores"]) for c, t in zip(got, tasks))
+        return 100 * np.mean([np.mean(c["scores"]) for c in got if c]), full
+
+    lines = ["#### RULER average by length (% of dense's in brackets; * over fewer tasks or samples than dense's)", "",
+             "| method | " + " | ".join(f"{n // 1024}k" for n in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
+    for label in labels:
+        marks = []
+        for length in lengths:
+            a, d = average(length, label), average(length, "dense")
+            marks.append("-" if a is None else f"{a[0]:.1f}{'' if a[1] else '*'}"
+                         + (f" ({100 * a[0] / d[0]:.0f}%)" if d and d[0] > 0 and label != "dense" else ""))
+        lines.append(f"| {label} | " + " | ".join(marks) + " |")
+    lines.append("")
     for length in lengths:
         tasks = [t for t in ALL if (length, t, "dense") in table]
         here = [l for l in labels if any((length, t, l) in table for t in tasks)]
@@ -165,7 +183,7 @@ def report(args) -> str:
 
 
 def plot(table, lengths, labels, path: str, title: str) -> None:
-    """RULER average (over the tasks every plotted length has for that method) against length."""
+    """RULER average against length, per method: at each length over the tasks dense has there (16k: four)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
