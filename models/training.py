@@ -25,7 +25,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from sparq_jax.tasks import PASSKEY_FILLER, PASSKEY_INTRO, PASSKEY_QUESTION, passkey_needle
+from models.evaluation.tasks import PASSKEY_FILLER, PASSKEY_INTRO, PASSKEY_QUESTION, passkey_needle
 
 from . import llama
 from .config import ModelConfig, RopeParameters

@@ -21,6 +21,7 @@ ratios >= its floor of ~1/2). Each row's transfer_ratio is measured over the dec
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -29,6 +30,7 @@ import types
 
 import models
 from models import evaluation, hf
+from models.evaluation import ruler
 from models.cli import image_file, method_list, names_list, output_file, positive_int, ratio_list, unique
 from sparq_jax import METHOD_NAMES
 
@@ -37,9 +39,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="bundled", help="a checkpoint folder, a .gguf file, a known name "
                                                        "(smollm2-135m-instruct) or bundled (default: bundled)")
-    p.add_argument("--tasks", type=names_list(evaluation.TASKS, "task"), action="extend",
-                   help=f"comma list of {evaluation.TASKS} (default: the first four; needle fetches the Paul "
-                        f"Graham essays once, code copies Python's own standard-library sources)")
+    p.add_argument("--tasks", type=names_list(evaluation.TASKS + (ruler.GROUP,) + ruler.TASKS, "task"), action="extend",
+                   help=f"comma list of {evaluation.TASKS}, ruler (its eleven tasks) or RULER's {ruler.TASKS} "
+                        f"(default: the first four; needle and RULER fetch the Paul Graham essays once, code "
+                        f"copies Python's own standard-library sources)")
     p.add_argument("--methods", "--method", type=method_list, action="extend",
                    help=f"comma list of {', '.join(METHOD_NAMES)} (default: all)")
     p.add_argument("--compression", type=ratio_list, default=list(evaluation.COMPRESSION),
@@ -75,17 +78,21 @@ def lm_eval_main(argv):
     p.add_argument("--method", choices=METHOD_NAMES, default="dense")
     p.add_argument("--compression", help="the method's transfer ratio (0.125 or 1/8); not for dense")
     p.add_argument("--tasks", required=True, help="comma list of lm-eval task names (shipped: sparq_passkey, "
-                                                  "sparq_plays_next_line)")
+                                                  "sparq_plays_next_line, sparq_ruler)")
     p.add_argument("--include-path", help="a folder of more lm-eval task YAML")
     p.add_argument("--limit", type=positive_int, help="documents per task")
     p.add_argument("--batch-size", type=positive_int, default=1, help="rows per prefill (default 1)")
     p.add_argument("--dtype", default="float32", help="the weights' dtype (float32, bfloat16, float16)")
     p.add_argument("--output", type=output_file, help="write lm-eval's results here as JSON")
+    p.add_argument("--metadata", type=json.loads, default=None,
+                   help='the tasks\' metadata as JSON, e.g. \'{"max_seq_lengths": [4096]}\' for sparq_ruler')
     args = p.parse_args(argv)
+    if args.metadata is not None and not isinstance(args.metadata, dict):
+        p.error(f"--metadata must be a JSON object, got {args.metadata!r}")
     from models.evaluation import lm_eval as backend
     try:
         return backend.run(args.model, args.method, args.compression, args.tasks.split(","), args.include_path,
-                           args.limit, args.batch_size, args.dtype, args.output)
+                           args.limit, args.batch_size, args.dtype, args.output, metadata=args.metadata)
     except ValueError as err:
         p.error(str(err))
 
@@ -138,7 +145,8 @@ def main(argv=None):
                 f"{len(store.partial)} more) are in {args.json}: run the same command to resume") if args.json else ""
         print(f"interrupted{kept}", file=sys.stderr)
         return 130
-    wanted = {(t, m, r) for t in args.tasks for m, r in evaluation.configurations(args.methods, args.compression)}
+    wanted = {(t, m, r) for t in ruler.expand(args.tasks)
+              for m, r in evaluation.configurations(args.methods, args.compression)}
     results = [r for r in store.rows if (r["task"], r["method"], r["compression"]) in wanted]
     print(evaluation.format_table(results))
     print(f"({time.time() - start:.0f} s, context {ctx} tokens, seed {args.seed})")

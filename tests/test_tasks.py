@@ -13,7 +13,7 @@ import models
 import sparq_jax as sq
 from models import evaluation
 from models.evaluation import harness
-from sparq_jax import tasks
+from models.evaluation import tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAVE_BUNDLED = os.path.exists(os.path.join(models.BUNDLED, "model.safetensors"))

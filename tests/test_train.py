@@ -15,7 +15,7 @@ from flax import nnx
 import models
 from models import llama
 from models import training as tt
-from sparq_jax.tasks import PASSKEY_FILLER, PASSKEY_INTRO, PASSKEY_QUESTION
+from models.evaluation.tasks import PASSKEY_FILLER, PASSKEY_INTRO, PASSKEY_QUESTION
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,7 +54,7 @@ def test_probe_masks_select_the_copied_and_answer_tokens():
 
 
 def test_passkey_documents_use_the_evaluation_prompt():
-    """Training's passkey documents are worded as the evaluation task's (sparq_jax.tasks), so that
+    """Training's passkey documents are worded as the evaluation task's (models.evaluation.tasks), so that
     what the model learns is what the task asks."""
     stream = tt.Stream(TEXT, 1024, seed=0, mix={"passkey": 1.0})
     for seed in range(6):

@@ -12,7 +12,7 @@ decode step run with the method, from one dense prefill shared by all methods.
 - evaluate(lm, tasks, methods, ratios, ...) -> rows; prepare(...): its checks, before any weight is read;
   the tasks' prefill_* / run_* pairs (RUNNERS)
 - compare_methods(lm, prompts, methods, ...): the main job (answers, tokens/s, transfer ratios)
-- prompts: heldout_text, build_samples, fact_prompts, passkey_prompts (the builders are sparq_jax.tasks)
+- prompts: heldout_text, build_samples, fact_prompts, passkey_prompts (the builders are models.evaluation.tasks)
 - results: ResultsFile (resumable JSON, stored per cell), check_output_path, format_table, plot
 Methods by name: sparq_jax.method_from_name / METHOD_NAMES.
 """

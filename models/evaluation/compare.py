@@ -18,7 +18,7 @@ import jax
 from tqdm.auto import tqdm
 
 import sparq_jax as sq
-from sparq_jax import tasks
+from . import tasks
 from sparq_jax.validation import check_int
 
 from ..lm import LanguageModel, prefill_options

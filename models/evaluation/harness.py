@@ -28,15 +28,17 @@ import numpy as np
 from tqdm import tqdm
 
 import sparq_jax as sq
-from sparq_jax import tasks
 from sparq_jax.validation import check_int, parse_ratio
+
+from . import ruler, tasks
 
 from ..lm import LanguageModel, TransferMeter
 from . import prompts as text
 
 COMPRESSION = (1 / 2, 1 / 4, 1 / 8, 1 / 16)
 # Samples per task unless `limit` says otherwise: a few minutes of CPU for the bundled model's grid.
-DEFAULT_N = {"passkey": 40, "multikey": 40, "repetition": 32, "bpc": 16, "needle": 25, "code": 20}
+DEFAULT_N = {"passkey": 40, "multikey": 40, "repetition": 32, "bpc": 16, "needle": 25, "code": 20,
+             **{t: ruler.DEFAULT_N for t in ruler.TASKS}}
 BPC_SCORED = 256           # tokens of each bpc window scored through decode steps (at most half)
 MIN_CONTEXT = 64           # the shortest context_length taken (a task may need more: prepare() says how much)
 # The default context_length is the model's max_position_embeddings less this room for what is decoded
@@ -270,7 +272,8 @@ def run_bpc(lm, windows: list[str], method_of, prefilled: Prefilled):
 
 RUNNERS = {"passkey": (prefill_passkey, run_passkey), "multikey": (prefill_passkey, run_passkey),
            "needle": (prefill_passkey, run_passkey), "repetition": (prefill_repetition, run_repetition),
-           "code": (prefill_repetition, run_repetition), "bpc": (prefill_bpc, run_bpc)}
+           "code": (prefill_repetition, run_repetition), "bpc": (prefill_bpc, run_bpc),
+           **{t: (ruler.prefill, ruler.run) for t in ruler.TASKS}}
 
 
 def configurations(methods, ratios) -> list[tuple[str, float]]:
@@ -344,9 +347,10 @@ def prepare(model, task_names, methods, ratios=COMPRESSION, limit: Optional[int]
     config, tokenizer = model.config, model.tokenizer
     if tokenizer is None:
         raise ValueError("the model has no tokenizer; the evaluation tasks are text")
+    task_names = ruler.expand(task_names)         # "ruler": its eleven tasks
     for name in task_names:
         if name not in text.TASKS and name not in RUNNERS:
-            raise ValueError(f"unknown task {name!r}; choose from {', '.join(text.TASKS)}")
+            raise ValueError(f"unknown task {name!r}; choose from {', '.join(text.TASKS + (ruler.GROUP,) + ruler.TASKS)}")
     for name in methods:
         if name not in sq.METHOD_NAMES:
             raise ValueError(f"unknown method {name!r}; choose from {', '.join(sq.METHOD_NAMES)}")
@@ -358,6 +362,9 @@ def prepare(model, task_names, methods, ratios=COMPRESSION, limit: Optional[int]
     if context_length is None:
         context_length = max(MIN_CONTEXT, positions - ANSWER_ROOM)
     context_length = check_int(f"context_length (at least {MIN_CONTEXT} tokens)", context_length, MIN_CONTEXT)
+    for task in task_names:
+        if task in ruler.TASKS:
+            ruler.check_length(tokenizer, task, context_length, positions)
     done = set(done)
     cells = {}
     for task in task_names:

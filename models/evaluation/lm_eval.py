@@ -60,7 +60,8 @@ from .results import check_output_path
 
 MODEL_NAME = "sparq-jax"
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lm_eval_tasks")
-SHIPPED_TASKS = ("sparq_passkey", "sparq_plays_next_line")
+SHIPPED_TASKS = ("sparq_passkey", "sparq_plays_next_line", "sparq_ruler")
+RULER_PREFIX = "sparq_ruler"       # the group, and sparq_ruler_<task> for each of ruler.TASKS
 
 
 def parse_compression(method: str, compression) -> float:
@@ -366,28 +367,43 @@ except ValueError:
     pass
 
 
-def task_manager(include_path=None, tasks=None):
+def task_manager(include_path=None, tasks=None, metadata: Optional[dict] = None):
     """lm-eval's TaskManager with the shipped tasks (TASKS_DIR) and include_path (a folder or a list)
     on its include path, and lm-eval's own tasks - unless `tasks` (names) are all found without them
-    (indexing lm-eval's thousands of task files takes a while)."""
+    (indexing lm-eval's thousands of task files takes a while); metadata: the tasks' (--metadata)."""
     from lm_eval.tasks import TaskManager
     extra = [] if include_path is None else ([include_path] if isinstance(include_path, str) else list(include_path))
     for folder in extra:
         if not os.path.isdir(folder):
             raise ValueError(f"include_path {folder!r} is not a folder")
     if tasks is not None:
-        ours = TaskManager(include_path=[TASKS_DIR, *extra], include_defaults=False)
+        ours = TaskManager(include_path=[TASKS_DIR, *extra], include_defaults=False, metadata=metadata)
         if all(t in ours.all_tasks for t in tasks):
             return ours
-    return TaskManager(include_path=[TASKS_DIR, *extra])
+    return TaskManager(include_path=[TASKS_DIR, *extra], metadata=metadata)
+
+
+def ruler_tasks(tasks) -> list[str]:
+    """The models.evaluation.ruler tasks among lm-eval task names (sparq_ruler: all of them)."""
+    from . import ruler
+    out = []
+    for t in tasks:
+        if t == RULER_PREFIX:
+            out += list(ruler.TASKS)
+        elif t.startswith(RULER_PREFIX + "_") and t[len(RULER_PREFIX) + 1:] in ruler.TASKS:
+            out.append(t[len(RULER_PREFIX) + 1:])
+    return list(dict.fromkeys(out))
 
 
 def run(pretrained, method: str, compression, tasks, include_path=None, limit: Optional[int] = None,
         batch_size: int = 1, dtype: str = "float32", output: Optional[str] = None, print_table: bool = True,
-        **simple_evaluate_kwargs) -> dict:
+        metadata: Optional[dict] = None, **simple_evaluate_kwargs) -> dict:
     """lm_eval.simple_evaluate of the sparq-jax model on `tasks` (names; the shipped ones and any in
     include_path) -> lm-eval's results dict. Prints lm-eval's table; output: also write the results
-    as JSON there. Model arguments are checked (and the tasks found) before any weight is read."""
+    as JSON there. Model arguments are checked (and the tasks found) before any weight is read.
+    metadata: the tasks' (lm-eval's --metadata); the sparq_ruler tasks get pretrained= and, from
+    limit, num_samples (per length, so that limit documents cover every length), and their lengths
+    are checked against the model's tokenizer and context before any weight is read."""
     import lm_eval
 
     if output:
@@ -397,6 +413,15 @@ def run(pretrained, method: str, compression, tasks, include_path=None, limit: O
     if unknown:
         raise ValueError(f"unknown lm-eval task(s) {', '.join(unknown)}; the shipped ones are "
                          f"{', '.join(SHIPPED_TASKS)} (more with include_path)")
+    metadata = dict(metadata or {})
+    if ruler_tasks(tasks) and not isinstance(pretrained, LanguageModel):
+        from .lm_eval_tasks import ruler_utils
+        metadata.setdefault("pretrained", pretrained)
+        if isinstance(limit, int) and "num_samples" not in metadata:
+            lengths = metadata.get("max_seq_lengths", [4096])
+            metadata["num_samples"] = -(-limit // max(1, len(lengths) if isinstance(lengths, list) else 1))
+        ruler_utils.check(ruler_tasks(tasks), metadata)
+        manager = task_manager(include_path, tasks, metadata)
     model = SparqJaxLM(pretrained=pretrained, method=method, compression=compression, dtype=dtype,
                        batch_size=batch_size)
     results = lm_eval.simple_evaluate(model=model, tasks=list(tasks), limit=limit, task_manager=manager,

@@ -1,7 +1,7 @@
 """Text for evaluation and the main job: the held-out plays, token <-> text helpers, task samples of a
 given length in the model's own tokens, and the main job's chat prompts with a hidden fact.
 
-The task builders themselves (sparq_jax.tasks) work in characters and know no tokenizer; this module
+The task builders themselves (models.evaluation.tasks) work in characters and know no tokenizer; this module
 converts token lengths to characters with the tokenizer's characters per token on the task's text.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from sparq_jax import tasks
+from . import ruler, tasks
 
 from ..hf import BUNDLED
 
@@ -64,8 +64,10 @@ def build_samples(tokenizer, task: str, n: int, context_length: int, seed: int, 
     samples from `heldout` (default: heldout_text()); needle hides its number in the Paul Graham
     essays at NEEDLE_DEPTHS in turn, code copies from Python's standard-library sources (data.py),
     both from at least min(FAR_TOKENS, context_length // 2) tokens before the question."""
+    if task in ruler.TASKS:      # RULER's own generators; context_length is its max_seq_length
+        return ruler.build_samples(tokenizer, task, n, context_length, seed)
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+        raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS + ruler.TASKS)}")
     if task in ("needle", "code"):
         from . import data
 
@@ -89,7 +91,7 @@ def build_samples(tokenizer, task: str, n: int, context_length: int, seed: int, 
 
 def passkey_prompts(tokenizer, n_tokens: int, seed: int, depths=(0.25, 0.5, 0.75)) -> tuple[list[str], list[str]]:
     """Prompts of about n_tokens tokens for a model with no chat template: a 5-digit pass key buried at
-    each of `depths` in filler text (sparq_jax.tasks' passkey wording), ending in the question. Returns
+    each of `depths` in filler text (models.evaluation.tasks' passkey wording), ending in the question. Returns
     (prompts, keys)."""
     rng = np.random.default_rng(seed)
     question = "\n" + tasks.PASSKEY_QUESTION.rstrip()

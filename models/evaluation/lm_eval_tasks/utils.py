@@ -1,6 +1,6 @@
 """Documents of the shipped lm-eval tasks, built at load time from what the package holds (no network):
 
-- sparq_passkey (generate_until): the Landmark / Quest pass-key prompt of sparq_jax.tasks - a 5-digit
+- sparq_passkey (generate_until): the Landmark / Quest pass-key prompt of models.evaluation.tasks - a 5-digit
   key hidden at a random depth of repeated filler, then the question; 2k-4k tokens for a BPE tokenizer
   like SmolLM2's (PASSKEY_REPEATS filler sentences, ~24 tokens each). Score: exact match of the key
   at the start of the generation (tasks.score_passkey).
@@ -19,7 +19,7 @@ import re
 import datasets
 import numpy as np
 
-from sparq_jax import tasks
+from models.evaluation import tasks
 
 N_DOCS = 100
 SEED = 1234

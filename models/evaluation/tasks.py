@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from .validation import check_int
+from sparq_jax.validation import check_int
 
 PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
                  "them. I will quiz you about the important information there.\n\n")
