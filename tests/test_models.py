@@ -265,7 +265,10 @@ def test_prefill_cache_is_left_aligned(loaded):
     np.testing.assert_array_equal(np.asarray(cache.kt), np.swapaxes(np.asarray(cache.k), -1, -2))
     for b, n in enumerate(LENGTHS):
         alone = stacked(lm.prefill(ids[b:b + 1, -n:], max_len=40)[1])
-        np.testing.assert_allclose(np.asarray(cache.k[:, b]), np.asarray(alone.k[:, 0]), rtol=1e-5, atol=1e-5)
+        # fp32 rounding: layer 0's K, before any attention, already differs by 1.4e-6 between the batched
+        # [3, 20] and the lone [1, n] products (the GEMM's blocking follows the shape); each layer
+        # amplifies it ~3x, to 1.1e-5 (former attention blocks) or 1.3e-5 (attend_blocks) at layer 2.
+        np.testing.assert_allclose(np.asarray(cache.k[:, b]), np.asarray(alone.k[:, 0]), rtol=1e-5, atol=3e-5)
         assert not np.asarray(cache.v[:, b, :, n:]).any()
     # K^T only where the method reads it, unless overridden.
     assert all(c.kt is None for c in lm.prefill(ids, mask)[1])
