@@ -202,7 +202,7 @@ class SparqJaxLM(TemplateLM):
         pad = self.lm.pad_token_id if self.lm.pad_token_id is not None else 0
         ids, mask = harness.left_pad(rows, pad)
         logits, state = self.lm.prefill(ids, mask, max_len=harness.round_up(ids.shape[1] + max(extra, 1)),
-                                        **prefill_options([method]))
+                                        progress=self.progress, **prefill_options([method]))
         return logits, state, mask.sum(axis=1)
 
     def _batches(self, n: int) -> list[range]:
