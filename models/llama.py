@@ -562,10 +562,10 @@ def prefill(model: Llama, input_ids, attention_mask, *, max_len: int, transposed
     return out, caches
 
 
-# Prompt positions per prefill_chunk call: the prefill runs chunk by chunk from Python, so that it
-# can report progress (lm.prefill's progress). Measured at SmolLM2's 4k and 8k on CPU: the same speed
-# as one jitted call over the whole prompt (docs/performance.md).
-PREFILL_STEP = 1024
+# Prompt tokens (rows x positions) per prefill_chunk call, at least one block of positions: the
+# prefill runs chunk by chunk from Python so that it can report progress (lm.prefill's progress),
+# every few seconds on CPU. The cost against one jitted call over the whole prompt: docs/performance.md.
+PREFILL_STEP = 2048
 
 
 def prefill_carry(model: Llama, batch: int, width: int, *, h2o: bool):

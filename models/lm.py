@@ -255,7 +255,7 @@ class LanguageModel:
         cache: transposed_keys=True keeps K^T too (SparQ reads it; the others ignore it), h2o=True seeds
         H2O's accumulated scores. prefill_options(methods) derives both from the methods that will decode.
         progress: None or False; True (a tqdm bar on stderr, in prompt tokens, with tokens/s); or a callable
-        progress(done, total) called after each chunk of llama.PREFILL_STEP positions with the prompt
+        progress(done, total) called after each chunk (about llama.PREFILL_STEP tokens) with the prompt
         tokens (B x positions, padding included) prefilled so far and in all."""
         for name, flag in (("transposed_keys", transposed_keys), ("h2o", h2o)):
             if not isinstance(flag, bool):
@@ -272,7 +272,7 @@ class LanguageModel:
     def _run_prefill(self, ids: np.ndarray, mask: np.ndarray, max_len: int, transposed_keys: bool, h2o: bool,
                      progress=None):
         """prefill's work on checked host arrays: chunk by chunk from Python (llama.prefill_chunk,
-        llama.PREFILL_STEP positions each), reporting to progress after each, or one jitted call
+        about llama.PREFILL_STEP tokens each), reporting to progress after each, or one jitted call
         under a mesh or with dynamic RoPE (which reads the whole prompt's length)."""
         b, t = ids.shape
         report = _progress_reporter(progress, b * t)
@@ -285,7 +285,7 @@ class LanguageModel:
             report(None)
             return out
         block = min(llama.PREFILL_CHUNK, t)
-        step = block * max(1, min(llama.PREFILL_STEP // block, -(-t // block)))
+        step = block * max(1, min(llama.PREFILL_STEP // b // block, -(-t // block)))
         width = -(-t // step) * step
         ids_w = np.pad(ids, ((0, 0), (0, width - t)))
         mask_w = np.pad(mask, ((0, 0), (0, width - t)))

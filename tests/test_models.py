@@ -229,7 +229,7 @@ def test_prefill_chunk_by_chunk_reports_progress(loaded, monkeypatch):
     ids, mask = left_padded_batch(LENGTHS, seed=5)
     whole_logits, whole = llama.prefill(lm.model, ids, mask, max_len=30, transposed_keys=True, h2o=True)
     monkeypatch.setattr(llama, "PREFILL_CHUNK", 4)        # attention blocks of 4 queries
-    monkeypatch.setattr(llama, "PREFILL_STEP", 8)         # 3 chunks of 8 positions over the 20 (+4 padding)
+    monkeypatch.setattr(llama, "PREFILL_STEP", 24)        # 3 rows: 3 chunks of 8 positions over the 20 (+4 padding)
     calls = []
     logits, state = lm.prefill(ids, mask, max_len=30, transposed_keys=True, h2o=True,
                                progress=lambda done, total: calls.append((done, total)))
