@@ -371,72 +371,97 @@ def causal_attention(q, k, v, valid, positions, window: Optional[int], chunk: in
     blocks, once the softmax normalisers are known).
     """
     b, t, hq, d = q.shape
-    hkv = k.shape[2]
-    g = hq // hkv
-    out_dtype = q.dtype
-    if jax.default_backend() == "cpu" and q.dtype == jnp.bfloat16:
-        # XLA:CPU's bfloat16 dots run ~6x slower than fp32 ones (see matmul): compute in fp32
-        q, k, v = q.astype(_F32), k.astype(_F32), v.astype(_F32)
     c = min(chunk, t)
     n = -(-t // c)
     pad = n * c - t
 
-    def blocks(x, fill=0):
-        x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2), constant_values=fill)
-        return x.reshape(b, n, c, *x.shape[2:])
+    def padded(x, fill=0):
+        return jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2), constant_values=fill)
 
-    qb = blocks(q).reshape(b, n, c, hkv, g, d)
-    kb, vb, valid_b, pos_b = blocks(k), blocks(v), blocks(valid, False), blocks(positions)
+    valid, positions = padded(valid, False), padded(positions)
+    kb, vb = (padded(x).swapaxes(1, 2) for x in (k, v))                       # [B, Hkv, n*c, D]
+    sums = jnp.zeros((b, k.shape[2], n * c), _F32) if column_sums else None
+    out, sums = attend_blocks(padded(q), kb, vb, valid, positions, positions, valid, window, 0, c, sums)
+    return out[:, :t], (sums[:, :, :t] if column_sums else None)
+
+
+def attend_blocks(q, kb, vb, key_valid, key_positions, query_positions, query_valid, window: Optional[int],
+                  first, c: int, sums=None):
+    """causal_attention's blocks for the queries q [B, nq*c, Hq, D] that sit at key blocks
+    first..first+nq-1 (first: a traced int allowed) of the keys kb, vb [B, Hkv, nk*c, D] (entries past
+    the queries' own block are never read). key_valid, key_positions [B, nk*c]; query_positions,
+    query_valid [B, nq*c] (positions: the sliding window; query_valid: the column sums).
+
+    Layout for XLA:CPU: each KV head's G query heads and c queries form one [G*c, D] operand, so a
+    block is two plain batched matrix products ([G*c, D] x [D, c] and [G*c, c] x [c, D]) with no
+    transposes; a key's padding is one added 0 / -inf bias, and the causal mask is added on the
+    diagonal block only (the blocks left of it are wholly visible). Measured on SmolLM2's shapes at
+    4k: 1.75x the speed of the former [B, c, Hkv, G, D] blocks (docs/performance.md).
+    Returns (out [B, nq*c, Hq, D] in q's dtype, sums [B, Hkv, nk*c] fp32 or None): sums, if given,
+    gets each key's attention probabilities added, summed over the valid queries and each group.
+    """
+    out_dtype = q.dtype
+    b, tq, hq, d = q.shape
+    hkv = kb.shape[1]
+    g, nq, nk = hq // hkv, tq // c, kb.shape[2] // c
     scale = 1.0 / math.sqrt(d)
-    index = jnp.arange(c)
+    # [B, Hkv, nq, G*c, D], rows (g, query); fp32 whatever the weights (XLA:CPU's bf16 dots are slow)
+    qb = q.astype(_F32).reshape(b, nq, c, hkv, g, d).transpose(0, 3, 1, 4, 2, 5).reshape(b, hkv, nq, g * c, d)
+    kb, vb = kb.reshape(b, hkv, nk, c, d), vb.reshape(b, hkv, nk, c, d)
+    bias = jnp.where(key_valid, 0.0, -jnp.inf).astype(_F32).reshape(b, 1, nk, 1, c)
+    causal = jnp.tile(jnp.where(jnp.arange(c)[None, :] <= jnp.arange(c)[:, None], 0.0, -jnp.inf), (g, 1))
+    kpos = key_positions.reshape(b, nk, c)
+    qpos = jnp.tile(query_positions.reshape(b, nq, 1, c), (1, 1, g, 1)).reshape(b, nq, g * c)
 
-    def masked_logits(i, j):
-        """[B, Hkv, G, C, C] fp32 logits of query block i against key block j, -inf where masked."""
-        qi = lax.dynamic_index_in_dim(qb, i, 1, keepdims=False)
-        kj = lax.dynamic_index_in_dim(kb, j, 1, keepdims=False)
-        logits = jnp.einsum("bqhgd,bkhd->bhgqk", qi, kj, preferred_element_type=_F32) * scale
-        mask = lax.dynamic_index_in_dim(valid_b, j, 1, keepdims=False)[:, None, :]        # [B, 1, C]
-        mask &= (j * c + index)[None, None, :] <= (i * c + index)[None, :, None]
+    def logits(qi, s, j, diag):
+        """[B, Hkv, G*c, c] fp32 logits of query block s (qi) against key block j, -inf where masked."""
+        kj = lax.dynamic_index_in_dim(kb, j, 2, keepdims=False).astype(_F32)
+        x = jnp.einsum("bhqd,bhkd->bhqk", qi, kj, preferred_element_type=_F32) * scale
+        x = x + lax.dynamic_index_in_dim(bias, j, 2, keepdims=False)
+        if diag:
+            x = x + causal
         if window is not None:
-            qp = lax.dynamic_index_in_dim(pos_b, i, 1, keepdims=False)
-            kp = lax.dynamic_index_in_dim(pos_b, j, 1, keepdims=False)
-            mask &= (qp[:, :, None] - kp[:, None, :]) < window
-        return jnp.where(mask[:, None, None], logits, -jnp.inf)
+            near = (lax.dynamic_index_in_dim(qpos, s, 1, keepdims=False)[:, :, None]
+                    - lax.dynamic_index_in_dim(kpos, j, 1, keepdims=False)[:, None, :]) < window
+            x = jnp.where(near[:, None], x, -jnp.inf)
+        return x
 
-    def query_block(sums, i):
-        def accumulate(j, carry):
+    def query_block(sums, s):
+        i = first + s                                   # the query block's own key block
+        qi = lax.dynamic_index_in_dim(qb, s, 2, keepdims=False)
+
+        def accumulate(j, carry, diag=False):
             m, l, acc = carry
-            logits = masked_logits(i, j)
-            m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
+            x = logits(qi, s, j, diag)
+            m_new = jnp.maximum(m, jnp.max(x, axis=-1))
             m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)   # no key seen yet: avoid inf - inf
-            p = jnp.exp(logits - m_safe[..., None])
+            p = jnp.exp(x - m_safe[..., None])
             rescale = jnp.exp(m - m_safe)
-            vj = lax.dynamic_index_in_dim(vb, j, 1, keepdims=False)
-            pv = jnp.einsum("bhgqk,bkhd->bhgqd", p.astype(v.dtype), vj, preferred_element_type=_F32)
+            vj = lax.dynamic_index_in_dim(vb, j, 2, keepdims=False).astype(_F32)
+            pv = jnp.einsum("bhqk,bhkd->bhqd", p, vj, preferred_element_type=_F32)
             return m_new, l * rescale + jnp.sum(p, axis=-1), acc * rescale[..., None] + pv
 
-        init = (jnp.full((b, hkv, g, c), -jnp.inf, _F32), jnp.zeros((b, hkv, g, c), _F32),
-                jnp.zeros((b, hkv, g, c, d), _F32))
-        m, l, acc = lax.fori_loop(0, i + 1, accumulate, init)
+        init = (jnp.full((b, hkv, g * c), -jnp.inf, _F32), jnp.zeros((b, hkv, g * c), _F32),
+                jnp.zeros((b, hkv, g * c, d), _F32))
+        m, l, acc = accumulate(i, lax.fori_loop(0, i, accumulate, init), diag=True)
         norm = jnp.where(l > 0, l, 1.0)
         out = acc / norm[..., None]
-        if column_sums:
+        if sums is not None:
             m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
-            weight = lax.dynamic_index_in_dim(valid_b, i, 1, keepdims=False).astype(_F32) # valid queries
-            weight = weight[:, None, None, :] / norm
+            qv = jnp.tile(lax.dynamic_index_in_dim(query_valid.reshape(b, nq, c), s, 1, keepdims=False), (1, g))
+            weight = qv.astype(_F32)[:, None, :] / norm                               # [B, Hkv, G*c]
 
-            def add_columns(j, sums):
-                p = jnp.exp(masked_logits(i, j) - m_safe[..., None])
-                cols = jnp.einsum("bhgqk,bhgq->bhk", p, weight)
+            def add_columns(j, sums, diag=False):
+                cols = jnp.einsum("bhqk,bhq->bhk", jnp.exp(logits(qi, s, j, diag) - m_safe[..., None]), weight)
                 return lax.dynamic_update_slice_in_dim(
                     sums, lax.dynamic_slice_in_dim(sums, j * c, c, axis=2) + cols, j * c, axis=2)
 
-            sums = lax.fori_loop(0, i + 1, add_columns, sums)
-        return sums, jnp.moveaxis(out, 3, 1).astype(out_dtype)              # [B, C, Hkv, G, D]
+            sums = add_columns(i, lax.fori_loop(0, i, add_columns, sums), diag=True)
+        return sums, out.astype(out_dtype)
 
-    sums, out = lax.scan(query_block, jnp.zeros((b, hkv, n * c), _F32), jnp.arange(n))
-    out = jnp.moveaxis(out, 0, 1).reshape(b, n * c, hq, d)[:, :t]
-    return out, (sums[:, :, :t] if column_sums else None)
+    sums, out = lax.scan(query_block, sums, jnp.arange(nq))                 # out [nq, B, Hkv, G*c, D]
+    out = out.reshape(nq, b, hkv, g, c, d).transpose(1, 0, 4, 2, 3, 5).reshape(b, tq, hq, d)
+    return out, sums
 
 
 def _rows(x: jax.Array, mesh) -> jax.Array:
@@ -535,6 +560,75 @@ def prefill(model: Llama, input_ids, attention_mask, *, max_len: int, transposed
     if mesh is not None:
         caches = tuple(sharding.constrain_cache(c, mesh) for c in caches)
     return out, caches
+
+
+# Prompt tokens (rows x positions) per prefill_chunk call, at least one block of positions: the
+# prefill runs chunk by chunk from Python so that it can report progress (lm.prefill's progress),
+# every few seconds on CPU. The cost against one jitted call over the whole prompt: docs/performance.md.
+PREFILL_STEP = 2048
+
+
+def prefill_carry(model: Llama, batch: int, width: int, *, h2o: bool):
+    """prefill_chunk's carry before the first chunk, for a prompt padded to width positions: per
+    layer zeroed (k, v) [B, Hkv, width, D] (RoPE'd keys, in the weights' dtype), H2O's column sums
+    [B, Hkv, width] fp32 (None without h2o), and the last valid token's hidden state [B, H]."""
+    c = model.config
+    dtype = model.embed[...].dtype
+    kv = tuple((jnp.zeros((batch, c.num_key_value_heads, width, c.head_dim), dtype),) * 2
+               for _ in range(c.num_hidden_layers))
+    sums = (tuple(jnp.zeros((batch, c.num_key_value_heads, width), _F32) for _ in range(c.num_hidden_layers))
+            if h2o else None)
+    return kv, sums, jnp.zeros((batch, c.hidden_size), dtype)
+
+
+def prefill_chunk(model: Llama, carry, input_ids, attention_mask, start, *, block: int = PREFILL_CHUNK):
+    """One chunk of a prefill run from Python: the queries at positions [start, start + C) of the
+    prompt, input_ids [B, C], through every layer, their keys and values written into the carry.
+
+    carry: prefill_carry's (kv, sums, last hidden state); attention_mask [B, width] is the whole
+    (padded) prompt's; start (traced int32) a multiple of block, C too. Attention runs in blocks of
+    block queries (attend_blocks); key blocks past the chunk are never read. Returns the new carry.
+    """
+    kv, sums, last_hidden = carry
+    b, cn = input_ids.shape
+    valid, positions = prompt_positions(attention_mask)
+    window = model.config.sliding_window
+    q_valid = lax.dynamic_slice_in_dim(valid, start, cn, axis=1)
+    q_positions = lax.dynamic_slice_in_dim(positions, start, cn, axis=1)
+
+    def attention(layer, q, k, v):
+        k_all, v_all = (lax.dynamic_update_slice_in_dim(buf, x.swapaxes(1, 2).astype(buf.dtype), start, axis=2)
+                        for buf, x in zip(kv[layer], (k, v)))
+        out, new_sums = attend_blocks(q, k_all, v_all, valid, positions, q_positions, q_valid, window,
+                                      start // block, block, None if sums is None else sums[layer])
+        return out, ((k_all, v_all), new_sums)
+
+    x, kept = model(input_ids, q_positions, attention)
+    last = jnp.max(jnp.where(valid, jnp.arange(valid.shape[1])[None, :], 0), axis=1) - start     # [B]
+    here = (last >= 0) & (last < cn)
+    last_hidden = jnp.where(here[:, None], x[jnp.arange(b), jnp.clip(last, 0, cn - 1)], last_hidden)
+    return (tuple(kv for kv, _ in kept), None if sums is None else tuple(s for _, s in kept), last_hidden)
+
+
+def prefill_finish(model: Llama, carry, attention_mask, *, max_len: int, transposed_keys: bool):
+    """prefill's result from the last prefill_chunk's carry: fp32 logits [B, V] of each row's last
+    valid token and one KVCache per layer, each row left-aligned (as prefill). attention_mask [B, T]:
+    the prompt without the chunks' right padding."""
+    kv, sums, last_hidden = carry
+    valid = attention_mask.astype(bool)
+    t = valid.shape[1]
+    lengths = jnp.sum(valid, axis=1).astype(jnp.int32)
+    order = jnp.argsort(~valid, axis=1, stable=True)                            # valid tokens first
+
+    def left_aligned(x):                                                         # [B, Hkv, width, ...]
+        index = order.reshape(order.shape[0], 1, t, *(1,) * (x.ndim - 3))
+        return jnp.take_along_axis(x[:, :, :t], index, axis=2)
+
+    caches = tuple(
+        sq.KVCache.from_kv(left_aligned(k), left_aligned(v), lengths, max_len=max_len, transposed_keys=transposed_keys,
+                           h2o_scores=None if sums is None else left_aligned(sums[i]))
+        for i, (k, v) in enumerate(kv))
+    return model.head(last_hidden), caches
 
 
 def decode_step(model: Llama, tokens: jax.Array, cache: tuple, *, method, mesh=None):

@@ -18,6 +18,7 @@ and each layer's cache update and attention run per shard under shard_map.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 import warnings
 import weakref
@@ -162,12 +163,48 @@ def _decode_step(graphdef, state, tokens, cache, *, method, mesh):
     return llama.decode_step(nnx.merge(graphdef, state), tokens, cache, method=method, mesh=mesh)
 
 
+def _prefill_chunk(graphdef, state, carry, input_ids, attention_mask, start, *, block):
+    return llama.prefill_chunk(nnx.merge(graphdef, state), carry, input_ids, attention_mask, start, block=block)
+
+
+def _prefill_carry(graphdef, state, *, batch, width, h2o):
+    return llama.prefill_carry(nnx.merge(graphdef, state), batch, width, h2o=h2o)
+
+
+def _prefill_finish(graphdef, state, carry, attention_mask, *, max_len, transposed_keys):
+    return llama.prefill_finish(nnx.merge(graphdef, state), carry, attention_mask, max_len=max_len,
+                                transposed_keys=transposed_keys)
+
+
+_prefill_chunk_jit = jax.jit(_prefill_chunk, static_argnums=0, static_argnames=("block",), donate_argnames=("carry",))
+_prefill_carry_jit = jax.jit(_prefill_carry, static_argnums=0, static_argnames=("batch", "width", "h2o"))
+_prefill_finish_jit = jax.jit(_prefill_finish, static_argnums=0, static_argnames=("max_len", "transposed_keys"))
 _logits_jit = jax.jit(_logits, static_argnums=0, static_argnames=("mesh",))
 _prefill_jit = jax.jit(_prefill, static_argnums=0, static_argnames=("max_len", "transposed_keys", "h2o", "mesh"))
 _decode_step_jit = jax.jit(_decode_step, static_argnums=0, static_argnames=("method", "mesh"),
                            donate_argnames=("cache",))
 decode_loop_jit = jax.jit(_decode_loop, static_argnums=0,
                           static_argnames=("method", "max_new_tokens", "do_sample", "mesh"), donate_argnames=("cache",))
+
+
+def _progress_reporter(progress, total: int):
+    """lm.prefill's progress argument as report(done): done tokens so far, None once finished."""
+    if progress is None or progress is False:
+        return lambda done: None
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="prefill", unit="tok", unit_scale=True, leave=False, file=sys.stderr)
+
+        def report(done):
+            if done is None:
+                bar.close()
+            else:
+                bar.update(done - bar.n)
+        return report
+    if not callable(progress):
+        raise ValueError(f"progress must be None, True or a callable (done, total), got {progress!r}")
+    return lambda done: None if done is None else progress(done, total)
 
 
 def prefill_options(methods) -> dict:
@@ -212,12 +249,15 @@ class LanguageModel:
         return _logits_jit(self._graphdef, self.params, *self._place(ids, mask), mesh=self.mesh)
 
     def prefill(self, input_ids, attention_mask=None, max_len: Optional[int] = None, *,
-                transposed_keys: bool = False, h2o: bool = False):
+                transposed_keys: bool = False, h2o: bool = False, progress=None):
         """Dense prefill of a prompt batch [B, T] -> (fp32 logits [B, V] of each row's last prompt
         token, state). state is a tuple of L per-layer sq.KVCaches ([B, Hkv, max_len, D]), each row
         left-aligned; max_len is its capacity (default T + 32). What the decoding methods need of the
         cache: transposed_keys=True keeps K^T too (SparQ reads it; the others ignore it), h2o=True seeds
-        H2O's accumulated scores. prefill_options(methods) derives both from the methods that will decode."""
+        H2O's accumulated scores. prefill_options(methods) derives both from the methods that will decode.
+        progress: None or False; True (a tqdm bar on stderr, in prompt tokens, with tokens/s); or a callable
+        progress(done, total) called after each chunk (about llama.PREFILL_STEP tokens) with the prompt
+        tokens (B x positions, padding included) prefilled so far and in all."""
         for name, flag in (("transposed_keys", transposed_keys), ("h2o", h2o)):
             if not isinstance(flag, bool):
                 raise ValueError(f"{name} must be True or False, got {flag!r}")
@@ -226,10 +266,42 @@ class LanguageModel:
         t = ids.shape[1]
         max_len = t + DEFAULT_NEW_TOKENS if max_len is None else max_len
         check_int(f"max_len (at least the prompt width {t})", max_len, t)
-        logits, state = _prefill_jit(self._graphdef, self.params, *self._place(ids, mask), max_len=int(max_len),
-                                     transposed_keys=transposed_keys, h2o=h2o, mesh=self.mesh)
+        logits, state = self._run_prefill(ids, mask, int(max_len), transposed_keys, h2o, progress)
         self._remember(state, int(mask.sum(axis=1).max()))
         return logits, state
+
+    def _run_prefill(self, ids: np.ndarray, mask: np.ndarray, max_len: int, transposed_keys: bool, h2o: bool,
+                     progress=None):
+        """prefill's work on checked host arrays: chunk by chunk from Python (llama.prefill_chunk,
+        about llama.PREFILL_STEP tokens each), reporting to progress after each, or one jitted call
+        under a mesh or with dynamic RoPE (which reads the whole prompt's length)."""
+        b, t = ids.shape
+        report = _progress_reporter(progress, b * t)
+        if self.mesh is not None or self.config.rope_parameters.rope_type == "dynamic":
+            out = _prefill_jit(self._graphdef, self.params, *self._place(ids, mask), max_len=max_len,
+                               transposed_keys=transposed_keys, h2o=h2o, mesh=self.mesh)
+            if progress is not None:
+                jax.block_until_ready(out[0])
+                report(b * t)
+            report(None)
+            return out
+        block = min(llama.PREFILL_CHUNK, t)
+        step = block * max(1, min(llama.PREFILL_STEP // b // block, -(-t // block)))
+        width = -(-t // step) * step
+        ids_w = np.pad(ids, ((0, 0), (0, width - t)))
+        mask_w = np.pad(mask, ((0, 0), (0, width - t)))
+        carry = _prefill_carry_jit(self._graphdef, self.params, batch=b, width=width, h2o=h2o)
+        mask_d = jnp.asarray(mask_w)
+        for start in range(0, width, step):
+            carry = _prefill_chunk_jit(self._graphdef, self.params, carry, jnp.asarray(ids_w[:, start:start + step]),
+                                       mask_d, jnp.int32(start), block=block)
+            if progress is not None:
+                jax.block_until_ready(carry[2])
+                report(b * min(start + step, t))
+        out = _prefill_finish_jit(self._graphdef, self.params, carry, jnp.asarray(mask), max_len=max_len,
+                                  transposed_keys=transposed_keys)
+        report(None)
+        return out
 
     def _warn_beyond_positions(self, positions: int, what: str) -> None:
         """Warns once per model (as transformers does) when a call reaches past max_position_embeddings."""
@@ -287,10 +359,8 @@ class LanguageModel:
         ids_p = np.pad(ids, ((0, 0), (width - t, 0)), constant_values=pad_token_id)
         mask_p = np.pad(mask, ((0, 0), (width - t, 0)))
         start = time.perf_counter()
-        logits, cache = _prefill_jit(self._graphdef, self.params, *self._place(ids_p, mask_p),
-                                     max_len=width + max_new_tokens,
-                                     transposed_keys=method.reads_transposed_keys, h2o=method.stateful,
-                                     mesh=self.mesh)
+        logits, cache = self._run_prefill(ids_p, mask_p, width + max_new_tokens, method.reads_transposed_keys,
+                                          method.stateful)
         if return_stats:
             jax.block_until_ready(logits)
         prefill_s = time.perf_counter() - start

@@ -6,6 +6,7 @@
     python scripts/benchmark.py decode --seq-lens 8192,32768 --batch 1,8
     python scripts/benchmark.py decode --preset smollm2-135m --seq-lens 8192 --dtype bfloat16
     python scripts/benchmark.py model --model smollm2-135m-instruct --contexts 2048,4096,8192 --batches 1,4
+    python scripts/benchmark.py model --model qwen2.5-coder-0.5b-instruct --contexts 4096,8192,16384 --batches 1
 
 Every timing is measured side by side in one process: the candidates run interleaved, repetition
 after repetition, and each reports the median after warm-up. Speedups are ratios of those medians.
@@ -74,6 +75,8 @@ def _model_flags(m) -> None:
     m.add_argument("--dtype", choices=sorted(DTYPES))
     m.add_argument("--reps", type=positive_int, help="timed repetitions after the compiling one")
     m.add_argument("--no-torch", dest="torch", action="store_false", help="skip transformers' model")
+    m.add_argument("--one-call", action="store_true",
+                   help="also time the prefill as one jitted call (the cost of lm.prefill's chunks)")
     m.add_argument("--seed", type=int)
 
 

@@ -31,6 +31,7 @@ class ModelOptions:
     reps: int = 2                      # timed repetitions after the compiling one
     torch: bool = True                 # time transformers' model too
     seed: int = 0
+    one_call: bool = False             # also time the prefill as one jitted call (no chunks, no progress)
 
     def __post_init__(self):
         if self.new_tokens < 2:
@@ -86,12 +87,18 @@ def model_case(o: ModelOptions, lm, peer, ids: np.ndarray, sparq) -> dict:
     "torch" (with a peer)}."""
     (b, s), n = ids.shape, o.new_tokens
     methods = {"dense": sq.Dense(), "sparq": sparq}
-    prefill_s = []
-    for _ in range(1 + o.reps):
+    prefill_s, one_call_s, torch_s = [], [], []
+    for rep in range(1 + o.reps):          # ours and the peer's prefill interleaved, repetition after repetition
         start = time.perf_counter()
         logits, state = lm.prefill(ids, max_len=s + n, transposed_keys=True)
         jax.block_until_ready(logits)
         prefill_s.append(time.perf_counter() - start)
+        if o.one_call:
+            start = time.perf_counter()
+            jax.block_until_ready(one_call_prefill(lm, ids, s + n))
+            one_call_s.append(time.perf_counter() - start)
+        if peer is not None and rep:
+            torch_s.append(time_torch(peer, ids, n))
     decode_s = {name: [] for name in methods}
     for _ in range(1 + o.reps):
         for name, method in methods.items():
@@ -101,17 +108,32 @@ def model_case(o: ModelOptions, lm, peer, ids: np.ndarray, sparq) -> dict:
     row = {"batch": b, "context": s, "new_tokens": n,
            "sparq_method": {"rank": sparq.rank, "top_k": sparq.top_k, "local_window": sparq.local_window},
            "prefill_compile_s": prefill_s[0] - statistics.median(prefill_s[1:]),
-           "prefill_tokens_per_s": b * s / statistics.median(prefill_s[1:])}
+           "prefill_tokens_per_s": b * s / statistics.median(prefill_s[1:]),
+           "prefill_s": prefill_s[1:]}
+    if o.one_call:
+        row["one_call_prefill_tokens_per_s"] = b * s / statistics.median(one_call_s[1:])
+        row["one_call_prefill_s"] = one_call_s[1:]
     for name in methods:
         step = statistics.median(decode_s[name][1:])
         row[name] = {"step_ms": step * 1e3, "tokens_per_s": b / step}
     row["sparq_speedup"] = row["dense"]["step_ms"] / row["sparq"]["step_ms"]
     if peer is not None:
-        tp, td = zip(*(time_torch(peer, ids, n) for _ in range(o.reps)))
-        row["torch"] = {"prefill_tokens_per_s": b * s / statistics.median(tp),
+        tp, td = zip(*torch_s)
+        row["prefill_vs_torch"] = statistics.median(tp) / statistics.median(prefill_s[1:])
+        row["torch"] = {"prefill_tokens_per_s": b * s / statistics.median(tp), "prefill_s": list(tp),
                         "step_ms": statistics.median(td) / (n - 1) * 1e3,
                         "tokens_per_s": b * (n - 1) / statistics.median(td)}
     return row
+
+
+def one_call_prefill(lm, ids: np.ndarray, max_len: int):
+    """lm.prefill's logits as one jitted call over the whole prompt (what prefill ran before it went
+    chunk by chunk from Python for its progress reports): the chunks' cost, side by side."""
+    from ..lm import _prefill_jit
+
+    mask = np.ones_like(ids)
+    return _prefill_jit(lm._graphdef, lm.params, ids, mask, max_len=max_len, transposed_keys=True, h2o=False,
+                        mesh=lm.mesh)[0]
 
 
 def run_model(o: ModelOptions) -> dict:
@@ -137,9 +159,10 @@ def run_model(o: ModelOptions) -> dict:
             row = model_case(o, lm, peer, rng.integers(0, config.vocab_size, (b, s)).astype(np.int32), sparq)
             results.append(row)
             peer_text = "" if peer is None else (
-                f"; torch prefill {row['torch']['prefill_tokens_per_s']:.0f} tok/s, "
-                f"decode {row['torch']['tokens_per_s']:.2f} tok/s")
-            print(f"B={b} S={s}: prefill {row['prefill_tokens_per_s']:.0f} tok/s (compile "
+                f"; torch prefill {row['torch']['prefill_tokens_per_s']:.0f} tok/s (ours "
+                f"{row['prefill_vs_torch']:.2f}x), decode {row['torch']['tokens_per_s']:.2f} tok/s")
+            one_call = (f", one jitted call {row['one_call_prefill_tokens_per_s']:.0f} tok/s" if o.one_call else "")
+            print(f"B={b} S={s}: prefill {row['prefill_tokens_per_s']:.0f} tok/s{one_call} (compile "
                   f"{row['prefill_compile_s']:.1f} s); decode dense {row['dense']['tokens_per_s']:.2f} tok/s, "
                   f"SparQ(r={sparq.rank}, k={sparq.top_k}) {row['sparq']['tokens_per_s']:.2f} tok/s "
                   f"({row['sparq_speedup']:.2f}x){peer_text}", flush=True)

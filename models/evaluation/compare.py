@@ -118,7 +118,8 @@ def compare_methods(lm: LanguageModel, prompts: Sequence[str], methods: Sequence
 
     bar = tqdm(total=1 + 2 * len(built), desc="prefill", leave=False, file=sys.stderr, disable=not progress)
     start = time.perf_counter()
-    logits, state = lm.prefill(ids, mask, max_len=ids.shape[1] + max_new_tokens, **prefill_options(built.values()))
+    logits, state = lm.prefill(ids, mask, max_len=ids.shape[1] + max_new_tokens, progress=progress,
+                               **prefill_options(built.values()))
     jax.block_until_ready(logits)
     prefill_s = time.perf_counter() - start
     bar.update()

@@ -121,11 +121,11 @@ class Prefilled:
     with the method (`force`); `extra` more positions are left for generated tokens. `info` holds what
     the task needs to score. state, lengths [B] (prefilled tokens per row), forced [B, forced]."""
 
-    def __init__(self, lm: LanguageModel, rows: list[list[int]], forced: int, extra: int, **info):
+    def __init__(self, lm: LanguageModel, rows: list[list[int]], forced: int, extra: int, progress=None, **info):
         if forced < 1 or min(map(len, rows)) <= forced:
             raise ValueError(f"every prompt needs more than {forced} tokens")
         _, self.state, self.lengths = prefill_rows(lm, [r[:-forced] for r in rows], forced + extra,
-                                                   transposed_keys=True, h2o=True)
+                                                   transposed_keys=True, h2o=True, progress=progress)
         self.forced = np.asarray([r[-forced:] for r in rows], np.int32)
         self.info = info
 
@@ -186,14 +186,14 @@ class Decoding:
             self.step(forced[:, j])
 
 
-def prefill_passkey(lm, samples: list[tasks.PasskeySample]) -> Prefilled:
+def prefill_passkey(lm, samples: list[tasks.PasskeySample], progress=None) -> Prefilled:
     """Passkey and multi-key: the question's tokens (as many as the shortest question has) go through
     decode steps, so the method sees the question, as in Quest; the rest is prefilled."""
     tok = lm.tokenizer
     rows = [text.prefix(tok) + text.encode(tok, s.context + s.question) for s in samples]
     forced = min(len(text.encode(tok, s.question)) for s in samples)
     new = max(len(text.encode(tok, s.answer)) for s in samples) + 2
-    return Prefilled(lm, rows, forced, new, new_tokens=new)
+    return Prefilled(lm, rows, forced, new, progress, new_tokens=new)
 
 
 def run_passkey(lm, samples: list[tasks.PasskeySample], method_of, prefilled: Prefilled):
@@ -211,12 +211,12 @@ def run_passkey(lm, samples: list[tasks.PasskeySample], method_of, prefilled: Pr
     return np.asarray(scores, np.float64), run.meter
 
 
-def prefill_repetition(lm, samples: list[tasks.RepetitionSample]) -> Prefilled:
+def prefill_repetition(lm, samples: list[tasks.RepetitionSample], progress=None) -> Prefilled:
     # The prompt's last token goes through a decode step, so the first scored character is sparse too.
     tok = lm.tokenizer
     rows = [text.prefix(tok) + text.encode(tok, s.prompt) for s in samples]
     new = max(len(text.encode(tok, s.target)) for s in samples) + 4
-    return Prefilled(lm, rows, 1, new, new_tokens=new)
+    return Prefilled(lm, rows, 1, new, progress, new_tokens=new)
 
 
 def still_matching(generated: str, target: str) -> bool:
@@ -245,7 +245,7 @@ def run_repetition(lm, samples: list[tasks.RepetitionSample], method_of, prefill
     return np.asarray(scores, np.float64), run.meter
 
 
-def prefill_bpc(lm, windows: list[str], scored: int = BPC_SCORED) -> Prefilled:
+def prefill_bpc(lm, windows: list[str], scored: int = BPC_SCORED, progress=None) -> Prefilled:
     """Each window's tokens (cut to the shortest window's count): all but the last scored + 1 are
     prefilled; the rest are teacher-forced through decode steps, each step's logits scoring the next."""
     tok = lm.tokenizer
@@ -254,7 +254,7 @@ def prefill_bpc(lm, windows: list[str], scored: int = BPC_SCORED) -> Prefilled:
     scored = min(scored, width // 2)
     rows = [r[:width] for r in rows]
     chars = [len(text.decode(tok, r[width - scored:])) for r in rows]
-    return Prefilled(lm, rows, scored + 1, 0, chars=chars)
+    return Prefilled(lm, rows, scored + 1, 0, progress, chars=chars)
 
 
 def run_bpc(lm, windows: list[str], method_of, prefilled: Prefilled):
@@ -466,7 +466,8 @@ def evaluate(lm: LanguageModel, task_names, methods, ratios=COMPRESSION, limit: 
                 continue
             chunk = samples[b0:b0 + batch]
             bar.set_postfix_str(f"{task} prefill")
-            prefilled = prefill_fn(lm, chunk)
+            prefilled = prefill_fn(lm, chunk, progress=lambda done, total, t0=time.perf_counter(): bar.set_postfix_str(
+                f"{task} prefill {done}/{total} tok, {done / (time.perf_counter() - t0):.0f} tok/s"))
             bar.update(1 + len(cells) - len(todo))
             for name, ratio in todo:
                 bar.set_postfix_str(f"{task} {name} {ratio:g}")

@@ -193,7 +193,8 @@ class SparqJaxLM(TemplateLM):
     def _prefill(self, rows: list[list[int]], extra: int, method, meter: TransferMeter) -> harness.Decoding:
         """A Decoding of `method` from a dense prefill of rows with room for `extra` decode steps; its
         logits are the prefill's (each row's last token)."""
-        logits, state, lengths = harness.prefill_rows(self.lm, rows, max(extra, 1), **prefill_options([method]))
+        logits, state, lengths = harness.prefill_rows(self.lm, rows, max(extra, 1), progress=self.progress,
+                                                     **prefill_options([method]))
         return harness.Decoding.start(self.lm, state, lengths, method, meter, logits)
 
     def _batches(self, n: int) -> list[range]:

@@ -288,7 +288,7 @@ def export_jsonl(path: str, tokenizer, tasks, n: int, length: int, seed: int = S
 
 # The harness' runner pair (harness.RUNNERS): prefill, then generate and score with each method.
 
-def prefill(lm, samples: list[RulerSample]):
+def prefill(lm, samples: list[RulerSample], progress=None):
     """One dense prefill of the samples' prompts (one task): the question and answer prefix tokens (as
     many as the shortest has) are fed through decode steps, so the method sees the question."""
     from . import prompts as text
@@ -298,7 +298,7 @@ def prefill(lm, samples: list[RulerSample]):
     rows = [text.prefix(tok) + text.encode(tok, s.prompt) for s in samples]
     forced = min(len(text.encode(tok, s.question + s.answer_prefix)) for s in samples)
     new = max(MAX_NEW_TOKENS[s.task] for s in samples)
-    return Prefilled(lm, rows, forced, new, new_tokens=new)
+    return Prefilled(lm, rows, forced, new, progress, new_tokens=new)
 
 
 def generate(lm, samples: list[RulerSample], method_of, prefilled) -> tuple[list[str], object]:
