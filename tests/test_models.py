@@ -264,8 +264,11 @@ def test_prefill_cache_is_left_aligned(loaded):
     np.testing.assert_array_equal(np.asarray(cache.lengths), np.tile(LENGTHS, (lm.config.num_hidden_layers, 1)))
     np.testing.assert_array_equal(np.asarray(cache.kt), np.swapaxes(np.asarray(cache.k), -1, -2))
     for b, n in enumerate(LENGTHS):
-        alone = stacked(lm.prefill(ids[b:b + 1, -n:], max_len=40)[1])
-        np.testing.assert_allclose(np.asarray(cache.k[:, b]), np.asarray(alone.k[:, 0]), rtol=1e-5, atol=1e-5)
+        alone = np.asarray(stacked(lm.prefill(ids[b:b + 1, -n:], max_len=40)[1]).k[:, 0])
+        # 1e-5 of the keys' scale (max |k| ~7 here), not of each element: the batched and the lone
+        # prefill round differently in fp32 (max |diff| 1.1e-5 on jax 0.10.2, 1.3e-5 on 0.12.1, on
+        # an element of 0.011), while padding leaking into the valid positions would differ by O(1).
+        np.testing.assert_allclose(np.asarray(cache.k[:, b]), alone, rtol=0, atol=1e-5 * np.abs(alone).max())
         assert not np.asarray(cache.v[:, b, :, n:]).any()
     # K^T only where the method reads it, unless overridden.
     assert all(c.kt is None for c in lm.prefill(ids, mask)[1])
