@@ -549,7 +549,13 @@ def _shape(*s, dtype=jnp.bfloat16):
 
 
 def _lower(fn, platform, *args):
-    return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+    if platform != "cuda":
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+    # From jax 0.12 the Triton lowering asks which GPU it compiles for (its compute capability); on a
+    # host without one, an abstract mesh names the target: an H100.
+    gpu = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=None, platform="gpu")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=gpu)):
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
 
 
 @pytest.mark.parametrize("backend, platform", [pytest.param("gpu", "cuda", marks=needs_triton), ("tpu", "tpu")])
