@@ -158,7 +158,7 @@ def report(args) -> str:
         tasks = [t for t in ALL if (length, t, "dense") in table]
         here = [l for l in labels if any((length, t, l) in table for t in tasks)]
         lines += [f"#### RULER at {length // 1024}k tokens (score in %, n per task in brackets)", "",
-                  "| method | " + " | ".join(tasks) + " | average | transfer | CPU h |",
+                  "| method | " + " | ".join(tasks) + " | average | transfer | CPU min |",
                   "|---" * (len(tasks) + 4) + "|"]
         for label in here:
             got = [table.get((length, t, label)) for t in tasks]
@@ -167,10 +167,10 @@ def report(args) -> str:
             avg = (f"{100 * np.mean([np.mean(c['scores']) for c in got]):.1f}" if full else
                    f"({100 * np.mean([np.mean(c['scores']) for c in got if c]):.1f})")
             moved = sum(c["method_bytes"] for c in got if c) / max(1, sum(c["dense_bytes"] for c in got if c))
-            cpu = sum(c["cpu_s"] for c in got if c) / 3600
-            lines.append(f"| {label} | " + " | ".join(marks) + f" | {avg} | {moved:.3f} | {cpu:.2f} |")
-        pre = sum(table[(length, t, "prefill")]["cpu_s"] for t in tasks if (length, t, "prefill") in table) / 3600
-        lines += ["", f"Shared dense prefills at {length // 1024}k: {pre:.2f} CPU h. An average in brackets is over "
+            cpu = sum(c["cpu_s"] for c in got if c) / 60
+            lines.append(f"| {label} | " + " | ".join(marks) + f" | {avg} | {moved:.3f} | {cpu:.1f} |")
+        pre = sum(table[(length, t, "prefill")]["cpu_s"] for t in tasks if (length, t, "prefill") in table) / 60
+        lines += ["", f"Shared dense prefills at {length // 1024}k: {pre:.1f} CPU min. An average in brackets is over "
                       f"fewer tasks or samples than dense's.", ""]
     text = "\n".join(lines)
     print(text)
