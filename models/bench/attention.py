@@ -20,7 +20,7 @@ from sparq_jax.sparq import sparq_reference
 
 from .timing import DTYPES, drop_failing, environment, time_interleaved
 
-IMPL_CHOICES = ("xla", "pallas_gpu", "pallas_tpu", "all")
+IMPL_CHOICES = ("xla", "pallas_gpu", "pallas_tpu", "cpu_fused", "all")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +89,8 @@ def kernel_impls(backend: str, interpret: bool = False) -> list[str]:
     kernels in the Pallas interpreter as well."""
     if interpret:
         return ["xla", "pallas_gpu"]
+    if backend == "cpu":   # XLA:CPU (impl="xla") and, where the library builds, the native kernel
+        return ["xla", "cpu_fused"] if native.available()[0] else ["xla"]
     return {"gpu": ["xla", "pallas_gpu"], "tpu": ["xla", "pallas_tpu"]}.get(backend, ["xla"])
 
 
