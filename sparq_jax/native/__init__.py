@@ -5,9 +5,9 @@ cpu_fused backend), its top-k selection (top_k.cc) and bfloat16-weight matrix pr
 XLA:CPU has no fast exact top-k for long rows: `lax.top_k` sorts (22 ms for 32 rows of 32k) and
 the counting bisection of `sparq_jax.attention.top_k_positions` costs ~24 passes over the scores
 (~4 ms). top_k.cc selects the same positions (ties at the lowest positions, increasing order) with a
-radix select in about 3 passes over each row. (Steps 2+3 written the same way, rows read whole and
-prefetched on both cores, measured no faster than XLA's gather on this project's 2-core VM, so they
-stay in XLA: the random row reads bound them, not XLA.)
+radix select in about 3 passes over each row. (Steps 2+3 alone written the same way measured no faster
+than XLA's gather at B=4, S=32k: the random row reads bound them. At B=1 what costs is each layer's
+many small XLA steps, which sparq_cpu.cc replaces by one call: docs/performance.md.)
 
 XLA:CPU runs dots with bfloat16 operands ~10x slower than fp32 ones, so a bfloat16 model decoded
 slower than the fp32 one while reading half the bytes; matmul.cc's kernels (matmul_bf16) read the
