@@ -123,8 +123,8 @@ inline int64_t Pack16(uint32_t mask, int32_t t, int32_t* out, int64_t n) {
 
 // The positions of the k largest of score[0, s), ties to the lowest positions, increasing, into out[0, k);
 // keys and scratch are the caller's reusable buffers.
-void TopKRow(const float* score, int64_t s, int64_t k, int32_t* out, std::vector<int32_t>& keys,
-             std::vector<int32_t>& scratch) {
+inline void TopKRow(const float* score, int64_t s, int64_t k, int32_t* out, std::vector<int32_t>& keys,
+                    std::vector<int32_t>& scratch) {
   const int64_t padded = (s + 15) / 16 * 16;
   keys.resize(padded);
   scratch.resize(std::max(padded, k) + 16);
@@ -175,6 +175,27 @@ void TopKRow(const float* score, int64_t s, int64_t k, int32_t* out, std::vector
     n = Pack16(gt, static_cast<int32_t>(t), picked, n);
   }
   std::memcpy(out, picked, k * sizeof(int32_t));
+}
+
+// 16 floats, and bfloat16 widened to float32 (a 16-bit shift): 16 at once, or one.
+typedef float F16 __attribute__((vector_size(64)));
+typedef uint32_t U16 __attribute__((vector_size(64)));
+typedef uint16_t H16 __attribute__((vector_size(32)));
+
+__attribute__((always_inline)) inline F16 Widen(const uint16_t* p) {
+  H16 h;
+  std::memcpy(&h, p, sizeof h);
+  U16 u = __builtin_convertvector(h, U16) << 16;
+  F16 f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline float Bf16(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
 }
 
 // Runs pieces [0, total) of `work` on the caller and on XLA's pool, returning once all are done.

@@ -24,29 +24,12 @@
 
 namespace ffi = xla::ffi;
 
+using sparq_native::Bf16;
+using sparq_native::F16;
 using sparq_native::Parallel;
+using sparq_native::Widen;
 
 namespace {
-
-typedef float F16 __attribute__((vector_size(64)));
-typedef uint32_t U16 __attribute__((vector_size(64)));
-typedef uint16_t H16 __attribute__((vector_size(32)));
-
-__attribute__((always_inline)) inline F16 Widen(const uint16_t* p) {
-  H16 h;
-  std::memcpy(&h, p, sizeof h);
-  U16 u = __builtin_convertvector(h, U16) << 16;
-  F16 f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-inline float Bf16(uint16_t h) {
-  uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
 
 constexpr int kMaxRows = 8;  // rows of x kept in registers per pass over w
 

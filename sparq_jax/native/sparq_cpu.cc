@@ -24,10 +24,7 @@ using namespace sparq_native;
 
 namespace {
 
-typedef float F16 __attribute__((vector_size(64)));
 typedef int32_t I16 __attribute__((vector_size(64)));
-typedef uint32_t U16 __attribute__((vector_size(64)));
-typedef uint16_t H16 __attribute__((vector_size(32)));
 constexpr int kLanes = 16;
 constexpr int64_t kMaxD = 512, kMaxG = 64, kMaxGD = 4096;  // the stack buffers' sizes
 
@@ -37,24 +34,12 @@ __attribute__((always_inline)) inline F16 Load(const float* p) {
   return f;
 }
 
-__attribute__((always_inline)) inline F16 Load(const uint16_t* p) {  // bfloat16 bits, widened
-  H16 h;
-  std::memcpy(&h, p, sizeof h);
-  U16 u = __builtin_convertvector(h, U16) << 16;
-  F16 f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
+__attribute__((always_inline)) inline F16 Load(const uint16_t* p) { return Widen(p); }  // bfloat16 bits
 
 __attribute__((always_inline)) inline void Store(float* p, F16 f) { std::memcpy(p, &f, sizeof f); }
 
 inline float Scalar(float x) { return x; }
-inline float Scalar(uint16_t h) {
-  uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
+inline float Scalar(uint16_t h) { return Bf16(h); }
 
 typedef float F8 __attribute__((vector_size(32)));
 typedef float F4 __attribute__((vector_size(16)));
@@ -107,7 +92,7 @@ struct Scratch {
   std::vector<int32_t> keys, select;
 };
 
-// One (batch row, KV head) item: see the file's comment. K_T is the keys' element type.
+// One (batch row, KV head) item: see the comment at the top. T: the cache's element type (float, bfloat16 bits).
 template <typename T>
 __attribute__((always_inline)) inline void Item(const Shape& sh, int64_t item, const float* q_all, const T* keys1_all,
                                                 const T* k_all, const T* v_all, const bool* mask_all,
