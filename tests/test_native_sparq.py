@@ -176,3 +176,17 @@ def test_bad_arguments_are_refused_naming_them():
     with pytest.raises(ValueError, match="group_scores"):
         native.sparq_fused(qg, cache.kt, cache.k, cache.v, mask, cache.lengths, zeros, rank=8, top_k=8,
                            local_window=0, group_scores="sum", reallocate=False, transposed=True)
+
+
+def test_the_package_ships_every_file_the_build_reads():
+    """The library is compiled from the installed files: each source and included file must match the
+    package data of sparq_jax.native (pyproject.toml), or a wheel install would build nothing."""
+    import fnmatch
+    import os
+    import tomllib
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        patterns = tomllib.load(f)["tool"]["setuptools"]["package-data"]["sparq_jax.native"]
+    for path in native._SOURCES + native._HEADERS:
+        assert os.path.exists(path) and any(fnmatch.fnmatch(os.path.basename(path), p) for p in patterns), path

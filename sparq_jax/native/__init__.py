@@ -1,6 +1,6 @@
 """Native XLA:CPU custom calls (through jax.ffi): SparQ's whole decode step (sparq_cpu.cc, the
 cpu_fused backend), its top-k selection (top_k.cc) and bfloat16-weight matrix products for few rows
-(matmul.cc). All split their work over XLA's intra-op thread pool (common.h), never starting threads.
+(matmul.cc). All split their work over XLA's intra-op thread pool (common.inc.cc), never starting threads.
 
 XLA:CPU has no fast exact top-k for long rows: `lax.top_k` sorts (22 ms for 32 rows of 32k) and
 the counting bisection of `sparq_jax.attention.top_k_positions` costs ~24 passes over the scores
@@ -39,7 +39,9 @@ from ..validation import check_int  # noqa: F401  (cache_dir: the old home of th
 
 _DIR = os.path.dirname(os.path.abspath(__file__))
 _SOURCES = [os.path.join(_DIR, name) for name in ("top_k.cc", "matmul.cc", "sparq_cpu.cc")]
-_HEADERS = [os.path.join(_DIR, "common.h")]   # hashed with the sources (a header edit builds anew)
+# Included by the sources, not compiled alone, and hashed with them (an edit builds anew). Named .cc so
+# that the package data (pyproject.toml: "*.cc") ships it.
+_HEADERS = [os.path.join(_DIR, "common.inc.cc")]
 _TARGETS = {"sparq_jax_top_k": "SparqTopK", "sparq_jax_matmul_bf16": "SparqMatmulBf16",
             "sparq_jax_matmul_bf16_nt": "SparqMatmulBf16Nt", "sparq_jax_sparq_fused": "SparqFused"}
 _lock = threading.Lock()

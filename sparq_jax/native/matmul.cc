@@ -19,7 +19,7 @@
 #include <memory>
 #include <thread>
 
-#include "common.h"
+#include "common.inc.cc"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;

@@ -17,7 +17,7 @@
 // items are taken by the caller and by tasks on XLA's intra-op pool.
 #include <cmath>
 
-#include "common.h"
+#include "common.inc.cc"
 
 namespace ffi = xla::ffi;
 using namespace sparq_native;

@@ -7,7 +7,7 @@
 // -0.0 equal to +0.0). The k-th largest key is found by a three-digit radix select (11 + 11 + 10
 // bits: one histogram pass over the row, then passes over the few keys that share the digits found
 // so far), then one pass writes the positions. Rows are split over XLA's intra-op thread pool.
-#include "common.h"
+#include "common.inc.cc"
 
 namespace ffi = xla::ffi;
 using namespace sparq_native;

@@ -1,5 +1,7 @@
-// Shared by the native kernels (sparq_jax.native): the radix top-k of one row (top_k.cc, sparq_cpu.cc)
-// and the work-splitting helper over XLA's intra-op thread pool (all three kernels).
+// Shared by the native kernels (sparq_jax.native): the radix top-k of one row (top_k.cc, sparq_cpu.cc),
+// bfloat16 widening, and the work-splitting helper over XLA's intra-op thread pool (all three).
+// A header, #included by the sources and never compiled alone; named .cc so that the package data
+// (pyproject.toml's "*.cc" for sparq_jax.native) ships it.
 #ifndef SPARQ_JAX_NATIVE_COMMON_H_
 #define SPARQ_JAX_NATIVE_COMMON_H_
 
