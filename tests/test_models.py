@@ -111,6 +111,45 @@ def test_bf16_checkpoint(checkpoint):
     assert ours_error <= 2 * theirs_error
 
 
+@pytest.mark.parametrize("transpose_w", [False, True])
+def test_bf16_gemm_matches_numpy(transpose_w):
+    """Many rows (prefill) with bfloat16 weights on a CPU with AVX512-BF16 run sparq_jax.native's
+    GEMM: x rounded to bfloat16, products summed in fp32. Against NumPy in float64 on the same
+    rounded x and the weights, with K odd, N not a multiple of the 64-column tiles and rows not a
+    multiple of the 6-row tiles nor of the 96-row pieces; the tolerance is fp32 summation's."""
+    from models import llama
+
+    if not (llama._cpu_has_bf16_dot() and sq.native.available()[0]):
+        pytest.skip("no AVX512-BF16 or no native library: matmul widens the weights instead")
+    rng = np.random.default_rng(5)
+    for lead, k, n in [((2, 101), 577, 131), ((197,), 64, 64), ((65,), 3, 1)]:
+        x = rng.standard_normal((*lead, k)).astype(np.float32)
+        w = jnp.asarray(rng.standard_normal((n, k) if transpose_w else (k, n)), jnp.bfloat16)
+        got = np.asarray(jax.jit(lambda x, w: llama.matmul(x, w, transpose_w=transpose_w))(x, w))
+        assert got.dtype == np.float32 and got.shape == (*lead, n)
+        xr = np.asarray(jnp.asarray(x, jnp.bfloat16), np.float64)
+        wf = np.asarray(w, np.float64)
+        wf = wf.T if transpose_w else wf
+        want = xr @ wf
+        bound = np.abs(xr) @ np.abs(wf) * k * np.finfo(np.float32).eps
+        assert np.all(np.abs(got - want) <= bound), (lead, k, n)
+
+
+def test_bf16_prefill_of_many_rows(checkpoint):
+    """A bfloat16 prompt of more rows than the decode kernel's (the GEMM on AVX512-BF16 CPUs, else
+    XLA's fp32 dot on widened weights) is no further from transformers' fp32 logits than
+    transformers' own bfloat16 model, with test_bf16_checkpoint's slack."""
+    folder, ref = checkpoint("llama_gqa_llama3", dtype="bfloat16")
+    ids = np.random.default_rng(4).integers(1, ref.config.vocab_size, (2, 90))
+    mask = np.ones_like(ids)
+    expected = torch_logits(ref, ids, mask)
+    ref16 = type(ref).from_pretrained(folder, dtype=torch.bfloat16).eval()
+    theirs_error = np.abs(torch_logits(ref16, ids, mask) - expected).max()
+    ours_error = np.abs(np.asarray(models.from_pretrained(folder, dtype="bfloat16").logits(ids, mask)) - expected).max()
+    print(f"bf16 prefill of {ids.size} rows: ours {ours_error:.3f}, transformers {theirs_error:.3f}")
+    assert ours_error <= 2 * theirs_error
+
+
 def test_bf16_decode_step(checkpoint):
     """Decode steps of a bfloat16 model (on CPU: sparq_jax.native's bfloat16 kernels for the
     projections, the head and Dense on the bfloat16 cache) are no further from transformers' fp32

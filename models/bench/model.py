@@ -44,8 +44,10 @@ class ModelOptions:
             raise ValueError(f"--dtypes must name float32 and at least one other dtype, got {','.join(self.dtypes)}")
 
 
-def torch_peer(path: str, dtype: str):
-    """transformers' model of the same checkpoint (torch, this machine), or (None, why not)."""
+def torch_peer(path: str, dtype: str, dequantize: bool = False):
+    """transformers' model of the same checkpoint (torch, this machine), or (None, why not).
+    dequantize: a GGUF's weights unpacked into a dense model of dtype (our weights, rounded alike),
+    rather than left in GGUF blocks whose kernels compute in fp32 whatever the dtype."""
     try:
         import torch
         import transformers
@@ -54,6 +56,8 @@ def torch_peer(path: str, dtype: str):
     kwargs = {"dtype": getattr(torch, dtype)}
     if os.path.isfile(path) and path.endswith(".gguf"):
         folder, kwargs["gguf_file"] = os.path.split(path)
+        if dequantize:
+            kwargs["quantization_config"] = transformers.GgufConfig(dequantize=True)
     elif os.path.isdir(path) and any(f.endswith(".safetensors") for f in os.listdir(path)):
         folder = path
     else:
@@ -137,7 +141,7 @@ def run_dtypes(o: ModelOptions) -> dict:
     config = lms["float32"].config
     peers, why = {}, None
     for dt in o.dtypes:
-        peers[dt], why = torch_peer(hf.resolve_path(o.model), dt) if o.torch else (None, "--no-torch")
+        peers[dt], why = torch_peer(hf.resolve_path(o.model), dt, dequantize=True) if o.torch else (None, "--no-torch")
         if peers[dt] is not None:
             time_torch(peers[dt], np.zeros((1, 16), np.int64), 2)
     if any(p is None for p in peers.values()):

@@ -38,7 +38,8 @@ from ..validation import check_int  # noqa: F401  (cache_dir: the old home of th
 _DIR = os.path.dirname(os.path.abspath(__file__))
 _SOURCES = [os.path.join(_DIR, "top_k.cc"), os.path.join(_DIR, "matmul.cc"), os.path.join(_DIR, "cache_write.cc")]
 _TARGETS = {"sparq_jax_top_k": "SparqTopK", "sparq_jax_matmul_bf16": "SparqMatmulBf16",
-            "sparq_jax_matmul_bf16_nt": "SparqMatmulBf16Nt", "sparq_jax_cache_write": "SparqCacheWrite"}
+            "sparq_jax_matmul_bf16_nt": "SparqMatmulBf16Nt", "sparq_jax_cache_write": "SparqCacheWrite",
+            "sparq_jax_gemm_bf16": "SparqGemmBf16"}
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool, "reason": str, "lib": ctypes.CDLL (kept alive while registered)
 
