@@ -27,7 +27,7 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import sparq_jax as sq
-from sparq_jax import sharding
+from sparq_jax import cache as sq_cache, sharding
 from sparq_jax.sharding import DATA, MODEL
 
 from .config import ModelConfig, RopeParameters
@@ -637,9 +637,14 @@ def prefill_chunk(model: Llama, carry, input_ids, attention_mask, start, *, bloc
     q_valid = lax.dynamic_slice_in_dim(valid, start, cn, axis=1)
     q_positions = lax.dynamic_slice_in_dim(positions, start, cn, axis=1)
 
+    def write(buf, x):                                      # x [B, C, Hkv, D] at positions start..
+        x = x.swapaxes(1, 2).astype(buf.dtype)
+        if sq_cache.native_write_applies(buf):              # a 16-bit buffer that XLA:CPU would widen whole
+            return sq_cache.write_rows(buf, jnp.full((b,), start, jnp.int32), x, transposed=False)
+        return lax.dynamic_update_slice_in_dim(buf, x, start, axis=2)
+
     def attention(layer, q, k, v):
-        k_all, v_all = (lax.dynamic_update_slice_in_dim(buf, x.swapaxes(1, 2).astype(buf.dtype), start, axis=2)
-                        for buf, x in zip(kv[layer], (k, v)))
+        k_all, v_all = (write(buf, x) for buf, x in zip(kv[layer], (k, v)))
         out, new_sums = attend_blocks(q, k_all, v_all, valid, positions, q_positions, q_valid, window,
                                       start // block, block, None if sums is None else sums[layer])
         return out, ((k_all, v_all), new_sums)

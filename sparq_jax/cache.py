@@ -21,14 +21,14 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def _native_write_applies(buf: jax.Array) -> bool:
+def native_write_applies(buf: jax.Array) -> bool:
     """Whether a write into buf goes through sparq_jax.native's in-place kernel: a 16-bit float
     buffer traced for the CPU with the native library built."""
     return (buf.dtype.itemsize == 2 and jnp.issubdtype(buf.dtype, jnp.floating) and jax.default_backend() == "cpu"
             and native.available()[0])
 
 
-def _write_rows(buf: jax.Array, start: jax.Array, new: jax.Array, transposed: bool) -> jax.Array:
+def write_rows(buf: jax.Array, start: jax.Array, new: jax.Array, transposed: bool) -> jax.Array:
     """buf [B, H, S, D] (transposed: [B, H, D, S]) with positions start[b] + t of row b set to
     new[b, :, t] (new [B, H, T, D], start int32 [B]); a position past the end is dropped.
 
@@ -41,7 +41,7 @@ def _write_rows(buf: jax.Array, start: jax.Array, new: jax.Array, transposed: bo
     buffer to fp32 and back, O(cache) per decode step instead of O(1) (measured on SmolLM2 at 4k,
     B=1: a bfloat16 step 137 ms against fp32's 58), and a uint16 view costs whole-buffer copies too
     (XLA:CPU materialises the bitcast-converts)."""
-    if _native_write_applies(buf):
+    if native_write_applies(buf):
         call = jax.ffi.ffi_call("sparq_jax_cache_write", jax.ShapeDtypeStruct(buf.shape, buf.dtype),
                                 input_output_aliases={0: 0}, vmap_method="sequential")
         return call(buf, new, start, transposed=np.int64(transposed))
@@ -205,12 +205,12 @@ class KVCache:
         k_new = k_new.astype(self.dtype)
         v_new = v_new.astype(self.dtype)
 
-        kt = None if self.kt is None else _write_rows(self.kt, self.lengths, k_new, transposed=True)
+        kt = None if self.kt is None else write_rows(self.kt, self.lengths, k_new, transposed=True)
         return dataclasses.replace(
             self,
-            k=_write_rows(self.k, self.lengths, k_new, transposed=False),
+            k=write_rows(self.k, self.lengths, k_new, transposed=False),
             kt=kt,
-            v=_write_rows(self.v, self.lengths, v_new, transposed=False),
+            v=write_rows(self.v, self.lengths, v_new, transposed=False),
             v_sum=self.v_sum + jnp.sum(v_new, axis=2, dtype=jnp.float32),
             lengths=self.lengths + t,
         )
