@@ -158,8 +158,8 @@ def matmul(x: jax.Array, w: jax.Array, *, transpose_w: bool = False, out_dtype=N
 
     bfloat16 weights on CPU do not go through XLA's bfloat16 dot (~6x slower than fp32 per weight):
     few rows (decode) run sparq_jax.native's kernel; many rows (prefill) its AVX512-BF16 GEMM where
-    the CPU has one (x rounded to bfloat16: ~1.7x XLA's fp32 dot on SmolLM2's shapes), else widen
-    the weights to fp32 first, a cost small beside the product. native=False (a device mesh: the
+    the CPU has one (x rounded to bfloat16, as transformers' bfloat16 model rounds its activations),
+    else widen the weights to fp32 first, a cost small beside the product. native=False (a device mesh: the
     partitioner cannot split a custom call) keeps XLA's dot.
     """
     out_dtype = x.dtype if out_dtype is None else out_dtype
