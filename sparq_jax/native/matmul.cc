@@ -8,6 +8,8 @@
 //
 //   SparqMatmulBf16    x [T, M, K] f32, w [T, K, N] bf16 -> x @ w    [T, M, N] f32
 //   SparqMatmulBf16Nt  x [T, M, K] f32, w [T, N, K] bf16 -> x @ w^T  [T, M, N] f32
+//   SparqGemmBf16      the same for many rows (prefill) on AVX512-BF16 CPUs, x rounded to bf16
+//                      (attribute transposed: w^T); see its section below
 //
 // T = 1 broadcasts one w to every batch entry of x. Work is split into (batch entry, column block)
 // pieces taken from a shared counter by the caller and by tasks on XLA's intra-op thread pool;
