@@ -1,7 +1,8 @@
 """One decode step of attention for every method: `attend(q, cache, method)`.
 
-attend checks its arguments, chooses SparQ's backend once, in Python (sparq_jax.backends: XLA on
-CPU with the native hooks, XLA elsewhere, the fused Pallas GPU kernels, the Pallas TPU kernels), and
+attend checks its arguments, chooses SparQ's backend once, in Python (sparq_jax.backends: the fused
+native kernel on CPU, XLA on CPU with the native hooks, XLA elsewhere, the fused Pallas GPU kernels,
+the Pallas TPU kernels), and
 runs the method's function from a {method type: function} table. SparQ itself is sparq_jax.sparq
 (Algorithm 1 once, and its reference); the other methods are below.
 
@@ -32,7 +33,7 @@ from .topk import select_top_k, top_k_positions  # noqa: F401 - re-exported (tes
 from .validation import check_int
 from .xla_ops import approx_logits_xla, gather_attend_xla, gather_positions, masked_softmax  # noqa: F401
 
-IMPLS = ("auto", "xla", "pallas_gpu", "pallas_tpu")
+IMPLS = ("auto", "xla", "pallas_gpu", "pallas_tpu", "cpu_fused")
 _F32 = jnp.float32
 _NEG_INF = -jnp.inf
 
@@ -141,14 +142,31 @@ def _platform() -> str:
     return jax.default_backend()
 
 
-def _resolve_backend(impl: str, method, interpret: bool) -> tuple[Backend, bool]:
-    """-> (the backend for impl, whether a kernel that fails to compile falls back to XLA: "auto")."""
+def _resolve_backend(impl: str, method, interpret: bool, q=None, cache: Optional[KVCache] = None) -> tuple[Backend, bool]:
+    """-> (the backend for impl, whether a kernel that fails to compile falls back to XLA: "auto").
+    q [B, Hq, D] and cache (as attend gets them) decide whether the native CPU kernel takes them."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     platform = _platform()
     xla = backends.for_platform(platform)
     if impl == "xla":
         return xla, False
+    if impl == "cpu_fused":
+        if not isinstance(method, SparQ):
+            raise ValueError(f"impl='cpu_fused' implements SparQ only, not {method!r}; use impl='xla' or 'auto'")
+        if platform != "cpu":
+            raise ValueError(f"impl='cpu_fused' is a CPU custom call, and the default backend is {platform!r}; "
+                             f"use impl='auto' or 'xla'")
+        ok, reason = native.available()
+        if not ok:
+            raise ValueError(f"impl='cpu_fused' needs the native library, which is unavailable ({reason}); "
+                             f"use impl='auto' or 'xla'")
+        if q is not None and not _fused_takes(q, cache):
+            raise ValueError(f"impl='cpu_fused' takes K, V (and K^T) of one dtype of "
+                             f"{[str(t) for t in native.FUSED_DTYPES]} and D <= {native.FUSED_MAX_D}, "
+                             f"G <= {native.FUSED_MAX_G}, G * D <= {native.FUSED_MAX_GD}; got cache k "
+                             f"{cache.k.dtype} {cache.k.shape}, v {cache.v.dtype}, q {q.shape}; use impl='xla'")
+        return backends.get("cpu_fused"), False
     if impl in ("pallas_gpu", "pallas_tpu"):
         if not isinstance(method, SparQ):
             raise ValueError(f"impl={impl!r}: the Pallas kernels implement SparQ only, not {method!r}; "
@@ -159,7 +177,10 @@ def _resolve_backend(impl: str, method, interpret: bool) -> tuple[Backend, bool]
                              f"{platform!r}: run on a {needs.upper()}, pass interpret=True to run the kernels in "
                              f"Pallas' interpreter (slow; how the CPU tests run them), or use impl='xla'")
         return backends.get(impl, interpret), False
-    # auto: the GPU kernels on GPU for SparQ, XLA elsewhere (the TPU kernels are interpret-validated only).
+    # auto: SparQ runs natively on CPU where the library builds (else XLA:CPU) and in the GPU kernels
+    # on GPU; everything else, and SparQ on TPU (its kernels are interpret-validated only), in XLA.
+    if isinstance(method, SparQ) and platform == "cpu" and q is not None and _fused_takes(q, cache):
+        return backends.get("cpu_fused"), False
     if not isinstance(method, SparQ) or platform != "gpu":
         return xla, False
     from pallas_kernels import gpu_kernels_available
@@ -168,6 +189,12 @@ def _resolve_backend(impl: str, method, interpret: bool) -> tuple[Backend, bool]
         warnings.warn(f"impl='auto': SparQ's Pallas GPU kernels are unavailable ({reason}); using XLA")
         return xla, False
     return backends.get("pallas_gpu", interpret), True
+
+
+def _fused_takes(q, cache: KVCache) -> bool:
+    """Whether the native CPU kernel (sparq_jax.native.sparq_fused) takes this query and cache."""
+    b, hq, d = q.shape
+    return native.fused_applies((b, cache.num_kv_heads, hq // cache.num_kv_heads, d), cache)
 
 
 # (method, window, backend, the abstract q and cache) -> "" if _attend compiled, else the error
@@ -202,9 +229,10 @@ def attend(q, cache: KVCache, method, *, window: Optional[int] = None, impl: str
     method: Dense(), SparQ(...), H2O(...), Streaming(...) or FlexGen(...).
     window: sliding-window attention (Mistral): only the last `window` valid positions are candidates
         (and v_bar is their mean).
-    impl: "xla", "pallas_gpu", "pallas_tpu" (SparQ only), or "auto": the GPU kernels on GPU, else XLA;
-        with "auto", kernels that fail to lower or compile for a shape fall back to XLA with one
-        warning naming the error (an explicit "pallas_gpu" raises it).
+    impl: "xla", "pallas_gpu", "pallas_tpu", "cpu_fused" (SparQ only), or "auto": on CPU the native
+        kernel (cpu_fused: K and V float32 or bfloat16, the library built; else XLA), the GPU kernels
+        on GPU, else XLA; with "auto", GPU kernels that fail to lower or compile for a shape fall back
+        to XLA with one warning naming the error (an explicit "pallas_gpu" raises it).
     interpret: run a Pallas kernel in interpret mode (how the CPU tests run them).
 
     Returns (out [B, Hq, D] in q's dtype, cache). The cache comes back unchanged except for H2O,
@@ -238,7 +266,7 @@ def attend(q, cache: KVCache, method, *, window: Optional[int] = None, impl: str
             raise ValueError(f"the cache overflowed: lengths {lengths.tolist()} exceed max_len={cache.max_len} "
                              f"(an append inside jit went past the capacity, and its writes were dropped); "
                              f"create the cache with a larger max_len")
-    backend, fallback = _resolve_backend(impl, method, bool(interpret))
+    backend, fallback = _resolve_backend(impl, method, bool(interpret), q, cache)
     if fallback and _compile_error(q, cache, method, window, backend):
         backend = backends.for_platform(_platform())
     out, state = _attend(q, cache, method, window, backend)

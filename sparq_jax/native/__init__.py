@@ -1,12 +1,13 @@
-"""Native XLA:CPU custom calls (through jax.ffi): SparQ's top-k selection (top_k.cc) and
-bfloat16-weight matrix products for few rows (matmul.cc).
+"""Native XLA:CPU custom calls (through jax.ffi): SparQ's whole decode step (sparq_cpu.cc, the
+cpu_fused backend), its top-k selection (top_k.cc) and bfloat16-weight matrix products for few rows
+(matmul.cc). All split their work over XLA's intra-op thread pool (common.inc.cc), never starting threads.
 
 XLA:CPU has no fast exact top-k for long rows: `lax.top_k` sorts (22 ms for 32 rows of 32k) and
 the counting bisection of `sparq_jax.attention.top_k_positions` costs ~24 passes over the scores
 (~4 ms). top_k.cc selects the same positions (ties at the lowest positions, increasing order) with a
-radix select in about 3 passes over each row. (Steps 2+3 written the same way, rows read whole and
-prefetched on both cores, measured no faster than XLA's gather on this project's 2-core VM, so they
-stay in XLA: the random row reads bound them, not XLA.)
+radix select in about 3 passes over each row. (Steps 2+3 alone written the same way measured no faster
+than XLA's gather at B=4, S=32k: the random row reads bound them. At B=1 what costs is each layer's
+many small XLA steps, which sparq_cpu.cc replaces by one call: docs/performance.md.)
 
 XLA:CPU runs dots with bfloat16 operands ~10x slower than fp32 ones, so a bfloat16 model decoded
 slower than the fp32 one while reading half the bytes; matmul.cc's kernels (matmul_bf16) read the
@@ -23,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -36,10 +38,13 @@ from ..paths import cache_dir, cache_subdir
 from ..validation import check_int  # noqa: F401  (cache_dir: the old home of the name)
 
 _DIR = os.path.dirname(os.path.abspath(__file__))
-_SOURCES = [os.path.join(_DIR, "top_k.cc"), os.path.join(_DIR, "matmul.cc"), os.path.join(_DIR, "cache_write.cc")]
+_SOURCES = [os.path.join(_DIR, name) for name in ("top_k.cc", "matmul.cc", "sparq_cpu.cc", "cache_write.cc")]
+# Included by the sources, not compiled alone, and hashed with them (an edit builds anew). Named .cc so
+# that the package data (pyproject.toml: "*.cc") ships it.
+_HEADERS = [os.path.join(_DIR, "common.inc.cc")]
 _TARGETS = {"sparq_jax_top_k": "SparqTopK", "sparq_jax_matmul_bf16": "SparqMatmulBf16",
-            "sparq_jax_matmul_bf16_nt": "SparqMatmulBf16Nt", "sparq_jax_cache_write": "SparqCacheWrite",
-            "sparq_jax_gemm_bf16": "SparqGemmBf16"}
+            "sparq_jax_matmul_bf16_nt": "SparqMatmulBf16Nt", "sparq_jax_sparq_fused": "SparqFused",
+            "sparq_jax_cache_write": "SparqCacheWrite", "sparq_jax_gemm_bf16": "SparqGemmBf16"}
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool, "reason": str, "lib": ctypes.CDLL (kept alive while registered)
 
@@ -50,6 +55,25 @@ def _threads() -> int:
     except AttributeError:  # not on Linux
         n = os.cpu_count() or 1
     return max(1, min(n, 16))
+
+
+def _arch_flags() -> list:
+    """-march=native on x86-64: the library is built on the machine that runs it (its name hashes
+    the CPU's features, _cpu_identity), and GCC lowers the kernels' vector code for the baseline
+    ISA before target_clones' copies inline it (sparq_cpu.cc's masking passes ran 15-20x slower)."""
+    return ["-march=native"] if platform.machine().lower() in ("x86_64", "amd64") else []
+
+
+def _cpu_identity() -> str:
+    """The CPU's feature flags (Linux), else its name: a library built for one CPU is not loaded on another."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor() + platform.machine()
 
 
 def _sha256(path: str) -> str:
@@ -65,10 +89,12 @@ def _build() -> str:
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if not cxx:
         raise RuntimeError("no C++ compiler found (set $CXX)")
-    cmd = [cxx, "-O3", "-std=c++17", "-Wno-psabi", "-shared", "-fPIC", "-isystem", jax.ffi.include_dir(), *_SOURCES, "-lpthread"]
+    cmd = [cxx, "-O3", *_arch_flags(), "-std=c++17", "-Wno-psabi", "-shared", "-fPIC", "-isystem", jax.ffi.include_dir(),
+           *_SOURCES, "-lpthread"]
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True)
-    digest = hashlib.sha256(jax.__version__.encode() + " ".join(cmd).encode() + version.stdout.encode())
-    for path in _SOURCES:
+    digest = hashlib.sha256(jax.__version__.encode() + " ".join(cmd).encode() + version.stdout.encode()
+                            + _cpu_identity().encode())
+    for path in _SOURCES + _HEADERS:
         with open(path, "rb") as f:
             digest.update(f.read())
     cache = cache_subdir()
@@ -146,6 +172,62 @@ def matmul_bf16(x, w, *, transpose_w: bool = False):
     name = "sparq_jax_matmul_bf16_nt" if transpose_w else "sparq_jax_matmul_bf16"
     call = jax.ffi.ffi_call(name, jax.ShapeDtypeStruct(x.shape[:2] + (n,), jnp.float32))
     return call(x, w, threads=np.int64(_threads()))
+
+
+# The dtypes sparq_fused reads K, K^T and V in, and its limits (sparq_cpu.cc's stack buffers).
+FUSED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+FUSED_MAX_D, FUSED_MAX_G, FUSED_MAX_GD = 512, 64, 4096
+
+
+def fused_applies(q_shape, cache) -> bool:
+    """Whether sparq_fused takes this cache and grouped query shape [B, Hkv, G, D]: K, V (and K^T)
+    of one dtype in FUSED_DTYPES, D and G within its limits, and the library built."""
+    dtypes = {jnp.dtype(x.dtype) for x in (cache.k, cache.v, cache.kt) if x is not None}
+    g, d = q_shape[-2], q_shape[-1]
+    return (len(dtypes) == 1 and dtypes <= set(FUSED_DTYPES) and d <= FUSED_MAX_D and g <= FUSED_MAX_G
+            and g * d <= FUSED_MAX_GD and available()[0])
+
+
+def sparq_fused(qf, keys, k, v, mask, lengths, v_bar, *, rank: int, top_k: int, local_window: int,
+                group_scores: str, reallocate: bool, transposed: bool):
+    """All of SparQ's Algorithm 1 for one layer in one call (sparq_cpu.cc): fp32 qf [B, Hkv, G, D];
+    keys K^T [B, Hkv, D, S] (transposed) or K; k, v [B, Hkv, S, D] (keys, k, v one dtype of
+    FUSED_DTYPES); mask [B, S] bool, the candidates; lengths [B] int32 (the always-kept window);
+    v_bar [B, Hkv, D] fp32 (read only with reallocate). -> (out fp32 [B, Hkv, G, D], i2 int32
+    [B, Hkv, top_k]: the chosen positions, increasing). CPU only, after available()."""
+    b, h, g, d = qf.shape
+    s = k.shape[2]
+    if qf.dtype != jnp.float32 or v_bar.dtype != jnp.float32:
+        raise ValueError(f"qf and v_bar must be float32, got {qf.dtype} and {v_bar.dtype}")
+    if {jnp.dtype(keys.dtype), jnp.dtype(k.dtype), jnp.dtype(v.dtype)} - set(FUSED_DTYPES) or \
+            len({keys.dtype, k.dtype, v.dtype}) != 1:
+        raise ValueError(f"keys, k and v must share one dtype of {[str(t) for t in FUSED_DTYPES]}, got "
+                         f"{keys.dtype}, {k.dtype}, {v.dtype}")
+    want_keys = (b, h, d, s) if transposed else (b, h, s, d)
+    if k.shape != (b, h, s, d) or v.shape != k.shape or keys.shape != want_keys:
+        raise ValueError(f"k, v must be [B, Hkv, S, D] = {(b, h, s, d)} and keys {want_keys} for qf {qf.shape}, "
+                         f"got k {k.shape}, v {v.shape}, keys {keys.shape}")
+    if mask.shape != (b, s) or lengths.shape != (b,) or v_bar.shape != (b, h, d):
+        raise ValueError(f"mask must be [B, S] = {(b, s)}, lengths [B] and v_bar [B, Hkv, D]; got {mask.shape}, "
+                         f"{lengths.shape}, {v_bar.shape}")
+    check_int("rank", rank, 1, maximum=d)
+    check_int("top_k", top_k, 1, maximum=s)
+    check_int("local_window", local_window, 0)
+    if d > FUSED_MAX_D or g > FUSED_MAX_G or g * d > FUSED_MAX_GD:
+        raise ValueError(f"sparq_fused takes D <= {FUSED_MAX_D}, G <= {FUSED_MAX_G}, G * D <= {FUSED_MAX_GD}; "
+                         f"got G={g}, D={d}")
+    if group_scores not in ("softmax", "logits"):
+        raise ValueError(f"group_scores must be 'softmax' or 'logits', got {group_scores!r}")
+    ok, reason = available()
+    if not ok:
+        raise RuntimeError(f"the native SparQ kernel is unavailable: {reason}")
+    call = jax.ffi.ffi_call("sparq_jax_sparq_fused", (jax.ShapeDtypeStruct(qf.shape, jnp.float32),
+                                                      jax.ShapeDtypeStruct((b, h, top_k), jnp.int32)),
+                            vmap_method="sequential")
+    return call(qf, keys, k, v, mask.astype(jnp.bool_), lengths.astype(jnp.int32), v_bar, rank=np.int64(rank),
+                top_k=np.int64(top_k), local_window=np.int64(local_window),
+                group_logits=np.int64(group_scores == "logits"), reallocate=np.int64(bool(reallocate)),
+                transposed=np.int64(bool(transposed)), threads=np.int64(_threads()))
 
 
 def bf16_matmul_applies(w) -> bool:

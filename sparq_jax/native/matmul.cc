@@ -24,31 +24,17 @@
 #include <thread>
 #include <vector>
 
+#include "common.inc.cc"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
+using sparq_native::Bf16;
+using sparq_native::F16;
+using sparq_native::Parallel;
+using sparq_native::Widen;
+
 namespace {
-
-typedef float F16 __attribute__((vector_size(64)));
-typedef uint32_t U16 __attribute__((vector_size(64)));
-typedef uint16_t H16 __attribute__((vector_size(32)));
-
-__attribute__((always_inline)) inline F16 Widen(const uint16_t* p) {
-  H16 h;
-  std::memcpy(&h, p, sizeof h);
-  U16 u = __builtin_convertvector(h, U16) << 16;
-  F16 f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-inline float Bf16(uint16_t h) {
-  uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
 
 constexpr int kMaxRows = 8;  // rows of x kept in registers per pass over w
 
@@ -129,27 +115,6 @@ __attribute__((target_clones("avx512f", "avx2", "default")))
 void BlockNt(const float* x, int64_t x_stride, int64_t rows, const uint16_t* w, int64_t k, int64_t n0,
              int64_t n1, float* y, int64_t y_stride) {
   SPARQ_DISPATCH_ROWS(BlockNtRows, x, x_stride, w, k, n0, n1, y, y_stride)
-}
-
-// Runs pieces [0, total) of `work` on the caller and on XLA's pool, returning once all are done.
-template <typename Work>
-void Parallel(ffi::ThreadPool& pool, int64_t threads, int64_t total, Work work) {
-  struct State {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto state = std::make_shared<State>();
-  const int64_t helpers = std::min<int64_t>({pool.num_threads(), threads - 1, total - 1});
-  // The helpers hold `state` and a copy of `work`, whose captures (buffers) outlive this call only
-  // in tasks that find the counter exhausted and touch nothing.
-  auto run = [state, work, total]() {
-    for (int64_t p; (p = state->next.fetch_add(1)) < total;) {
-      work(p);
-      state->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule(decltype(run)(run));
-  run();
-  while (state->done.load(std::memory_order_acquire) < total) std::this_thread::yield();
 }
 
 ffi::Error Check(ffi::Buffer<ffi::F32>& x, ffi::AnyBuffer& w, int64_t* t, int64_t* m, int64_t* k, int64_t* n,
