@@ -27,7 +27,7 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import sparq_jax as sq
-from sparq_jax import sharding
+from sparq_jax import cache as sq_cache, sharding
 from sparq_jax.sharding import DATA, MODEL
 
 from .config import ModelConfig, RopeParameters
@@ -125,23 +125,52 @@ def _bias(x: jax.Array, b: Optional[nnx.Param]) -> jax.Array:
 _NATIVE_ROWS = 64
 
 
+@functools.cache
+def _cpu_has_bf16_dot() -> bool:
+    """Whether this CPU has AVX512-BF16 (vdpbf16ps), which sparq_jax.native's bfloat16 GEMM needs
+    (read from /proc/cpuinfo; False where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return all(flag in flags for flag in ("avx512_bf16", "avx512bw", "avx512vl"))
+
+
+def _gemm_applies(w: jax.Array) -> bool:
+    """Whether a product of many rows with bfloat16 w runs as sparq_jax.native's GEMM."""
+    return sq.native.bf16_matmul_applies(w) and _cpu_has_bf16_dot()
+
+
+def _gemm_bf16(x: jax.Array, w: jax.Array, transpose_w: bool) -> jax.Array:
+    """fp32 x [T, M, K] times bfloat16 w [T or 1, K, N] (transpose_w: [T or 1, N, K]) -> fp32
+    [T, M, N]: sparq_jax.native's AVX512-BF16 GEMM (x rounded to bfloat16, as a bfloat16 model's
+    activations are in transformers; products summed in fp32)."""
+    n = w.shape[1] if transpose_w else w.shape[2]
+    call = jax.ffi.ffi_call("sparq_jax_gemm_bf16", jax.ShapeDtypeStruct(x.shape[:2] + (n,), _F32))
+    return call(x, w, threads=np.int64(sq.native._threads()), transposed=np.int64(transpose_w))
+
+
 def matmul(x: jax.Array, w: jax.Array, *, transpose_w: bool = False, out_dtype=None,
            native: bool = True) -> jax.Array:
     """x [..., K] @ w [K, N] (transpose_w: w [N, K], used as w^T) -> [..., N] in out_dtype (default
     x's dtype), accumulated in fp32.
 
     bfloat16 weights on CPU do not go through XLA's bfloat16 dot (~6x slower than fp32 per weight):
-    few rows (decode) run sparq_jax.native's kernel; many rows (prefill) widen the weights to fp32
-    first, a cost small beside the product. native=False (a device mesh: the partitioner cannot
-    split a custom call) keeps XLA's dot.
+    few rows (decode) run sparq_jax.native's kernel; many rows (prefill) its AVX512-BF16 GEMM where
+    the CPU has one (x rounded to bfloat16, as transformers' bfloat16 model rounds its activations),
+    else widen the weights to fp32 first, a cost small beside the product. native=False (a device mesh: the
+    partitioner cannot split a custom call) keeps XLA's dot.
     """
     out_dtype = x.dtype if out_dtype is None else out_dtype
     lead, k = x.shape[:-1], x.shape[-1]
     n = w.shape[0] if transpose_w else w.shape[1]
     if native and sq.native.bf16_matmul_applies(w):
         rows = math.prod(lead)
-        if rows <= _NATIVE_ROWS:
-            y = sq.native.matmul_bf16(x.reshape(1, rows, k).astype(_F32), w[None], transpose_w=transpose_w)
+        if rows <= _NATIVE_ROWS or _gemm_applies(w):
+            x3 = x.reshape(1, rows, k).astype(_F32)
+            y = (sq.native.matmul_bf16(x3, w[None], transpose_w=transpose_w) if rows <= _NATIVE_ROWS
+                 else _gemm_bf16(x3, w[None], transpose_w))
             return y.reshape(*lead, n).astype(out_dtype)
         x, w = x.astype(_F32), w.astype(_F32)
     spec = "...k,nk->...n" if transpose_w else "...k,kn->...n"
@@ -358,7 +387,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 # The forward pass's attentions
 
 def causal_attention(q, k, v, valid, positions, window: Optional[int], chunk: int = PREFILL_CHUNK,
-                     column_sums: bool = False):
+                     column_sums: bool = False, native: bool = True):
     """Dense causal attention over a padded prompt, in [chunk x chunk] blocks with an online softmax.
 
     q [B, T, Hq, D]; k, v [B, T, Hkv, D]; valid [B, T] bool (the attention mask); positions [B, T]
@@ -368,7 +397,7 @@ def causal_attention(q, k, v, valid, positions, window: Optional[int], chunk: in
     Returns out [B, T, Hq, D] in q's dtype (zero for a query that sees no key: padding) and, if
     column_sums, fp32 [B, Hkv, T]: the attention probabilities each key receives, summed over the
     valid queries and each KV group's query heads (H2O's prefill state; a second pass over the
-    blocks, once the softmax normalisers are known).
+    blocks, once the softmax normalisers are known). native: see attend_blocks.
     """
     b, t, hq, d = q.shape
     c = min(chunk, t)
@@ -381,12 +410,13 @@ def causal_attention(q, k, v, valid, positions, window: Optional[int], chunk: in
     valid, positions = padded(valid, False), padded(positions)
     kb, vb = (padded(x).swapaxes(1, 2) for x in (k, v))                       # [B, Hkv, n*c, D]
     sums = jnp.zeros((b, k.shape[2], n * c), _F32) if column_sums else None
-    out, sums = attend_blocks(padded(q), kb, vb, valid, positions, positions, valid, window, 0, c, sums)
+    out, sums = attend_blocks(padded(q), kb, vb, valid, positions, positions, valid, window, 0, c, sums,
+                              native=native)
     return out[:, :t], (sums[:, :, :t] if column_sums else None)
 
 
 def attend_blocks(q, kb, vb, key_valid, key_positions, query_positions, query_valid, window: Optional[int],
-                  first, c: int, sums=None):
+                  first, c: int, sums=None, native: bool = True):
     """causal_attention's blocks for the queries q [B, nq*c, Hq, D] that sit at key blocks
     first..first+nq-1 (first: a traced int allowed) of the keys kb, vb [B, Hkv, nk*c, D] (entries past
     the queries' own block are never read). key_valid, key_positions [B, nk*c]; query_positions,
@@ -399,6 +429,10 @@ def attend_blocks(q, kb, vb, key_valid, key_positions, query_positions, query_va
     4k: 1.75x the speed of the former [B, c, Hkv, G, D] blocks (docs/performance.md).
     Returns (out [B, nq*c, Hq, D] in q's dtype, sums [B, Hkv, nk*c] fp32 or None): sums, if given,
     gets each key's attention probabilities added, summed over the valid queries and each group.
+    bfloat16 keys and values on a CPU with AVX512-BF16 (native, no device mesh): both products run as
+    sparq_jax.native's GEMM (the queries are bfloat16 values already, so the logits are exact sums of
+    exact products; the probabilities are rounded to bfloat16 for the second product, as in
+    transformers' bfloat16 attention); XLA:CPU's bfloat16 dot is ~10x slower than its fp32 one.
     """
     out_dtype = q.dtype
     b, tq, hq, d = q.shape
@@ -412,11 +446,19 @@ def attend_blocks(q, kb, vb, key_valid, key_positions, query_positions, query_va
     causal = jnp.tile(jnp.where(jnp.arange(c)[None, :] <= jnp.arange(c)[:, None], 0.0, -jnp.inf), (g, 1))
     kpos = key_positions.reshape(b, nk, c)
     qpos = jnp.tile(query_positions.reshape(b, nq, 1, c), (1, 1, g, 1)).reshape(b, nq, g * c)
+    gemm = native and kb.dtype == jnp.bfloat16 and vb.dtype == jnp.bfloat16 and _gemm_applies(kb)
+
+    def product(x, w, transpose_w):
+        """x [B, Hkv, M, K] fp32 times the block w [B, Hkv, c, D] (transpose_w: w^T) -> fp32."""
+        if gemm:
+            y = _gemm_bf16(x.reshape(b * hkv, *x.shape[2:]), w.reshape(b * hkv, c, d), transpose_w)
+            return y.reshape(b, hkv, *y.shape[1:])
+        spec = "bhqd,bhkd->bhqk" if transpose_w else "bhqk,bhkd->bhqd"
+        return jnp.einsum(spec, x, w.astype(_F32), preferred_element_type=_F32)
 
     def logits(qi, s, j, diag):
         """[B, Hkv, G*c, c] fp32 logits of query block s (qi) against key block j, -inf where masked."""
-        kj = lax.dynamic_index_in_dim(kb, j, 2, keepdims=False).astype(_F32)
-        x = jnp.einsum("bhqd,bhkd->bhqk", qi, kj, preferred_element_type=_F32) * scale
+        x = product(qi, lax.dynamic_index_in_dim(kb, j, 2, keepdims=False), True) * scale
         x = x + lax.dynamic_index_in_dim(bias, j, 2, keepdims=False)
         if diag:
             x = x + causal
@@ -437,8 +479,7 @@ def attend_blocks(q, kb, vb, key_valid, key_positions, query_positions, query_va
             m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)   # no key seen yet: avoid inf - inf
             p = jnp.exp(x - m_safe[..., None])
             rescale = jnp.exp(m - m_safe)
-            vj = lax.dynamic_index_in_dim(vb, j, 2, keepdims=False).astype(_F32)
-            pv = jnp.einsum("bhqk,bhkd->bhqd", p, vj, preferred_element_type=_F32)
+            pv = product(p, lax.dynamic_index_in_dim(vb, j, 2, keepdims=False), False)
             return m_new, l * rescale + jnp.sum(p, axis=-1), acc * rescale[..., None] + pv
 
         init = (jnp.full((b, hkv, g * c), -jnp.inf, _F32), jnp.zeros((b, hkv, g * c), _F32),
@@ -517,7 +558,7 @@ def forward_prompt(model: Llama, input_ids, attention_mask, *, keep_kv: bool = F
         if chunk is None:
             out, sums = dense_causal_attention(q, k, v, valid, positions, window), None
         else:
-            out, sums = causal_attention(q, k, v, valid, positions, window, chunk, column_sums)
+            out, sums = causal_attention(q, k, v, valid, positions, window, chunk, column_sums, native=mesh is None)
         return out, ((k, v) if keep_kv else None, sums)
 
     x, kept = model(input_ids, positions, attention, mesh=mesh)
@@ -596,9 +637,14 @@ def prefill_chunk(model: Llama, carry, input_ids, attention_mask, start, *, bloc
     q_valid = lax.dynamic_slice_in_dim(valid, start, cn, axis=1)
     q_positions = lax.dynamic_slice_in_dim(positions, start, cn, axis=1)
 
+    def write(buf, x):                                      # x [B, C, Hkv, D] at positions start..
+        x = x.swapaxes(1, 2).astype(buf.dtype)
+        if sq_cache.native_write_applies(buf):              # a 16-bit buffer that XLA:CPU would widen whole
+            return sq_cache.write_rows(buf, jnp.full((b,), start, jnp.int32), x, transposed=False)
+        return lax.dynamic_update_slice_in_dim(buf, x, start, axis=2)
+
     def attention(layer, q, k, v):
-        k_all, v_all = (lax.dynamic_update_slice_in_dim(buf, x.swapaxes(1, 2).astype(buf.dtype), start, axis=2)
-                        for buf, x in zip(kv[layer], (k, v)))
+        k_all, v_all = (write(buf, x) for buf, x in zip(kv[layer], (k, v)))
         out, new_sums = attend_blocks(q, k_all, v_all, valid, positions, q_positions, q_valid, window,
                                       start // block, block, None if sums is None else sums[layer])
         return out, ((k_all, v_all), new_sums)

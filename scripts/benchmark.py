@@ -7,6 +7,7 @@
     python scripts/benchmark.py decode --preset smollm2-135m --seq-lens 8192 --dtype bfloat16
     python scripts/benchmark.py model --model smollm2-135m-instruct --contexts 2048,4096,8192 --batches 1,4
     python scripts/benchmark.py model --model qwen2.5-coder-0.5b-instruct --contexts 4096,8192,16384 --batches 1
+    python scripts/benchmark.py model --model smollm2-135m-instruct --contexts 4096 --batches 1 --dtypes float32,bfloat16
 
 Every timing is measured side by side in one process: the candidates run interleaved, repetition
 after repetition, and each reports the median after warm-up. Speedups are ratios of those medians.
@@ -73,6 +74,9 @@ def _model_flags(m) -> None:
     m.add_argument("--new-tokens", type=positive_int, help="decode steps timed per run (+1 from prefill)")
     m.add_argument("--compression", type=ratio)
     m.add_argument("--dtype", choices=sorted(DTYPES))
+    m.add_argument("--dtypes", type=lambda text: tuple(text.split(",")),
+                   help="instead of --dtype: float32 and others side by side (float32,bfloat16): prefill, dense "
+                        "decode, and each one's logit error against float32, ours and transformers'")
     m.add_argument("--reps", type=positive_int, help="timed repetitions after the compiling one")
     m.add_argument("--no-torch", dest="torch", action="store_false", help="skip transformers' model")
     m.add_argument("--one-call", action="store_true",
@@ -101,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Flags that do nothing next to others (argparse leaves a flag not given out of the namespace): refused.
 CONFLICTS = {"attention": [("compression", ("rank", "top_k")), ("seq_len", ("sweep",))],
-             "decode": [], "launches": [], "model": []}
+             "decode": [], "launches": [], "model": [("dtypes", ("dtype", "compression", "one_call"))]}
 NEEDS = {"attention": [("local_window", ("rank", "top_k"))], "decode": [], "launches": [], "model": []}
 
 

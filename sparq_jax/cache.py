@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import native
 from .validation import check_int
 
 
@@ -20,29 +21,36 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def _scatter_set(buf: jax.Array, index, new: jax.Array) -> jax.Array:
-    """buf.at[index].set(new) (index: (rows [R, 1], cols [R, T]) or (rows, slice(None), cols)).
+def native_write_applies(buf: jax.Array) -> bool:
+    """Whether a write into buf goes through sparq_jax.native's in-place kernel: a 16-bit float
+    buffer traced for the CPU with the native library built."""
+    return (buf.dtype.itemsize == 2 and jnp.issubdtype(buf.dtype, jnp.floating) and jax.default_backend() == "cpu"
+            and native.available()[0])
 
-    A 16-bit float buffer receiving one position per row is written row by row with
-    dynamic_update_slice instead: XLA:CPU widens a bfloat16 scatter's whole operand to fp32 and back,
-    copying the cache three times per append (measured: a bfloat16 SmolLM2 decode step at S=1k took
-    105 ms against fp32's 76). A position past the end is dropped, as the scatter drops it."""
-    cols = index[-1]
-    if buf.dtype.itemsize != 2 or cols.shape[1] != 1:
-        return buf.at[index].set(new)
-    transposed = len(index) == 3
-    limit = buf.shape[-1] if transposed else buf.shape[1]
 
-    def write(j, buf):
-        col = cols[j, 0]
-        row = new[j][None]                                           # [1, 1, D]
-        if transposed:
-            row, start = jnp.swapaxes(row, 1, 2), (j, 0, col)      # [1, D, 1]
-        else:
-            start = (j, col, 0)
-        return jax.lax.cond(col < limit, lambda: jax.lax.dynamic_update_slice(buf, row, start), lambda: buf)
+def write_rows(buf: jax.Array, start: jax.Array, new: jax.Array, transposed: bool) -> jax.Array:
+    """buf [B, H, S, D] (transposed: [B, H, D, S]) with positions start[b] + t of row b set to
+    new[b, :, t] (new [B, H, T, D], start int32 [B]); a position past the end is dropped.
 
-    return jax.lax.fori_loop(0, buf.shape[0], write, buf)
+    fp32: one scatter of whole rows into the [B*H, S, D] view, which XLA updates in place (a vmapped
+    dynamic_update_slice, or a scatter XLA turns into one, makes XLA:CPU copy the buffer when a dot
+    also reads it in the same program, as a decode step does).
+    16-bit floats on CPU: sparq_jax.native's kernel, in place too, on the cache's own shape (a
+    reshape around an aliased custom call makes XLA copy the buffer). XLA:CPU has no bfloat16
+    scatter or dynamic-update-slice: its float normalisation wraps either in a convert of the whole
+    buffer to fp32 and back, O(cache) per decode step instead of O(1) (measured on SmolLM2 at 4k,
+    B=1: a bfloat16 step 137 ms against fp32's 58), and a uint16 view costs whole-buffer copies too
+    (XLA:CPU materialises the bitcast-converts)."""
+    if native_write_applies(buf):
+        call = jax.ffi.ffi_call("sparq_jax_cache_write", jax.ShapeDtypeStruct(buf.shape, buf.dtype),
+                                input_output_aliases={0: 0}, vmap_method="sequential")
+        return call(buf, new, start, transposed=np.int64(transposed))
+    b, h, t, d = new.shape
+    flat = buf.reshape(b * h, *buf.shape[2:])
+    rows = jnp.arange(b * h)[:, None]                                            # [B*H, 1]
+    cols = jnp.repeat(start, h)[:, None] + jnp.arange(t)[None, :]                # [B*H, T]
+    index = (rows, slice(None), cols) if transposed else (rows, cols)
+    return flat.at[index].set(new.reshape(b * h, t, d)).reshape(buf.shape)
 
 
 def _check_float_dtype(dtype) -> jnp.dtype:
@@ -197,21 +205,12 @@ class KVCache:
         k_new = k_new.astype(self.dtype)
         v_new = v_new.astype(self.dtype)
 
-        # One scatter of whole rows into the [B*Hkv, S, D] view: a vmapped dynamic_update_slice (or a
-        # scatter XLA turns into one) makes XLA:CPU copy the buffer when a dot also reads it in the
-        # same program, as a decode step does.
-        b, h, s, d = self.k.shape
-        rows = jnp.arange(b * h)[:, None]                                              # [B*Hkv, 1]
-        cols = jnp.repeat(self.lengths, h)[:, None] + jnp.arange(t)[None, :]            # [B*Hkv, T]
-        flat_k = k_new.reshape(b * h, t, d)
-        kt = None
-        if self.kt is not None:
-            kt = _scatter_set(self.kt.reshape(b * h, d, s), (rows, slice(None), cols), flat_k).reshape(b, h, d, s)
+        kt = None if self.kt is None else write_rows(self.kt, self.lengths, k_new, transposed=True)
         return dataclasses.replace(
             self,
-            k=_scatter_set(self.k.reshape(b * h, s, d), (rows, cols), flat_k).reshape(b, h, s, d),
+            k=write_rows(self.k, self.lengths, k_new, transposed=False),
             kt=kt,
-            v=_scatter_set(self.v.reshape(b * h, s, d), (rows, cols), v_new.reshape(b * h, t, d)).reshape(b, h, s, d),
+            v=write_rows(self.v, self.lengths, v_new, transposed=False),
             v_sum=self.v_sum + jnp.sum(v_new, axis=2, dtype=jnp.float32),
             lengths=self.lengths + t,
         )

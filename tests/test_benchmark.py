@@ -115,6 +115,37 @@ def test_model_benchmark_reports_ours_and_torch(tmp_path):
         assert r["sparq_speedup"] == pytest.approx(r["dense"]["step_ms"] / r["sparq"]["step_ms"])
 
 
+def test_model_benchmark_dtypes_side_by_side(tmp_path):
+    """--dtypes float32,bfloat16: both dtypes in one run, each with its logit error against float32
+    (ours and transformers'), the ratios computed from the rows; bad combinations refused."""
+    import models
+
+    pytest.importorskip("transformers")
+    config = models.ModelConfig(model_type="llama", vocab_size=300, hidden_size=64, intermediate_size=48,
+                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                max_position_embeddings=256)
+    models.save_pretrained(models.init_model(config, seed=0), str(tmp_path / "model"))
+    doc = run_model(ModelOptions(model=str(tmp_path / "model"), contexts=(96,), batches=(1,), reps=1, new_tokens=3,
+                                 dtypes=("float32", "bfloat16")))
+    assert json.loads(json.dumps(doc)) == doc and doc["config"]["dtypes"] == ["float32", "bfloat16"]
+    (row,) = doc["results"]
+    assert row["float32"]["logit_error"] == {"max_abs": 0.0, "rms": 0.0}
+    assert row["float32"]["torch_logit_error"] == {"max_abs": 0.0, "rms": 0.0}
+    for key in ("logit_error", "torch_logit_error"):
+        assert 0 < row["bfloat16"][key]["rms"] <= row["bfloat16"][key]["max_abs"] < 1
+    ratios = row["bfloat16_vs_float32"]
+    assert ratios["decode"] == pytest.approx(row["bfloat16"]["dense"]["tokens_per_s"] / row["float32"]["dense"]["tokens_per_s"])
+    assert ratios["prefill"] == pytest.approx(row["bfloat16"]["prefill_tokens_per_s"] / row["float32"]["prefill_tokens_per_s"])
+    assert ratios["logit_error_vs_torch"]["rms"] == pytest.approx(
+        row["bfloat16"]["logit_error"]["rms"] / row["bfloat16"]["torch_logit_error"]["rms"])
+    with pytest.raises(ValueError, match="--dtypes must name float32"):
+        ModelOptions(model="x", dtypes=("bfloat16", "float16"))
+    with pytest.raises(ValueError, match="--dtype\\(s\\) must be among"):
+        ModelOptions(model="x", dtypes=("float32", "int8"))
+    refused = _script("model", "--model", "x", "--dtype", "bfloat16", "--dtypes", "float32,bfloat16")
+    assert refused.returncode == 2 and "--dtypes does not apply with --dtype" in refused.stderr
+
+
 def _random_cache(rng, b, hkv, s, d, lengths, transposed_keys=True):
     k = rng.standard_normal((b, hkv, s, d)).astype(np.float32)
     v = rng.standard_normal((b, hkv, s, d)).astype(np.float32)

@@ -662,23 +662,31 @@ def test_step1_is_the_partial_dot_product(transposed):
 
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("method", [sq.Dense(), sq.SparQ(4, 16, 4)], ids=["dense", "sparq"])
-def test_decode_step_updates_the_cache_in_place(batch, method):
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_decode_step_updates_the_cache_in_place(batch, method, dtype):
     """append + attend in one donated program must not copy the cache (XLA:CPU did, for a
-    dynamic_update_slice whose buffer a dot also reads): a copy costs more than SparQ saves."""
+    dynamic_update_slice whose buffer a dot also reads): a copy costs more than SparQ saves.
+    A bfloat16 cache must not be widened to fp32 either (XLA:CPU wraps a bfloat16 scatter or
+    dynamic-update-slice in a convert of the whole buffer to fp32 and back, every step)."""
     import re
     S, H, D = 512, 2, 16
-    k = jnp.zeros((batch, H, S, D))
+    k = jnp.zeros((batch, H, S, D), dtype)
     cache = sq.KVCache.from_kv(k, k, jnp.full((batch,), 100), transposed_keys=method.reads_transposed_keys)
     q = jnp.ones((batch, 4, D))
-    new = jnp.ones((batch, H, 1, D))
+    new = jnp.ones((batch, H, 1, D), dtype)
 
     def step(cache, q):
         cache = cache.append(new, new)
         return cache, sq.attend(q, cache, method, impl="xla")[0]
 
     hlo = jax.jit(step, donate_argnums=0).lower(cache, q).compile().as_text()
-    copies = re.findall(rf"f32\[{batch},{H},({S},{D}|{D},{S})\]\{{[0-9,]+\}} copy\(", hlo)
-    assert not copies, f"{len(copies)} copies of cache buffers in the decode step"
+    name = "bf16" if dtype == jnp.bfloat16 else "f32"
+    buffers = rf"(\d+,)*({S},{D}|{D},{S})\]\{{[0-9,]+\}}"
+    copies = re.findall(rf"{name}\[{buffers} copy\(", hlo)
+    assert not copies, f"{len(copies)} copies of cache buffers in the decode step ({name})"
+    if dtype != jnp.float32:
+        widened = re.findall(rf"= f32\[{buffers} ", hlo)
+        assert not widened, f"{len(widened)} fp32 buffers of the cache's shape in the bfloat16 decode step"
 
 
 @pytest.mark.parametrize("W", [1, 31, 33, 1024, 2049, 5000])
@@ -831,10 +839,51 @@ def test_unknown_method_object_is_a_type_error():
         sq.attend(np.zeros((1, 1, 4), np.float32), cache, NotAMethod())
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("t", [1, 3])
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
+def test_16bit_append_writes_only_the_new_positions(dtype, t, jit):
+    """A 16-bit append (on CPU sparq_jax.native's in-place write) changes exactly positions
+    lengths[b] .. lengths[b] + t - 1 of each row in K, K^T and V, bit for bit the fp32 append's values
+    rounded to the dtype (and a NumPy reference), drops what falls past max_len inside jit (the
+    length still grows: overflowed()), keeps v_sum in fp32, and leaves the input cache as it was."""
+    rng = np.random.default_rng(22 + t)
+    b, h, s, d = 3, 2, 9, 8
+    k, v = (rng.standard_normal((b, h, s, d)).astype(np.float32) for _ in range(2))
+    k_new, v_new = (rng.standard_normal((b, h, t, d)).astype(np.float32) for _ in range(2))
+    rounded = lambda x: np.asarray(jnp.asarray(x, dtype), np.float32)
+    lengths = np.array([0, 4, s - t + jit])             # under jit row 2 overflows by one position
+    cache = sq.KVCache.from_kv(jnp.asarray(k, dtype), jnp.asarray(v, dtype), lengths)
+    before = [np.asarray(x, np.float32).copy() for x in (cache.k, cache.kt, cache.v)]
+    append = (lambda c, kn, vn: c.append(kn, vn))
+    out = (jax.jit(append) if jit else append)(cache, jnp.asarray(k_new, dtype), jnp.asarray(v_new, dtype))
+    # NumPy: the rounded cache with each row's new positions written where they fit.
+    want_k, want_v = rounded(np.asarray(cache.k, np.float32)), rounded(np.asarray(cache.v, np.float32))
+    for row, length in enumerate(lengths):
+        fit = min(t, s - length)
+        want_k[row, :, length:length + fit] = rounded(k_new[row, :, :fit])
+        want_v[row, :, length:length + fit] = rounded(v_new[row, :, :fit])
+    np.testing.assert_array_equal(np.asarray(out.k, np.float32), want_k)
+    np.testing.assert_array_equal(np.asarray(out.kt, np.float32), want_k.swapaxes(2, 3))
+    np.testing.assert_array_equal(np.asarray(out.v, np.float32), want_v)
+    # The fp32 path (XLA's scatter) on the same rounded values, rounded back: the same bits.
+    wide = sq.KVCache.from_kv(np.asarray(cache.k, np.float32), np.asarray(cache.v, np.float32), lengths)
+    wide = (jax.jit(append) if jit else append)(wide, rounded(k_new), rounded(v_new))
+    for got, ref in ((out.k, wide.k), (out.kt, wide.kt), (out.v, wide.v)):
+        assert got.dtype == dtype
+        np.testing.assert_array_equal(np.asarray(got, np.float32), rounded(ref))
+    assert out.v_sum.dtype == jnp.float32
+    np.testing.assert_allclose(out.v_sum, wide.v_sum, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(out.lengths, lengths + t)
+    assert bool(out.overflowed()) == jit
+    for x, was in zip((cache.k, cache.kt, cache.v), before):   # not donated: the input is untouched
+        np.testing.assert_array_equal(np.asarray(x, np.float32), was)
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
 def test_append_one_position_writes_it_and_drops_overflow(dtype):
-    """16-bit caches append a single position row by row (not XLA:CPU's widening scatter): the
-    written values land at each row's length, in K, K^T and V, and a row already full keeps its
+    """16-bit caches append through sparq_jax.native's in-place write on CPU (not XLA:CPU's widening
+    scatter): the written values land at each row's length, in K, K^T and V, and a row already full keeps its
     contents (the write is dropped, the length still grows), as the scatter path does."""
     rng = np.random.default_rng(21)
     k, v = (rng.standard_normal((2, 3, 6, 4)).astype(np.float32) for _ in range(2))

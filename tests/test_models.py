@@ -111,6 +111,45 @@ def test_bf16_checkpoint(checkpoint):
     assert ours_error <= 2 * theirs_error
 
 
+@pytest.mark.parametrize("transpose_w", [False, True])
+def test_bf16_gemm_matches_numpy(transpose_w):
+    """Many rows (prefill) with bfloat16 weights on a CPU with AVX512-BF16 run sparq_jax.native's
+    GEMM: x rounded to bfloat16, products summed in fp32. Against NumPy in float64 on the same
+    rounded x and the weights, with K odd, N not a multiple of the 64-column tiles and rows not a
+    multiple of the 6-row tiles nor of the 96-row pieces; the tolerance is fp32 summation's."""
+    from models import llama
+
+    if not (llama._cpu_has_bf16_dot() and sq.native.available()[0]):
+        pytest.skip("no AVX512-BF16 or no native library: matmul widens the weights instead")
+    rng = np.random.default_rng(5)
+    for lead, k, n in [((2, 101), 577, 131), ((197,), 64, 64), ((65,), 3, 1)]:
+        x = rng.standard_normal((*lead, k)).astype(np.float32)
+        w = jnp.asarray(rng.standard_normal((n, k) if transpose_w else (k, n)), jnp.bfloat16)
+        got = np.asarray(jax.jit(lambda x, w: llama.matmul(x, w, transpose_w=transpose_w))(x, w))
+        assert got.dtype == np.float32 and got.shape == (*lead, n)
+        xr = np.asarray(jnp.asarray(x, jnp.bfloat16), np.float64)
+        wf = np.asarray(w, np.float64)
+        wf = wf.T if transpose_w else wf
+        want = xr @ wf
+        bound = np.abs(xr) @ np.abs(wf) * k * np.finfo(np.float32).eps
+        assert np.all(np.abs(got - want) <= bound), (lead, k, n)
+
+
+def test_bf16_prefill_of_many_rows(checkpoint):
+    """A bfloat16 prompt of more rows than the decode kernel's (the GEMM on AVX512-BF16 CPUs, else
+    XLA's fp32 dot on widened weights) is no further from transformers' fp32 logits than
+    transformers' own bfloat16 model, with test_bf16_checkpoint's slack."""
+    folder, ref = checkpoint("llama_gqa_llama3", dtype="bfloat16")
+    ids = np.random.default_rng(4).integers(1, ref.config.vocab_size, (2, 90))
+    mask = np.ones_like(ids)
+    expected = torch_logits(ref, ids, mask)
+    ref16 = type(ref).from_pretrained(folder, dtype=torch.bfloat16).eval()
+    theirs_error = np.abs(torch_logits(ref16, ids, mask) - expected).max()
+    ours_error = np.abs(np.asarray(models.from_pretrained(folder, dtype="bfloat16").logits(ids, mask)) - expected).max()
+    print(f"bf16 prefill of {ids.size} rows: ours {ours_error:.3f}, transformers {theirs_error:.3f}")
+    assert ours_error <= 2 * theirs_error
+
+
 def test_bf16_decode_step(checkpoint):
     """Decode steps of a bfloat16 model (on CPU: sparq_jax.native's bfloat16 kernels for the
     projections, the head and Dense on the bfloat16 cache) are no further from transformers' fp32
@@ -389,15 +428,18 @@ def test_decode_loop_compiles_once_per_bucket(loaded):
     assert lm_module.decode_loop_jit._cache_size() == before + 3   # another method
 
 
-def test_decode_loop_copies_no_cache_and_no_weight():
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decode_loop_copies_no_cache_and_no_weight(dtype):
     """The compiled decode loop updates the donated caches in place and reads every weight where it
-    lies (a per-step copy of a cache or a weight costs more than SparQ saves)."""
+    lies (a per-step copy of a cache or a weight costs more than SparQ saves); a bfloat16 cache is
+    never widened to fp32 whole (XLA:CPU's bfloat16 scatter did that every step)."""
     import re
 
     config = models.ModelConfig(model_type="llama", vocab_size=300, hidden_size=32, intermediate_size=48,
                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                                 max_position_embeddings=256)
-    lm = models.LanguageModel(models.init_model(config))
+    lm = models.LanguageModel(models.init_model(config, dtype=jnp.dtype(dtype)))
+    name = "bf16" if dtype == "bfloat16" else "f32"
     logits, state = lm.prefill(np.ones((1, 100), np.int32), max_len=120, transposed_keys=True)
     weights = {",".join(map(str, x.shape)) for x in jax.tree.leaves(lm.params) if x.ndim > 1}
     for method in [sq.Dense(), sq.SparQ(rank=2, top_k=16)]:
@@ -405,9 +447,10 @@ def test_decode_loop_copies_no_cache_and_no_weight():
             lm._graphdef, lm.params, logits, state, jax.random.key(0), jnp.float32(1), jnp.float32(1),
             jnp.zeros((0,), jnp.int32), jnp.int32(0), method=method, max_new_tokens=8, do_sample=False,
         ).compile().as_text()
-        assert not re.findall(r"f32\[1,2,(120,8|8,120)\]\{[0-9,]+\} copy\(", hlo), method
+        assert not re.findall(rf"{name}\[1,2,(120,8|8,120)\]\{{[0-9,]+\}} copy\(", hlo), method
+        assert not re.findall(r"= f32\[(1,)?2,(120,8|8,120)\]\{[0-9,]+\} ", hlo) or name == "f32", method
         for shape in weights:
-            assert not re.findall(rf"f32\[{shape}\]\{{[0-9,]+\}} (copy|transpose)\(", hlo), (method, shape)
+            assert not re.findall(rf"{name}\[{shape}\]\{{[0-9,]+\}} (copy|transpose)\(", hlo), (method, shape)
 
 
 def test_generate_validates_arguments(loaded):

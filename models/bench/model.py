@@ -32,16 +32,22 @@ class ModelOptions:
     torch: bool = True                 # time transformers' model too
     seed: int = 0
     one_call: bool = False             # also time the prefill as one jitted call (no chunks, no progress)
+    dtypes: tuple = ()                 # instead of dtype: these side by side (prefill, dense decode, logit error)
 
     def __post_init__(self):
         if self.new_tokens < 2:
             raise ValueError("--new-tokens must be >= 2 (the first token comes from the prefill)")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        for dtype in (self.dtype, *self.dtypes):
+            if dtype not in DTYPES:
+                raise ValueError(f"--dtype(s) must be among {sorted(DTYPES)}, got {dtype!r}")
+        if self.dtypes and (len(set(self.dtypes)) < 2 or "float32" not in self.dtypes):
+            raise ValueError(f"--dtypes must name float32 and at least one other dtype, got {','.join(self.dtypes)}")
 
 
-def torch_peer(path: str, dtype: str):
-    """transformers' model of the same checkpoint (torch, this machine), or (None, why not)."""
+def torch_peer(path: str, dtype: str, dequantize: bool = False):
+    """transformers' model of the same checkpoint (torch, this machine), or (None, why not).
+    dequantize: a GGUF's weights unpacked into a dense model of dtype (our weights, rounded alike),
+    rather than left in GGUF blocks whose kernels compute in fp32 whatever the dtype."""
     try:
         import torch
         import transformers
@@ -50,6 +56,8 @@ def torch_peer(path: str, dtype: str):
     kwargs = {"dtype": getattr(torch, dtype)}
     if os.path.isfile(path) and path.endswith(".gguf"):
         folder, kwargs["gguf_file"] = os.path.split(path)
+        if dequantize:
+            kwargs["quantization_config"] = transformers.GgufConfig(dequantize=True)
     elif os.path.isdir(path) and any(f.endswith(".safetensors") for f in os.listdir(path)):
         folder = path
     else:
@@ -59,6 +67,108 @@ def torch_peer(path: str, dtype: str):
     except Exception as err:  # an architecture or file transformers cannot read: no peer, say why
         return None, f"transformers could not load {path} ({type(err).__name__}: {err})"
     return model, None
+
+
+def torch_last_logits(model, ids: np.ndarray) -> np.ndarray:
+    """transformers' fp32 logits [B, V] of the last position of ids [B, S] (untimed)."""
+    import torch
+
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor(ids, dtype=torch.long), logits_to_keep=1)
+        return out.logits[:, -1].float().numpy()
+
+
+def logit_error(got: np.ndarray, want: np.ndarray) -> dict:
+    """{"max_abs", "rms"} of got - want (fp32 logits [B, V])."""
+    diff = np.asarray(got, np.float64) - np.asarray(want, np.float64)
+    return {"max_abs": float(np.max(np.abs(diff))), "rms": float(np.sqrt(np.mean(diff ** 2)))}
+
+
+def dtype_case(o: ModelOptions, lms: dict, peers: dict, ids: np.ndarray) -> dict:
+    """One (B, S) of ids [B, S] for every dtype of o.dtypes, interleaved repetition after repetition:
+    ours and the peer's prefill, then ours' Dense decode; the last position's logits of each dtype
+    against float32's, ours and the peer's -> {"batch", "context", "new_tokens", "<dtype>": {
+    "prefill_tokens_per_s", "dense", "torch", "logit_error" (vs our float32), "torch_logit_error"
+    (the peer's vs its float32)}, "<dtype>_vs_float32": {"prefill", "decode", "logit_error_vs_torch"}}."""
+    (b, s), n = ids.shape, o.new_tokens
+    prefill_s = {dt: [] for dt in o.dtypes}
+    torch_s = {dt: [] for dt in o.dtypes}
+    decode_s = {dt: [] for dt in o.dtypes}
+    logits, states = {}, {}
+    for rep in range(1 + o.reps):
+        for dt, lm in lms.items():
+            states.pop(dt, None)
+            start = time.perf_counter()
+            logits[dt], states[dt] = lm.prefill(ids, max_len=s + n, transposed_keys=True)
+            jax.block_until_ready(logits[dt])
+            prefill_s[dt].append(time.perf_counter() - start)
+            if peers.get(dt) is not None and rep:
+                torch_s[dt].append(time_torch(peers[dt], ids, n))
+    for _ in range(1 + o.reps):
+        for dt, lm in lms.items():
+            _, stats = lm.decode(logits[dt], states[dt], n, method=sq.Dense(), eos_token_id=[], return_stats=True)
+            decode_s[dt].append(stats.decode_s / stats.decode_steps)
+    states.clear()
+    peer_logits = {dt: torch_last_logits(p, ids) for dt, p in peers.items() if p is not None}
+    row = {"batch": b, "context": s, "new_tokens": n}
+    for dt in o.dtypes:
+        step = statistics.median(decode_s[dt][1:])
+        row[dt] = {"prefill_tokens_per_s": b * s / statistics.median(prefill_s[dt][1:]), "prefill_s": prefill_s[dt][1:],
+                   "dense": {"step_ms": step * 1e3, "tokens_per_s": b / step},
+                   "logit_error": logit_error(logits[dt], logits["float32"])}
+        if dt in peer_logits:
+            tp, td = zip(*torch_s[dt])
+            row[dt]["torch"] = {"prefill_tokens_per_s": b * s / statistics.median(tp),
+                                "tokens_per_s": b * (n - 1) / statistics.median(td)}
+            row[dt]["torch_logit_error"] = logit_error(peer_logits[dt], peer_logits["float32"])
+            row[dt]["logit_error_vs_torch_float32"] = logit_error(logits[dt], peer_logits["float32"])
+    for dt in o.dtypes:
+        if dt != "float32":
+            ratios = {"prefill": row[dt]["prefill_tokens_per_s"] / row["float32"]["prefill_tokens_per_s"],
+                      "decode": row[dt]["dense"]["tokens_per_s"] / row["float32"]["dense"]["tokens_per_s"]}
+            if "torch_logit_error" in row[dt]:
+                ours, theirs = row[dt]["logit_error"], row[dt]["torch_logit_error"]
+                ratios["logit_error_vs_torch"] = {k: ours[k] / theirs[k] for k in ours}
+            row[f"{dt}_vs_float32"] = ratios
+    return row
+
+
+def run_dtypes(o: ModelOptions) -> dict:
+    """dtype_case for every (context, batch) of o, printed -> {"config", "results"}."""
+    from .. import from_pretrained
+
+    lms = {dt: from_pretrained(o.model, dtype=dt) for dt in o.dtypes}
+    config = lms["float32"].config
+    peers, why = {}, None
+    for dt in o.dtypes:
+        peers[dt], why = torch_peer(hf.resolve_path(o.model), dt, dequantize=True) if o.torch else (None, "--no-torch")
+        if peers[dt] is not None:
+            time_torch(peers[dt], np.zeros((1, 16), np.int64), 2)
+    if any(p is None for p in peers.values()):
+        peers = {}
+        print(f"no torch peer: {why}")
+    results = []
+    rng = np.random.default_rng(o.seed)
+    for s in o.contexts:
+        for b in o.batches:
+            row = dtype_case(o, lms, peers, rng.integers(0, config.vocab_size, (b, s)).astype(np.int32))
+            results.append(row)
+            for dt in o.dtypes:
+                r = row[dt]
+                peer_text = "" if "torch" not in r else (
+                    f"; torch prefill {r['torch']['prefill_tokens_per_s']:.0f} tok/s, decode "
+                    f"{r['torch']['tokens_per_s']:.2f} tok/s, torch's logit error vs its float32 "
+                    f"{r['torch_logit_error']['max_abs']:.3g} max / {r['torch_logit_error']['rms']:.3g} rms")
+                ratio = "" if dt == "float32" else (
+                    f" [vs float32: prefill {row[dt + '_vs_float32']['prefill']:.2f}x, decode "
+                    f"{row[dt + '_vs_float32']['decode']:.2f}x]")
+                print(f"B={b} S={s} {dt}: prefill {r['prefill_tokens_per_s']:.0f} tok/s, dense decode "
+                      f"{r['dense']['tokens_per_s']:.2f} tok/s, logit error vs float32 {r['logit_error']['max_abs']:.3g} "
+                      f"max / {r['logit_error']['rms']:.3g} rms{peer_text}{ratio}", flush=True)
+    return {"config": {**config.to_dict(), "model": o.model, "dtypes": list(o.dtypes),
+                       "device": str(jax.devices()[0].device_kind), "cpu_count": os.cpu_count(),
+                       "machine": platform.machine(), "jax": jax.__version__, "torch_peer": why or "transformers"},
+            "results": results}
 
 
 def time_torch(model, ids: np.ndarray, new_tokens: int) -> tuple[float, float]:
@@ -138,8 +248,11 @@ def one_call_prefill(lm, ids: np.ndarray, max_len: int):
 
 def run_model(o: ModelOptions) -> dict:
     """Every (context, batch) of o timed and printed -> the JSON document {"config", "results":
-    model_case's rows}."""
+    model_case's rows} (with o.dtypes: run_dtypes's)."""
     from .. import from_pretrained
+
+    if o.dtypes:
+        return run_dtypes(o)
 
     lm = from_pretrained(o.model, dtype=o.dtype)
     config = lm.config

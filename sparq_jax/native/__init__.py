@@ -38,12 +38,13 @@ from ..paths import cache_dir, cache_subdir
 from ..validation import check_int  # noqa: F401  (cache_dir: the old home of the name)
 
 _DIR = os.path.dirname(os.path.abspath(__file__))
-_SOURCES = [os.path.join(_DIR, name) for name in ("top_k.cc", "matmul.cc", "sparq_cpu.cc")]
+_SOURCES = [os.path.join(_DIR, name) for name in ("top_k.cc", "matmul.cc", "sparq_cpu.cc", "cache_write.cc")]
 # Included by the sources, not compiled alone, and hashed with them (an edit builds anew). Named .cc so
 # that the package data (pyproject.toml: "*.cc") ships it.
 _HEADERS = [os.path.join(_DIR, "common.inc.cc")]
 _TARGETS = {"sparq_jax_top_k": "SparqTopK", "sparq_jax_matmul_bf16": "SparqMatmulBf16",
-            "sparq_jax_matmul_bf16_nt": "SparqMatmulBf16Nt", "sparq_jax_sparq_fused": "SparqFused"}
+            "sparq_jax_matmul_bf16_nt": "SparqMatmulBf16Nt", "sparq_jax_sparq_fused": "SparqFused",
+            "sparq_jax_cache_write": "SparqCacheWrite", "sparq_jax_gemm_bf16": "SparqGemmBf16"}
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool, "reason": str, "lib": ctypes.CDLL (kept alive while registered)
 

@@ -8,16 +8,21 @@
 //
 //   SparqMatmulBf16    x [T, M, K] f32, w [T, K, N] bf16 -> x @ w    [T, M, N] f32
 //   SparqMatmulBf16Nt  x [T, M, K] f32, w [T, N, K] bf16 -> x @ w^T  [T, M, N] f32
+//   SparqGemmBf16      the same for many rows (prefill) on AVX512-BF16 CPUs, x rounded to bf16
+//                      (attribute transposed: w^T); see its section below
 //
 // T = 1 broadcasts one w to every batch entry of x. Work is split into (batch entry, column block)
 // pieces taken from a shared counter by the caller and by tasks on XLA's intra-op thread pool;
 // the caller waits for the pieces, never for the tasks (a task that starts late finds no work left).
+#include <immintrin.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <vector>
 
 #include "common.inc.cc"
 #include "xla/ffi/api/ffi.h"
@@ -167,6 +172,150 @@ ffi::Error MatmulNt(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffe
   return MatmulImpl(pool, x, w, out, threads, true);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Many rows (prefill): SparqGemmBf16 rounds x to bfloat16 and multiplies with AVX512-BF16's
+// vdpbf16ps (two bfloat16 products summed into an fp32 lane per instruction: twice the fp32 FMA's
+// work per instruction), accumulating in fp32. w is packed once per call into pairs of rows,
+// [K/2][N][2], the layout vdpbf16ps reads; a piece is kGemmRows rows x kGemmCols columns, its
+// accumulators held in registers over the whole K.
+//
+//   SparqGemmBf16  x [T, M, K] f32, w [T or 1, K, N] bf16 (transposed: [T or 1, N, K]) -> [T, M, N] f32
+//
+// Runs only where the CPU has avx512_bf16 (else InvalidArgument: the caller checks first).
+constexpr int64_t kGemmCols = 64;    // 4 zmm of fp32 accumulators per row
+constexpr int64_t kGemmRowTile = 6;  // rows of x per microkernel: 24 accumulators
+constexpr int64_t kGemmRows = 96;    // rows per piece (16 microkernel tiles)
+
+inline uint16_t RoundBf16(float f) {  // round to nearest even (NaN kept quiet)
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+
+// wp[(k / 2) * n_pad * 2 + j * 2 + (k % 2)] = w[k, j] (kn) or w[j, k] (nt); zero past k and n.
+void PackW(const uint16_t* w, int64_t k, int64_t n, int64_t n_pad, bool nt, uint16_t* wp) {
+  const int64_t k2 = (k + 1) / 2;
+  std::memset(wp, 0, k2 * n_pad * 2 * sizeof(uint16_t));
+  if (!nt) {
+    for (int64_t i = 0; i < k; ++i) {
+      const uint16_t* row = w + i * n;
+      uint16_t* dst = wp + (i / 2) * n_pad * 2 + (i % 2);
+      for (int64_t j = 0; j < n; ++j) dst[j * 2] = row[j];
+    }
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      const uint16_t* row = w + j * k;
+      for (int64_t i = 0; i < k; ++i) wp[(i / 2) * n_pad * 2 + j * 2 + (i % 2)] = row[i];
+    }
+  }
+}
+
+// y[r, c0:c0+kGemmCols] for R rows of xb (bf16 pairs as uint32 [R][k2]), columns masked at n.
+template <int R>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void GemmTile(
+    const uint32_t* xb, int64_t k2, const uint16_t* wp, int64_t n_pad, int64_t c0, int64_t n, float* y,
+    int64_t y_stride) {
+  __m512 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
+  const uint16_t* wcol = wp + c0 * 2;
+  for (int64_t i = 0; i < k2; ++i) {
+    const uint16_t* wrow = wcol + i * n_pad * 2;
+    __m512bh wv[4];
+    for (int c = 0; c < 4; ++c) wv[c] = (__m512bh)_mm512_loadu_si512(wrow + c * 32);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(xb[r * k2 + i]));
+      for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xv, wv[c]);
+    }
+  }
+  for (int c = 0; c < 4; ++c) {
+    const int64_t col = c0 + c * 16;
+    if (col >= n) break;
+    const __mmask16 mask = col + 16 <= n ? 0xffff : static_cast<__mmask16>((1u << (n - col)) - 1);
+    for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(y + r * y_stride + col, mask, acc[r][c]);
+  }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void GemmRows(
+    const uint32_t* xb, int64_t rows, int64_t k2, const uint16_t* wp, int64_t n_pad, int64_t c0, int64_t n,
+    float* y, int64_t y_stride) {
+  int64_t r = 0;
+  for (; r + kGemmRowTile <= rows; r += kGemmRowTile)
+    GemmTile<kGemmRowTile>(xb + r * k2, k2, wp, n_pad, c0, n, y + r * y_stride, y_stride);
+  const uint32_t* xr = xb + r * k2;
+  float* yr = y + r * y_stride;
+  switch (rows - r) {
+    case 1: GemmTile<1>(xr, k2, wp, n_pad, c0, n, yr, y_stride); break;
+    case 2: GemmTile<2>(xr, k2, wp, n_pad, c0, n, yr, y_stride); break;
+    case 3: GemmTile<3>(xr, k2, wp, n_pad, c0, n, yr, y_stride); break;
+    case 4: GemmTile<4>(xr, k2, wp, n_pad, c0, n, yr, y_stride); break;
+    case 5: GemmTile<5>(xr, k2, wp, n_pad, c0, n, yr, y_stride); break;
+    default: break;
+  }
+}
+
+bool HasBf16Dot() {
+  static const bool has = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl");
+  return has;
+}
+
+ffi::Error GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
+                    ffi::ResultBuffer<ffi::F32> out, int64_t threads, int64_t transposed) {
+  const bool nt = transposed != 0;
+  int64_t t, m, k, n;
+  if (auto err = Check(x, w, &t, &m, &k, &n, nt); err.failure()) return err;
+  if (!HasBf16Dot()) return ffi::Error::InvalidArgument("sparq_gemm_bf16: this CPU has no avx512_bf16");
+  const int64_t k2 = (k + 1) / 2, n_pad = (n + kGemmCols - 1) / kGemmCols * kGemmCols;
+  const int64_t wt = w.dimensions()[0];
+  const uint16_t* wsrc = static_cast<const uint16_t*>(w.untyped_data());
+  // w packed (each batch entry of w), x rounded to bfloat16 pairs: one pass each, in parallel.
+  std::vector<uint16_t> wp(wt * k2 * n_pad * 2);
+  std::vector<uint32_t> xb(t * m * k2);
+  const float* xp = x.typed_data();
+  const int64_t xrows = t * m, xchunk = 256;
+  const int64_t xpieces = (xrows + xchunk - 1) / xchunk;
+  Parallel(pool, threads, wt + xpieces, [&, xp](int64_t p) {
+    if (p < wt) {
+      PackW(wsrc + p * k * n, k, n, n_pad, nt, wp.data() + p * k2 * n_pad * 2);
+      return;
+    }
+    const int64_t r0 = (p - wt) * xchunk, r1 = std::min(xrows, r0 + xchunk);
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t i = 0; i < k2; ++i) {
+        const uint16_t lo = RoundBf16(xp[r * k + 2 * i]);
+        const uint16_t hi = 2 * i + 1 < k ? RoundBf16(xp[r * k + 2 * i + 1]) : 0;
+        xb[r * k2 + i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+      }
+  });
+  float* yp = out->typed_data();
+  const int64_t col_blocks = n_pad / kGemmCols, row_blocks = (m + kGemmRows - 1) / kGemmRows;
+  const uint16_t* wpd = wp.data();
+  const uint32_t* xbd = xb.data();
+  // Pieces ordered column block by column block, so the two threads share w's block in L2/L3.
+  Parallel(pool, threads, t * col_blocks * row_blocks, [=](int64_t p) {
+    const int64_t b = p / (col_blocks * row_blocks), rest = p % (col_blocks * row_blocks);
+    const int64_t c0 = rest / row_blocks * kGemmCols, r0 = rest % row_blocks * kGemmRows;
+    const int64_t rows = std::min(kGemmRows, m - r0);
+    const uint16_t* wb = wpd + (wt == 1 ? 0 : b * k2 * n_pad * 2);
+    GemmRows(xbd + (b * m + r0) * k2, rows, k2, wb, n_pad, c0, n, yp + (b * m + r0) * n, n);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparqGemmBf16, GemmImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("transposed"));
+
+namespace {
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SparqMatmulBf16, MatmulKn,
