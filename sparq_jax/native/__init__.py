@@ -1,6 +1,8 @@
 """Native XLA:CPU custom calls (through jax.ffi): SparQ's whole decode step (sparq_cpu.cc, the
-cpu_fused backend), its top-k selection (top_k.cc) and bfloat16-weight matrix products for few rows
-(matmul.cc). All split their work over XLA's intra-op thread pool (common.inc.cc), never starting threads.
+cpu_fused backend), its top-k selection (top_k.cc), bfloat16-weight matrix products (matmul.cc: for
+few rows, and a vdpbf16ps GEMM for prefill's many rows on AVX512-BF16 CPUs) and the in-place write of
+new positions into a 16-bit KV cache (cache_write.cc: XLA:CPU widens a bfloat16 scatter or
+dynamic-update-slice to a whole-cache convert to fp32 and back). All split their work over XLA's intra-op thread pool (common.inc.cc), never starting threads.
 
 XLA:CPU has no fast exact top-k for long rows: `lax.top_k` sorts (22 ms for 32 rows of 32k) and
 the counting bisection of `sparq_jax.attention.top_k_positions` costs ~24 passes over the scores
