@@ -34,7 +34,7 @@ from .config import ModelConfig, RopeParameters
 
 _F32 = jnp.float32
 # Queries per block of the chunked prefill: scores are [B, Hq, chunk, T], never [B, Hq, T, T].
-PREFILL_CHUNK = 256
+PREFILL_CHUNK = 512
 
 # Where each per-layer weight lives in a DecoderLayer (keys of weight_shapes without "layers.").
 _LAYER_PARAMS = {
