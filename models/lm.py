@@ -285,7 +285,10 @@ class LanguageModel:
                 report(b * t)
             report(None)
             return out
-        block = min(llama.PREFILL_CHUNK, t)
+        # 512-query blocks measured faster at B=1 (docs/performance.md), but at B=8 a 512-position call
+        # is 4k tokens (~15 s between progress reports, and slower): blocks shrink to keep calls near
+        # PREFILL_STEP tokens, down to 256 queries
+        block = min(llama.PREFILL_CHUNK, t, max(256, llama.PREFILL_STEP // b))
         step = block * max(1, min(llama.PREFILL_STEP // b // block, -(-t // block)))
         width = -(-t // step) * step
         ids_w = np.pad(ids, ((0, 0), (0, width - t)))
