@@ -67,6 +67,8 @@ def run(args) -> None:
 
     lm = models.from_pretrained(args.model)
     grid = [g for g in GRID if g[0] in args.lengths]
+    if args.tasks:                                     # a subset first (e.g. the tasks a peer runs)
+        grid = [(n, tuple(t for t in tasks if t in args.tasks), rounds, configs) for n, tasks, rounds, configs in grid]
     for length, tasks, _, _ in grid:                   # every sample and length checked before model work
         for task in tasks:
             ruler.check_length(lm.tokenizer, task, length, lm.config.max_position_embeddings)
@@ -212,6 +214,20 @@ def plot(table, lengths, labels, path: str, title: str) -> None:
     plt.close(fig)
 
 
+def export(args) -> None:
+    """The grid's samples as JSON lines (ruler.export_jsonl) for a peer such as kvpress: the model's
+    tokenizer only, no weights read."""
+    from models import hf
+    from models.evaluation import ruler
+
+    tokenizer = hf.open_checkpoint(args.model).tokenizer()
+    tasks = args.tasks or list(ALL)
+    for task in tasks:
+        ruler.check_length(tokenizer, task, args.length)
+    n = ruler.export_jsonl(args.out, tokenizer, tasks, args.limit, args.length, SEED)
+    print(f"wrote {n} samples ({len(tasks)} tasks x {args.limit}, {args.length} tokens) to {args.out}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -221,12 +237,19 @@ def main(argv=None):
                                                          "0.5B model took 5.6 GB)")
     r.add_argument("--lengths", default="4096,8192,16384",
                    help="comma list of the GRID's lengths to run, in GRID order (default all)")
+    r.add_argument("--tasks", nargs="+", choices=ALL, help="only these of the grid's tasks (default all)")
     t = sub.add_parser("report", help="tables (markdown) and the plot from the rows there")
     t.add_argument("--markdown")
     t.add_argument("--plot")
     t.add_argument("--title", default="RULER, Qwen2.5-Coder-0.5B-Instruct (fp32, CPU)")
+    e = sub.add_parser("export", help="write the grid's samples (seed 42) as JSON lines for a peer (kvpress)")
+    e.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    e.add_argument("--length", type=int, default=4096, help="tokens per prompt in the model's tokenizer")
+    e.add_argument("--limit", type=int, default=10, help="samples per task (the first ones, as the grid's)")
+    e.add_argument("--tasks", nargs="+", choices=ALL, help="default: all 11")
     for s in (r, t):
         s.add_argument("--out", required=True, help="the JSON-lines file of results")
+    e.add_argument("--out", required=True, help="the JSON-lines file of samples to write")
     args = p.parse_args(argv)
     if args.command == "run":
         known = {g[0] for g in GRID}
@@ -237,6 +260,10 @@ def main(argv=None):
         if set(args.lengths) - known:
             p.error(f"--lengths {args.lengths}: the grid has {sorted(known)}")
         run(args)
+    elif args.command == "export":
+        if args.limit < 1:
+            p.error(f"--limit must be at least 1, got {args.limit}")
+        export(args)
     else:
         report(args)
 
