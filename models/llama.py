@@ -435,6 +435,11 @@ def attend_blocks(q, kb, vb, key_valid, key_positions, query_positions, query_va
     transformers' bfloat16 attention); XLA:CPU's bfloat16 dot is ~10x slower than its fp32 one.
     """
     out_dtype = q.dtype
+    if native and sums is None and sq.native.flash_applies(q, kb):
+        # The same attention in one native call (sparq_jax/native/flash_cpu.cc): each key block's
+        # logits stay in cache instead of XLA's separate passes over them (docs/performance.md).
+        out = sq.native.flash_attention(q, kb, vb, key_valid, key_positions, query_positions, first * c, window)
+        return out.astype(out_dtype), None
     b, tq, hq, d = q.shape
     hkv = kb.shape[1]
     g, nq, nk = hq // hkv, tq // c, kb.shape[2] // c

@@ -1,5 +1,5 @@
 """Native XLA:CPU custom calls (through jax.ffi): SparQ's whole decode step (sparq_cpu.cc, the
-cpu_fused backend), its top-k selection (top_k.cc), bfloat16-weight matrix products (matmul.cc: for
+cpu_fused backend), its top-k selection (top_k.cc), prefill's dense causal attention (flash_cpu.cc), bfloat16-weight matrix products (matmul.cc: for
 few rows, and a vdpbf16ps GEMM for prefill's many rows on AVX512-BF16 CPUs) and the in-place write of
 new positions into a 16-bit KV cache (cache_write.cc: XLA:CPU widens a bfloat16 scatter or
 dynamic-update-slice to a whole-cache convert to fp32 and back). All split their work over XLA's intra-op thread pool (common.inc.cc), never starting threads.
@@ -40,13 +40,15 @@ from ..paths import cache_dir, cache_subdir
 from ..validation import check_int  # noqa: F401  (cache_dir: the old home of the name)
 
 _DIR = os.path.dirname(os.path.abspath(__file__))
-_SOURCES = [os.path.join(_DIR, name) for name in ("top_k.cc", "matmul.cc", "sparq_cpu.cc", "cache_write.cc")]
+_SOURCES = [os.path.join(_DIR, name) for name in ("top_k.cc", "matmul.cc", "sparq_cpu.cc", "cache_write.cc",
+                                                  "flash_cpu.cc")]
 # Included by the sources, not compiled alone, and hashed with them (an edit builds anew). Named .cc so
 # that the package data (pyproject.toml: "*.cc") ships it.
 _HEADERS = [os.path.join(_DIR, "common.inc.cc")]
 _TARGETS = {"sparq_jax_top_k": "SparqTopK", "sparq_jax_matmul_bf16": "SparqMatmulBf16",
             "sparq_jax_matmul_bf16_nt": "SparqMatmulBf16Nt", "sparq_jax_sparq_fused": "SparqFused",
-            "sparq_jax_cache_write": "SparqCacheWrite", "sparq_jax_gemm_bf16": "SparqGemmBf16"}
+            "sparq_jax_cache_write": "SparqCacheWrite", "sparq_jax_gemm_bf16": "SparqGemmBf16",
+            "sparq_jax_flash": "SparqFlash"}
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool, "reason": str, "lib": ctypes.CDLL (kept alive while registered)
 
@@ -238,3 +240,46 @@ def bf16_matmul_applies(w) -> bool:
     is ~6x slower than matmul_bf16 at one row (measured: 30 layers of [1, 576] x [576, 1536], 153
     vs 27 ms; fp32 38 ms)."""
     return w.dtype == jnp.bfloat16 and jax.default_backend() == "cpu" and available()[0]
+
+
+# What flash_attention takes: q, k, v in these dtypes, D a multiple of 16 (its vectors) up to FLASH_MAX_D.
+FLASH_MAX_D = 512
+
+
+def flash_applies(q, k) -> bool:
+    """Whether flash_attention takes these q [B, Tq, Hq, D] and k [B, Hkv, S, D] (dtypes float32 or
+    bfloat16, D a multiple of 16 up to FLASH_MAX_D) in a trace for the CPU with the library built."""
+    d = q.shape[-1]
+    return (jnp.dtype(q.dtype) in FUSED_DTYPES and jnp.dtype(k.dtype) in FUSED_DTYPES and d % 16 == 0
+            and d <= FLASH_MAX_D and jax.default_backend() == "cpu" and available()[0])
+
+
+def flash_attention(q, k, v, key_valid, key_positions, query_positions, start, window=None):
+    """Dense causal attention of the queries q [B, Tq, Hq, D] over the keys and values k, v
+    [B, Hkv, S, D] (flash_cpu.cc): query i sits at key index start + i (start: an int, traced or
+    not, >= 0) and sees key s when key_valid[b, s] (bool [B, S]), s <= start + i and, with a window,
+    query_positions[b, i] - key_positions[b, s] < window (int32 [B, Tq] and [B, S]). Keys past
+    start + Tq - 1 are never read. -> fp32 [B, Tq, Hq, D] (0 for a query that sees no key); every
+    product and sum in fp32. CPU only, after flash_applies."""
+    b, tq, hq, d = q.shape
+    if k.ndim != 4 or v.shape != k.shape or k.shape[0] != b or k.shape[3] != d or hq % k.shape[1]:
+        raise ValueError(f"k, v must be [B, Hkv, S, D] with Hkv dividing Hq for q {q.shape}, got k {k.shape}, "
+                         f"v {v.shape}")
+    if k.dtype != v.dtype or {jnp.dtype(q.dtype), jnp.dtype(k.dtype)} - set(FUSED_DTYPES):
+        raise ValueError(f"q, and k and v (one dtype), must be float32 or bfloat16, got {q.dtype}, {k.dtype}, "
+                         f"{v.dtype}")
+    s = k.shape[2]
+    if key_valid.shape != (b, s) or key_positions.shape != (b, s) or query_positions.shape != (b, tq):
+        raise ValueError(f"key_valid and key_positions must be [B, S] = {(b, s)} and query_positions [B, Tq] = "
+                         f"{(b, tq)}; got {key_valid.shape}, {key_positions.shape}, {query_positions.shape}")
+    if d % 16 or d > FLASH_MAX_D:
+        raise ValueError(f"flash_attention takes D a multiple of 16 up to {FLASH_MAX_D}, got D={d}")
+    if window is not None:
+        check_int("window", window, 1)
+    ok, reason = available()
+    if not ok:
+        raise RuntimeError(f"the native flash attention is unavailable: {reason}")
+    call = jax.ffi.ffi_call("sparq_jax_flash", jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")
+    return call(q, k, v, key_valid.astype(jnp.bool_), key_positions.astype(jnp.int32),
+                query_positions.astype(jnp.int32), jnp.asarray(start, jnp.int32), window=np.int64(window or 0),
+                threads=np.int64(_threads()))

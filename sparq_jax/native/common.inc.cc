@@ -200,6 +200,61 @@ inline float Bf16(uint16_t h) {
   return f;
 }
 
+// Vector helpers of the kernels that work on 16 fp32 lanes (sparq_cpu.cc, flash_cpu.cc).
+typedef int32_t I16 __attribute__((vector_size(64)));
+constexpr int kLanes = 16;
+__attribute__((always_inline)) inline F16 Load(const float* p) {
+  F16 f;
+  std::memcpy(&f, p, sizeof f);
+  return f;
+}
+
+__attribute__((always_inline)) inline F16 Load(const uint16_t* p) { return Widen(p); }  // bfloat16 bits
+
+__attribute__((always_inline)) inline void Store(float* p, F16 f) { std::memcpy(p, &f, sizeof f); }
+
+inline float Scalar(float x) { return x; }
+inline float Scalar(uint16_t h) { return Bf16(h); }
+
+typedef float F8 __attribute__((vector_size(32)));
+typedef float F4 __attribute__((vector_size(16)));
+
+__attribute__((always_inline)) inline float Sum(F16 v) {  // by halves (log2 16 dependent adds)
+  F8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  F4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+__attribute__((always_inline)) inline F16 Iota() {
+  return F16{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+}
+
+// exp(x) for 16 lanes (Cephes' expf: range reduction by ln 2, degree-6 polynomial; ~1 ulp). Lanes
+// below -87.3 (including -inf) give 0.
+__attribute__((always_inline)) inline F16 Exp(F16 x) {
+  const F16 lo = x < -87.3f ? F16{} + 1 : F16{};  // nonzero where the result is 0
+  x = x < -87.3f ? F16{} - 87.3f : x;
+  x = x > 88.3f ? F16{} + 88.3f : x;
+  F16 t = x * 1.44269504088896341f + 0.5f;
+  I16 n = __builtin_convertvector(t, I16);
+  n -= (__builtin_convertvector(n, F16) > t) ? I16{} + 1 : I16{};  // floor
+  const F16 fn = __builtin_convertvector(n, F16);
+  F16 r = x - fn * 0.693359375f;
+  r = r - fn * -2.12194440e-4f;
+  F16 p = F16{} + 1.9875691500E-4f;
+  p = p * r + 1.3981999507E-3f;
+  p = p * r + 8.3334519073E-3f;
+  p = p * r + 4.1665795894E-2f;
+  p = p * r + 1.6666665459E-1f;
+  p = p * r + 5.0000001201E-1f;
+  p = p * r * r + r + 1.0f;
+  I16 bits = (n + 127) << 23;
+  F16 scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  p *= scale;
+  return lo != 0 ? F16{} : p;
+}
+
 // Runs pieces [0, total) of `work` on the caller and on XLA's pool, returning once all are done.
 template <typename Work>
 void Parallel(xla::ffi::ThreadPool& pool, int64_t threads, int64_t total, Work work) {

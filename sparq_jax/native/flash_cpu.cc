@@ -1,0 +1,299 @@
+// Dense causal attention over a prompt on the CPU, flash-attention style (blocks of keys, an online
+// softmax), one XLA FFI custom call per layer: sparq_jax.native.flash_attention, which
+// models.llama.attend_blocks takes for prefill on the CPU.
+//
+// Query i of row b and query head h sits at index start + i of the keys; it sees key s of KV head
+// h / G when key_valid[b, s], s <= start + i and, with a window W > 0, q_pos[b, i] - k_pos[b, s] < W:
+//   out[b, i, h] = softmax_s(q . k_s / sqrt(D)) . V over the keys it sees; 0 for a query that sees none.
+// Keys past the last query of a tile are never read (so the rest of a preallocated buffer may hold
+// anything).
+//
+// Work items: (row, query head, tile of kTileQ queries), the latest (heaviest) tiles first, taken by
+// the caller and by tasks on XLA's intra-op pool. Per item, for each block of kTileK keys: the block's
+// K^T and V packed (bfloat16 widened), S = Q K^T by a register-tiled product (8 rows x 32 keys of
+// accumulators), the mask and the online softmax (exp by the vectorised polynomial of common.inc.cc),
+// then acc += P V (6 rows x 64 columns of accumulators). Every product and sum is fp32.
+//
+// Why: XLA:CPU runs models.llama.attend_blocks' blocks as separate passes over [G*c, c] fp32 logits
+// (products, mask, max, exp, sum, product), several MB each; here a block's logits stay in L1/L2.
+#include <cmath>
+#include <limits>
+#include <type_traits>
+
+#include "common.inc.cc"
+
+namespace ffi = xla::ffi;
+using namespace sparq_native;
+
+namespace {
+
+constexpr int64_t kTileQ = 64;   // queries per work item
+constexpr int64_t kTileK = 256;  // keys per block (a multiple of 32)
+constexpr int kQkRows = 8;       // S = Q K^T micro-tile: 8 rows x 32 keys
+constexpr int kPvRows = 6;       // acc += P V micro-tile: 6 rows x up to 64 columns
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+struct FlashShape {
+  int64_t b, tq, hq, hkv, s, d, window, start;
+  float scale;
+};
+
+// s[r, 0:32) = q[r, :] . kt[:, 0:32) for R rows of q (row stride d); kt [d][ldk].
+template <int R>
+__attribute__((always_inline)) inline void QkTile(const float* q, int64_t d, const float* kt, int64_t ldk,
+                                                  float* s, int64_t lds) {
+  F16 acc[R][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = F16{};
+  for (int64_t e = 0; e < d; ++e) {
+    const F16 k0 = Load(kt + e * ldk), k1 = Load(kt + e * ldk + 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const float x = q[r * d + e];
+      acc[r][0] += x * k0;
+      acc[r][1] += x * k1;
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    Store(s + r * lds, acc[r][0]);
+    Store(s + r * lds + 16, acc[r][1]);
+  }
+}
+
+// acc[r, c0:c0+16 NV) += p[r, 0:kn) . v[0:kn, c0:c0+16 NV) for R rows (v [kn][d], acc [R][d]).
+template <int R, int NV>
+__attribute__((always_inline)) inline void PvTile(const float* p, int64_t ldp, int64_t kn, const float* v, int64_t d,
+                                                  int64_t c0, float* acc) {
+  F16 a[R][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int t = 0; t < NV; ++t) a[r][t] = Load(acc + r * d + c0 + 16 * t);
+  for (int64_t j = 0; j < kn; ++j) {
+    F16 vv[NV];
+#pragma GCC unroll 4
+    for (int t = 0; t < NV; ++t) vv[t] = Load(v + j * d + c0 + 16 * t);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const float x = p[r * ldp + j];
+#pragma GCC unroll 4
+      for (int t = 0; t < NV; ++t) a[r][t] += x * vv[t];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int t = 0; t < NV; ++t) Store(acc + r * d + c0 + 16 * t, a[r][t]);
+}
+
+template <int R>
+void PvRows(const float* p, int64_t ldp, int64_t kn, const float* v, int64_t d, float* acc) {
+  int64_t c0 = 0;
+  for (; c0 + 64 <= d; c0 += 64) PvTile<R, 4>(p, ldp, kn, v, d, c0, acc);
+  switch ((d - c0) / 16) {
+    case 1: PvTile<R, 1>(p, ldp, kn, v, d, c0, acc); break;
+    case 2: PvTile<R, 2>(p, ldp, kn, v, d, c0, acc); break;
+    case 3: PvTile<R, 3>(p, ldp, kn, v, d, c0, acc); break;
+    default: break;
+  }
+}
+
+// acc[0:rows) += p[0:rows) . v (rows of kPvRows, then the remainder).
+void Pv(const float* p, int64_t ldp, int64_t rows, int64_t kn, const float* v, int64_t d, float* acc) {
+  int64_t r = 0;
+  for (; r + kPvRows <= rows; r += kPvRows) PvRows<kPvRows>(p + r * ldp, ldp, kn, v, d, acc + r * d);
+  const float* pr = p + r * ldp;
+  float* ar = acc + r * d;
+  switch (rows - r) {
+    case 1: PvRows<1>(pr, ldp, kn, v, d, ar); break;
+    case 2: PvRows<2>(pr, ldp, kn, v, d, ar); break;
+    case 3: PvRows<3>(pr, ldp, kn, v, d, ar); break;
+    case 4: PvRows<4>(pr, ldp, kn, v, d, ar); break;
+    case 5: PvRows<5>(pr, ldp, kn, v, d, ar); break;
+    default: break;
+  }
+}
+
+struct Scratch {
+  std::vector<float> q, s, acc, m, l;
+  std::vector<float> bias;
+};
+
+// One (row, query head, tile) item. TQ, TKV: q's and k/v's element types (float, bfloat16 bits).
+// kt_all: K^T [B, Hkv, D, sp] fp32 (flash's pre-pass, zero past S); v_all: V [B, Hkv, S, D] fp32.
+template <typename TQ>
+void Item(const FlashShape& sh, int64_t item, const TQ* q_all, const float* kt_all, int64_t sp, const float* v_all,
+          const bool* key_valid, const int32_t* k_pos, const int32_t* q_pos, float* out, Scratch& w) {
+  const int64_t d = sh.d, tiles = (sh.tq + kTileQ - 1) / kTileQ;
+  const int64_t bh = item % (sh.b * sh.hq), tile = tiles - 1 - item / (sh.b * sh.hq);
+  const int64_t b = bh / sh.hq, h = bh % sh.hq, hk = h / (sh.hq / sh.hkv);
+  const int64_t i0 = tile * kTileQ, rows = std::min(kTileQ, sh.tq - i0);
+  const int64_t rows8 = (rows + kQkRows - 1) / kQkRows * kQkRows;
+  w.q.assign(rows8 * d, 0.0f);
+  w.s.resize(rows8 * kTileK);
+  w.acc.assign(rows * d, 0.0f);
+  w.m.assign(rows, kNegInf);
+  w.l.assign(rows, 0.0f);
+  w.bias.resize(kTileK);
+  for (int64_t r = 0; r < rows; ++r) {
+    const TQ* src = q_all + ((b * sh.tq + i0 + r) * sh.hq + h) * d;
+    for (int64_t e = 0; e < d; ++e) w.q[r * d + e] = Scalar(src[e]);
+  }
+  const int32_t* qp = q_pos + b * sh.tq + i0;
+  const int32_t* kp = k_pos + b * sh.s;
+  const bool* kv = key_valid + b * sh.s;
+  int32_t q_min = std::numeric_limits<int32_t>::max();
+  for (int64_t r = 0; r < rows; ++r) q_min = std::min(q_min, qp[r]);
+  const int64_t key_end = std::min(sh.s, sh.start + i0 + rows);  // keys [0, key_end) can be seen
+  const float* kt = kt_all + (b * sh.hkv + hk) * d * sp;
+  const float* vb = v_all + (b * sh.hkv + hk) * sh.s * d;
+  float* S = w.s.data();
+  for (int64_t k0 = 0; k0 < key_end; k0 += kTileK) {
+    const int64_t kn = std::min(kTileK, key_end - k0);
+    bool any = false;
+    int32_t k_max = std::numeric_limits<int32_t>::min();
+    for (int64_t j = 0; j < kn; ++j) {
+      w.bias[j] = kv[k0 + j] ? 0.0f : kNegInf;
+      if (kv[k0 + j]) {
+        any = true;
+        k_max = std::max(k_max, kp[k0 + j]);
+      }
+    }
+    if (!any) continue;                                                     // no valid key in the block
+    if (sh.window > 0 && static_cast<int64_t>(q_min) - k_max >= sh.window) continue;  // all out of the window
+    const int64_t knp = (kn + 31) / 32 * 32;
+    for (int64_t j = kn; j < knp; ++j) w.bias[j] = kNegInf;
+    for (int64_t r = 0; r < rows8; r += kQkRows)
+      for (int64_t j = 0; j < knp; j += 32) QkTile<kQkRows>(w.q.data() + r * d, d, kt + k0 + j, sp, S + r * kTileK + j, kTileK);
+    // Mask, online softmax: S row r becomes P = exp(x - m_new); acc and l rescaled.
+    for (int64_t r = 0; r < rows; ++r) {
+      float* x = S + r * kTileK;
+      const int64_t last = sh.start + i0 + r - k0;  // the last visible column (causal)
+      const bool cut = last < knp - 1;
+      F16 mx = F16{} + kNegInf;
+      for (int64_t j = 0; j < knp; j += kLanes) {
+        F16 y = Load(x + j) * sh.scale + Load(w.bias.data() + j);
+        if (cut) y = (Iota() + static_cast<float>(j)) > static_cast<float>(last) ? F16{} + kNegInf : y;
+        if (sh.window > 0) {
+          for (int t = 0; t < kLanes && j + t < kn; ++t)
+            if (static_cast<int64_t>(qp[r]) - kp[k0 + j + t] >= sh.window) y[t] = kNegInf;
+        }
+        Store(x + j, y);
+        mx = mx > y ? mx : y;
+      }
+      float row_max = kNegInf;
+      for (int t = 0; t < kLanes; ++t) row_max = std::max(row_max, mx[t]);
+      const float m_new = std::max(w.m[r], row_max);
+      if (m_new == kNegInf) {  // nothing seen yet
+        std::fill(x, x + knp, 0.0f);
+        continue;
+      }
+      F16 sum = F16{};
+      for (int64_t j = 0; j < knp; j += kLanes) {
+        const F16 p = Exp(Load(x + j) - m_new);
+        Store(x + j, p);
+        sum += p;
+      }
+      const float alpha = w.m[r] == kNegInf ? 0.0f : std::exp(w.m[r] - m_new);
+      w.l[r] = w.l[r] * alpha + Sum(sum);
+      if (alpha != 1.0f) {
+        float* a = w.acc.data() + r * d;
+        for (int64_t e = 0; e < d; e += kLanes) Store(a + e, Load(a + e) * alpha);
+      }
+      w.m[r] = m_new;
+    }
+    Pv(S, kTileK, rows, kn, vb + k0 * d, d, w.acc.data());  // rows past kn never read
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const float inv = w.l[r] > 0.0f ? 1.0f / w.l[r] : 0.0f;
+    float* dst = out + ((b * sh.tq + i0 + r) * sh.hq + h) * d;
+    const float* a = w.acc.data() + r * d;
+    for (int64_t e = 0; e < d; e += kLanes) Store(dst + e, Load(a + e) * inv);
+  }
+}
+
+// The pre-pass: K^T [B, Hkv, D, sp] and V [B, Hkv, S, D] in fp32 (V only when it is bfloat16; kv_end:
+// the keys any query sees), in pieces of 256 keys; then the items.
+template <typename TQ, typename TKV>
+void Run(ffi::ThreadPool& pool, int64_t threads, const FlashShape& sh, const void* q, const void* k, const void* v,
+         const bool* key_valid, const int32_t* k_pos, const int32_t* q_pos, float* out) {
+  const int64_t d = sh.d, sp = (sh.s + 31) / 32 * 32, kv_end = std::min(sh.s, sh.start + sh.tq);
+  const int64_t piece = 256, pieces = (kv_end + piece - 1) / piece, heads = sh.b * sh.hkv;
+  thread_local std::vector<float> kt_buf, v_buf;  // kept between calls (one layer after another)
+  kt_buf.resize(heads * d * sp);
+  constexpr bool widen_v = !std::is_same<TKV, float>::value;
+  if (widen_v) v_buf.resize(heads * sh.s * d);
+  float* kt_all = kt_buf.data();
+  float* v_wide = v_buf.data();
+  const TKV* ks = static_cast<const TKV*>(k);
+  const TKV* vs = static_cast<const TKV*>(v);
+  Parallel(pool, threads, heads * pieces, [=](int64_t p) {
+    const int64_t hd = p / pieces, j0 = p % pieces * piece, j1 = std::min(kv_end, j0 + piece);
+    const TKV* src = ks + hd * sh.s * d;
+    float* dst = kt_all + hd * d * sp;
+    for (int64_t j = j0; j < j1; ++j)
+      for (int64_t e = 0; e < d; ++e) dst[e * sp + j] = Scalar(src[j * d + e]);
+    if (j1 == kv_end)  // zero up to the next multiple of 32: the products' padding columns
+      for (int64_t e = 0; e < d; ++e) std::fill(dst + e * sp + j1, dst + e * sp + std::min(sp, (j1 + 31) / 32 * 32), 0.0f);
+    if (widen_v)
+      for (int64_t i = j0 * d; i < j1 * d; ++i) v_wide[hd * sh.s * d + i] = Scalar(vs[hd * sh.s * d + i]);
+  });
+  const float* v_all = widen_v ? v_wide : reinterpret_cast<const float*>(v);
+  const int64_t items = sh.b * sh.hq * ((sh.tq + kTileQ - 1) / kTileQ);
+  Parallel(pool, threads, items, [=](int64_t item) {
+    thread_local Scratch w;
+    Item<TQ>(sh, item, static_cast<const TQ*>(q), kt_all, sp, v_all, key_valid, k_pos, q_pos, out, w);
+  });
+}
+
+bool IsF32OrBf16(ffi::DataType t) { return t == ffi::DataType::F32 || t == ffi::DataType::BF16; }
+
+ffi::Error FlashImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                     ffi::Buffer<ffi::PRED> key_valid, ffi::Buffer<ffi::S32> k_pos, ffi::Buffer<ffi::S32> q_pos,
+                     ffi::Buffer<ffi::S32> start, ffi::ResultBuffer<ffi::F32> out, int64_t window, int64_t threads) {
+  const auto qd = q.dimensions(), kd = k.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || v.dimensions().size() != 4)
+    return ffi::Error::InvalidArgument("sparq_flash: q must be [B, Tq, Hq, D] and k, v [B, Hkv, S, D]");
+  FlashShape sh;
+  sh.b = qd[0], sh.tq = qd[1], sh.hq = qd[2], sh.d = qd[3], sh.hkv = kd[1], sh.s = kd[2];
+  for (int i = 0; i < 4; ++i)
+    if (v.dimensions()[i] != kd[i]) return ffi::Error::InvalidArgument("sparq_flash: k and v shapes differ");
+  if (kd[0] != sh.b || kd[3] != sh.d || sh.hkv < 1 || sh.hq % sh.hkv != 0 || sh.d % kLanes != 0)
+    return ffi::Error::InvalidArgument("sparq_flash: k, v [B, Hkv, S, D] do not fit q, or D is not a multiple of 16");
+  if (!IsF32OrBf16(q.element_type()) || !IsF32OrBf16(k.element_type()) || k.element_type() != v.element_type())
+    return ffi::Error::InvalidArgument("sparq_flash: q float32/bfloat16, k and v one of those");
+  if (key_valid.element_count() != sh.b * sh.s || k_pos.element_count() != sh.b * sh.s ||
+      q_pos.element_count() != sh.b * sh.tq || start.element_count() != 1)
+    return ffi::Error::InvalidArgument("sparq_flash: key_valid, k_pos [B, S], q_pos [B, Tq], start []");
+  sh.window = window;
+  sh.start = start.typed_data()[0];
+  sh.scale = 1.0f / std::sqrt(static_cast<float>(sh.d));
+  if (sh.start < 0) return ffi::Error::InvalidArgument("sparq_flash: start must be >= 0");
+  const bool* kv = key_valid.typed_data();
+  const int32_t *kp = k_pos.typed_data(), *qp = q_pos.typed_data();
+  float* o = out->typed_data();
+  const bool q16 = q.element_type() == ffi::DataType::BF16, k16 = k.element_type() == ffi::DataType::BF16;
+  const void *qv = q.untyped_data(), *kk = k.untyped_data(), *vv = v.untyped_data();
+  if (q16 && k16) Run<uint16_t, uint16_t>(pool, threads, sh, qv, kk, vv, kv, kp, qp, o);
+  else if (q16) Run<uint16_t, float>(pool, threads, sh, qv, kk, vv, kv, kp, qp, o);
+  else if (k16) Run<float, uint16_t>(pool, threads, sh, qv, kk, vv, kv, kp, qp, o);
+  else Run<float, float>(pool, threads, sh, qv, kk, vv, kv, kp, qp, o);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparqFlash, FlashImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()          // q [B, Tq, Hq, D]
+                                  .Arg<ffi::AnyBuffer>()          // k [B, Hkv, S, D]
+                                  .Arg<ffi::AnyBuffer>()          // v [B, Hkv, S, D]
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // key_valid [B, S]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // k_pos [B, S]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // q_pos [B, Tq]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // start []
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // out [B, Tq, Hq, D]
+                                  .Attr<int64_t>("window")
+                                  .Attr<int64_t>("threads"));
