@@ -255,6 +255,13 @@ __attribute__((always_inline)) inline F16 Exp(F16 x) {
   return lo != 0 ? F16{} : p;
 }
 
+// Whether this CPU has AVX512-BF16's vdpbf16ps (matmul.cc's GEMM, flash_cpu.cc's bfloat16 path).
+inline bool HasBf16Dot() {
+  static const bool has = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl");
+  return has;
+}
+
 // Runs pieces [0, total) of `work` on the caller and on XLA's pool, returning once all are done.
 template <typename Work>
 void Parallel(xla::ffi::ThreadPool& pool, int64_t threads, int64_t total, Work work) {

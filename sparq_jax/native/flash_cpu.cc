@@ -16,6 +16,8 @@
 //
 // Why: XLA:CPU runs models.llama.attend_blocks' blocks as separate passes over [G*c, c] fp32 logits
 // (products, mask, max, exp, sum, product), several MB each; here a block's logits stay in L1/L2.
+#include <immintrin.h>
+
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -36,7 +38,17 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 struct FlashShape {
   int64_t b, tq, hq, hkv, s, d, window, start;
   float scale;
+  bool round_p;  // bfloat16 values: P rounded to bfloat16 for P V, as transformers' bfloat16 attention
 };
+
+// p rounded to the nearest bfloat16 (ties to even), kept as fp32 (p: finite, >= 0).
+__attribute__((always_inline)) inline F16 RoundToBf16(F16 p) {
+  U16 u;
+  std::memcpy(&u, &p, sizeof u);
+  u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+  std::memcpy(&p, &u, sizeof p);
+  return p;
+}
 
 // s[r, 0:32) = q[r, :] . kt[:, 0:32) for R rows of q (row stride d); kt [d][ldk].
 template <int R>
@@ -115,22 +127,125 @@ void Pv(const float* p, int64_t ldp, int64_t rows, int64_t kn, const float* v, i
   }
 }
 
+// The AVX512-BF16 products (bfloat16 q, k and v on a CPU with vdpbf16ps): each instruction sums 16
+// pairs of bfloat16 products into fp32, twice the fp32 FMA's rate. q . k of bfloat16 values is exact in
+// fp32 before the sums; P is rounded to bfloat16 for P V, as transformers' bfloat16 attention.
+//   S[r, j] = sum_e2 q2[r, e2] . kt2[e2, j]: q2 [rows8][d/2] and kt2 [d/2][sp] hold (even, odd) pairs
+//   acc[r, :] += sum_j2 p2[r, j2] . v2[j2, :]: p2 [rows][kTileK/2] and v2 [sp/2][d] hold key pairs
+template <int R>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void QkTileBf16(
+    const uint32_t* q2, int64_t d2, const uint32_t* kt2, int64_t ldk, float* s, int64_t lds) {
+  __m512 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t e = 0; e < d2; ++e) {
+    const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kt2 + e * ldk);
+    const __m512bh k1 = (__m512bh)_mm512_loadu_si512(kt2 + e * ldk + 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh x = (__m512bh)_mm512_set1_epi32(static_cast<int>(q2[r * d2 + e]));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], x, k0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], x, k1);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm512_storeu_ps(s + r * lds, acc[r][0]);
+    _mm512_storeu_ps(s + r * lds + 16, acc[r][1]);
+  }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void QkBlockBf16(
+    const uint32_t* q2, int64_t rows8, int64_t d2, const uint32_t* kt2, int64_t sp, int64_t knp, float* S) {
+  for (int64_t r = 0; r < rows8; r += kQkRows)
+    for (int64_t j = 0; j < knp; j += 32) QkTileBf16<kQkRows>(q2 + r * d2, d2, kt2 + j, sp, S + r * kTileK + j, kTileK);
+}
+
+template <int R, int NV>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void PvTileBf16(
+    const uint32_t* p2, int64_t ldp, int64_t kn2, const uint32_t* v2, int64_t d, int64_t c0, float* acc) {
+  __m512 a[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < NV; ++t) a[r][t] = _mm512_loadu_ps(acc + r * d + c0 + 16 * t);
+  for (int64_t j = 0; j < kn2; ++j) {
+    __m512bh vv[NV];
+    for (int t = 0; t < NV; ++t) vv[t] = (__m512bh)_mm512_loadu_si512(v2 + j * d + c0 + 16 * t);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh x = (__m512bh)_mm512_set1_epi32(static_cast<int>(p2[r * ldp + j]));
+      for (int t = 0; t < NV; ++t) a[r][t] = _mm512_dpbf16_ps(a[r][t], x, vv[t]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < NV; ++t) _mm512_storeu_ps(acc + r * d + c0 + 16 * t, a[r][t]);
+}
+
+template <int R>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void PvRowsBf16(
+    const uint32_t* p2, int64_t ldp, int64_t kn2, const uint32_t* v2, int64_t d, float* acc) {
+  int64_t c0 = 0;
+  for (; c0 + 64 <= d; c0 += 64) PvTileBf16<R, 4>(p2, ldp, kn2, v2, d, c0, acc);
+  switch ((d - c0) / 16) {
+    case 1: PvTileBf16<R, 1>(p2, ldp, kn2, v2, d, c0, acc); break;
+    case 2: PvTileBf16<R, 2>(p2, ldp, kn2, v2, d, c0, acc); break;
+    case 3: PvTileBf16<R, 3>(p2, ldp, kn2, v2, d, c0, acc); break;
+    default: break;
+  }
+}
+
+// P (fp32 rows of S) to bfloat16 key pairs p2 (round to nearest even), then acc += P V.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void PvBlockBf16(
+    const float* S, int64_t rows, int64_t knp, int64_t kn, const uint32_t* v2, int64_t d, uint32_t* p2, float* acc) {
+  const int64_t ldp = kTileK / 2, kn2 = (kn + 1) / 2;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < knp; j += 32) {
+      const __m512bh pair = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(S + r * kTileK + j + 16),
+                                                _mm512_loadu_ps(S + r * kTileK + j));
+      _mm512_storeu_si512(p2 + r * ldp + j / 2, (__m512i)pair);
+    }
+  int64_t r = 0;
+  for (; r + kPvRows <= rows; r += kPvRows) PvRowsBf16<kPvRows>(p2 + r * ldp, ldp, kn2, v2, d, acc + r * d);
+  const uint32_t* pr = p2 + r * ldp;
+  float* ar = acc + r * d;
+  switch (rows - r) {
+    case 1: PvRowsBf16<1>(pr, ldp, kn2, v2, d, ar); break;
+    case 2: PvRowsBf16<2>(pr, ldp, kn2, v2, d, ar); break;
+    case 3: PvRowsBf16<3>(pr, ldp, kn2, v2, d, ar); break;
+    case 4: PvRowsBf16<4>(pr, ldp, kn2, v2, d, ar); break;
+    case 5: PvRowsBf16<5>(pr, ldp, kn2, v2, d, ar); break;
+    default: break;
+  }
+}
+
 struct Scratch {
   std::vector<float> q, s, acc, m, l;
   std::vector<float> bias;
+  std::vector<uint32_t> q2, p2;  // the bfloat16 path's q and P pairs
 };
 
-// One (row, query head, tile) item. TQ, TKV: q's and k/v's element types (float, bfloat16 bits).
-// kt_all: K^T [B, Hkv, D, sp] fp32 (flash's pre-pass, zero past S); v_all: V [B, Hkv, S, D] fp32.
-template <typename TQ>
-void Item(const FlashShape& sh, int64_t item, const TQ* q_all, const float* kt_all, int64_t sp, const float* v_all,
-          const bool* key_valid, const int32_t* k_pos, const int32_t* q_pos, float* out, Scratch& w) {
+// The pre-pass's packed keys and values of all (row, KV head)s: fp32 K^T [D][sp] and V [S][D] (V: the
+// input itself when fp32), or bfloat16 pairs K^T [D/2][sp] and V [sp/2][D] (kBf16).
+struct Packed {
+  const float* kt;
+  const float* v;
+  const uint32_t* kt2;
+  const uint32_t* v2;
+  int64_t sp;
+};
+
+// One (row, query head, tile) item. TQ: q's element type (float, bfloat16 bits); kBf16: the AVX512-BF16
+// products (q, k, v all bfloat16).
+template <typename TQ, bool kBf16>
+void Item(const FlashShape& sh, int64_t item, const TQ* q_all, const Packed& pk, const bool* key_valid,
+          const int32_t* k_pos, const int32_t* q_pos, float* out, Scratch& w) {
   const int64_t d = sh.d, tiles = (sh.tq + kTileQ - 1) / kTileQ;
   const int64_t bh = item % (sh.b * sh.hq), tile = tiles - 1 - item / (sh.b * sh.hq);
   const int64_t b = bh / sh.hq, h = bh % sh.hq, hk = h / (sh.hq / sh.hkv);
   const int64_t i0 = tile * kTileQ, rows = std::min(kTileQ, sh.tq - i0);
   const int64_t rows8 = (rows + kQkRows - 1) / kQkRows * kQkRows;
-  w.q.assign(rows8 * d, 0.0f);
+  const int64_t sp = pk.sp, d2 = d / 2;
+  if (kBf16) {
+    w.q2.assign(rows8 * d2, 0u);
+    w.p2.resize(rows8 * kTileK / 2);
+  } else {
+    w.q.assign(rows8 * d, 0.0f);
+  }
   w.s.resize(rows8 * kTileK);
   w.acc.assign(rows * d, 0.0f);
   w.m.assign(rows, kNegInf);
@@ -138,7 +253,10 @@ void Item(const FlashShape& sh, int64_t item, const TQ* q_all, const float* kt_a
   w.bias.resize(kTileK);
   for (int64_t r = 0; r < rows; ++r) {
     const TQ* src = q_all + ((b * sh.tq + i0 + r) * sh.hq + h) * d;
-    for (int64_t e = 0; e < d; ++e) w.q[r * d + e] = Scalar(src[e]);
+    if (kBf16)
+      std::memcpy(w.q2.data() + r * d2, src, d * sizeof(uint16_t));  // bfloat16 (even, odd) pairs as they lie
+    else
+      for (int64_t e = 0; e < d; ++e) w.q[r * d + e] = Scalar(src[e]);
   }
   const int32_t* qp = q_pos + b * sh.tq + i0;
   const int32_t* kp = k_pos + b * sh.s;
@@ -146,8 +264,11 @@ void Item(const FlashShape& sh, int64_t item, const TQ* q_all, const float* kt_a
   int32_t q_min = std::numeric_limits<int32_t>::max();
   for (int64_t r = 0; r < rows; ++r) q_min = std::min(q_min, qp[r]);
   const int64_t key_end = std::min(sh.s, sh.start + i0 + rows);  // keys [0, key_end) can be seen
-  const float* kt = kt_all + (b * sh.hkv + hk) * d * sp;
-  const float* vb = v_all + (b * sh.hkv + hk) * sh.s * d;
+  const int64_t head = b * sh.hkv + hk;
+  const float* kt = kBf16 ? nullptr : pk.kt + head * d * sp;
+  const float* vb = kBf16 ? nullptr : pk.v + head * sh.s * d;
+  const uint32_t* kt2 = kBf16 ? pk.kt2 + head * d2 * sp : nullptr;
+  const uint32_t* v2 = kBf16 ? pk.v2 + head * (sp / 2) * d : nullptr;
   float* S = w.s.data();
   for (int64_t k0 = 0; k0 < key_end; k0 += kTileK) {
     const int64_t kn = std::min(kTileK, key_end - k0);
@@ -164,8 +285,13 @@ void Item(const FlashShape& sh, int64_t item, const TQ* q_all, const float* kt_a
     if (sh.window > 0 && static_cast<int64_t>(q_min) - k_max >= sh.window) continue;  // all out of the window
     const int64_t knp = (kn + 31) / 32 * 32;
     for (int64_t j = kn; j < knp; ++j) w.bias[j] = kNegInf;
-    for (int64_t r = 0; r < rows8; r += kQkRows)
-      for (int64_t j = 0; j < knp; j += 32) QkTile<kQkRows>(w.q.data() + r * d, d, kt + k0 + j, sp, S + r * kTileK + j, kTileK);
+    if (kBf16) {
+      QkBlockBf16(w.q2.data(), rows8, d2, kt2 + k0, sp, knp, S);
+    } else {
+      for (int64_t r = 0; r < rows8; r += kQkRows)
+        for (int64_t j = 0; j < knp; j += 32)
+          QkTile<kQkRows>(w.q.data() + r * d, d, kt + k0 + j, sp, S + r * kTileK + j, kTileK);
+    }
     // Mask, online softmax: S row r becomes P = exp(x - m_new); acc and l rescaled.
     for (int64_t r = 0; r < rows; ++r) {
       float* x = S + r * kTileK;
@@ -192,7 +318,7 @@ void Item(const FlashShape& sh, int64_t item, const TQ* q_all, const float* kt_a
       F16 sum = F16{};
       for (int64_t j = 0; j < knp; j += kLanes) {
         const F16 p = Exp(Load(x + j) - m_new);
-        Store(x + j, p);
+        Store(x + j, sh.round_p && !kBf16 ? RoundToBf16(p) : p);  // (the bf16 path rounds as it packs)
         sum += p;
       }
       const float alpha = w.m[r] == kNegInf ? 0.0f : std::exp(w.m[r] - m_new);
@@ -203,7 +329,10 @@ void Item(const FlashShape& sh, int64_t item, const TQ* q_all, const float* kt_a
       }
       w.m[r] = m_new;
     }
-    Pv(S, kTileK, rows, kn, vb + k0 * d, d, w.acc.data());  // rows past kn never read
+    if (kBf16)
+      PvBlockBf16(S, rows, knp, kn, v2 + k0 / 2 * d, d, w.p2.data(), w.acc.data());
+    else
+      Pv(S, kTileK, rows, kn, vb + k0 * d, d, w.acc.data());  // rows past kn never read
   }
   for (int64_t r = 0; r < rows; ++r) {
     const float inv = w.l[r] > 0.0f ? 1.0f / w.l[r] : 0.0f;
@@ -213,37 +342,66 @@ void Item(const FlashShape& sh, int64_t item, const TQ* q_all, const float* kt_a
   }
 }
 
-// The pre-pass: K^T [B, Hkv, D, sp] and V [B, Hkv, S, D] in fp32 (V only when it is bfloat16; kv_end:
-// the keys any query sees), in pieces of 256 keys; then the items.
-template <typename TQ, typename TKV>
+// The pre-pass (Packed), in pieces of 256 keys of a (row, KV head), up to the last key any query
+// sees (kv_end); then the items.
+template <typename TQ, typename TKV, bool kBf16>
 void Run(ffi::ThreadPool& pool, int64_t threads, const FlashShape& sh, const void* q, const void* k, const void* v,
          const bool* key_valid, const int32_t* k_pos, const int32_t* q_pos, float* out) {
-  const int64_t d = sh.d, sp = (sh.s + 31) / 32 * 32, kv_end = std::min(sh.s, sh.start + sh.tq);
+  const int64_t d = sh.d, d2 = d / 2, sp = (sh.s + 31) / 32 * 32, kv_end = std::min(sh.s, sh.start + sh.tq);
   const int64_t piece = 256, pieces = (kv_end + piece - 1) / piece, heads = sh.b * sh.hkv;
   thread_local std::vector<float> kt_buf, v_buf;  // kept between calls (one layer after another)
-  kt_buf.resize(heads * d * sp);
-  constexpr bool widen_v = !std::is_same<TKV, float>::value;
-  if (widen_v) v_buf.resize(heads * sh.s * d);
-  float* kt_all = kt_buf.data();
-  float* v_wide = v_buf.data();
+  thread_local std::vector<uint32_t> kt2_buf, v2_buf;
+  constexpr bool widen_v = !kBf16 && !std::is_same<TKV, float>::value;
+  if (kBf16) {
+    kt2_buf.resize(heads * d2 * sp);
+    v2_buf.resize(heads * (sp / 2) * d);
+  } else {
+    kt_buf.resize(heads * d * sp);
+    if (widen_v) v_buf.resize(heads * sh.s * d);
+  }
+  Packed pk{kt_buf.data(), widen_v ? v_buf.data() : reinterpret_cast<const float*>(v), kt2_buf.data(),
+            v2_buf.data(), sp};
+  float* kt_w = kt_buf.data();
+  float* v_w = v_buf.data();
+  uint32_t* kt2_w = kt2_buf.data();
+  uint32_t* v2_w = v2_buf.data();
   const TKV* ks = static_cast<const TKV*>(k);
   const TKV* vs = static_cast<const TKV*>(v);
   Parallel(pool, threads, heads * pieces, [=](int64_t p) {
     const int64_t hd = p / pieces, j0 = p % pieces * piece, j1 = std::min(kv_end, j0 + piece);
+    const int64_t pad_end = std::min(sp, (j1 + 31) / 32 * 32);  // zero to the next multiple of 32
     const TKV* src = ks + hd * sh.s * d;
-    float* dst = kt_all + hd * d * sp;
+    const TKV* vsrc = vs + hd * sh.s * d;
+    if (kBf16) {
+      const uint16_t* k16 = reinterpret_cast<const uint16_t*>(src);
+      const uint16_t* v16 = reinterpret_cast<const uint16_t*>(vsrc);
+      uint32_t* kt2 = kt2_w + hd * d2 * sp;
+      uint32_t* v2 = v2_w + hd * (sp / 2) * d;
+      for (int64_t j = j0; j < j1; ++j) {
+        const uint32_t* row = reinterpret_cast<const uint32_t*>(k16 + j * d);
+        for (int64_t e = 0; e < d2; ++e) kt2[e * sp + j] = row[e];
+      }
+      for (int64_t j = j0; j < j1; j += 2)  // j0 even: key pairs (j, j + 1), 0 past kv_end
+        for (int64_t c = 0; c < d; ++c)
+          v2[j / 2 * d + c] = v16[j * d + c] | (j + 1 < j1 ? static_cast<uint32_t>(v16[(j + 1) * d + c]) << 16 : 0u);
+      if (j1 == kv_end) {
+        for (int64_t e = 0; e < d2; ++e) std::fill(kt2 + e * sp + j1, kt2 + e * sp + pad_end, 0u);
+        for (int64_t j = (j1 + 1) / 2 * 2; j < pad_end; j += 2) std::fill(v2 + j / 2 * d, v2 + j / 2 * d + d, 0u);
+      }
+      return;
+    }
+    float* kt = kt_w + hd * d * sp;
     for (int64_t j = j0; j < j1; ++j)
-      for (int64_t e = 0; e < d; ++e) dst[e * sp + j] = Scalar(src[j * d + e]);
-    if (j1 == kv_end)  // zero up to the next multiple of 32: the products' padding columns
-      for (int64_t e = 0; e < d; ++e) std::fill(dst + e * sp + j1, dst + e * sp + std::min(sp, (j1 + 31) / 32 * 32), 0.0f);
+      for (int64_t e = 0; e < d; ++e) kt[e * sp + j] = Scalar(src[j * d + e]);
+    if (j1 == kv_end)
+      for (int64_t e = 0; e < d; ++e) std::fill(kt + e * sp + j1, kt + e * sp + pad_end, 0.0f);
     if (widen_v)
-      for (int64_t i = j0 * d; i < j1 * d; ++i) v_wide[hd * sh.s * d + i] = Scalar(vs[hd * sh.s * d + i]);
+      for (int64_t i = j0 * d; i < j1 * d; ++i) v_w[hd * sh.s * d + i] = Scalar(vsrc[i]);
   });
-  const float* v_all = widen_v ? v_wide : reinterpret_cast<const float*>(v);
   const int64_t items = sh.b * sh.hq * ((sh.tq + kTileQ - 1) / kTileQ);
   Parallel(pool, threads, items, [=](int64_t item) {
     thread_local Scratch w;
-    Item<TQ>(sh, item, static_cast<const TQ*>(q), kt_all, sp, v_all, key_valid, k_pos, q_pos, out, w);
+    Item<TQ, kBf16>(sh, item, static_cast<const TQ*>(q), pk, key_valid, k_pos, q_pos, out, w);
   });
 }
 
@@ -269,16 +427,18 @@ ffi::Error FlashImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, f
   sh.window = window;
   sh.start = start.typed_data()[0];
   sh.scale = 1.0f / std::sqrt(static_cast<float>(sh.d));
+  sh.round_p = v.element_type() == ffi::DataType::BF16;
   if (sh.start < 0) return ffi::Error::InvalidArgument("sparq_flash: start must be >= 0");
   const bool* kv = key_valid.typed_data();
   const int32_t *kp = k_pos.typed_data(), *qp = q_pos.typed_data();
   float* o = out->typed_data();
   const bool q16 = q.element_type() == ffi::DataType::BF16, k16 = k.element_type() == ffi::DataType::BF16;
   const void *qv = q.untyped_data(), *kk = k.untyped_data(), *vv = v.untyped_data();
-  if (q16 && k16) Run<uint16_t, uint16_t>(pool, threads, sh, qv, kk, vv, kv, kp, qp, o);
-  else if (q16) Run<uint16_t, float>(pool, threads, sh, qv, kk, vv, kv, kp, qp, o);
-  else if (k16) Run<float, uint16_t>(pool, threads, sh, qv, kk, vv, kv, kp, qp, o);
-  else Run<float, float>(pool, threads, sh, qv, kk, vv, kv, kp, qp, o);
+  if (q16 && k16 && HasBf16Dot()) Run<uint16_t, uint16_t, true>(pool, threads, sh, qv, kk, vv, kv, kp, qp, o);
+  else if (q16 && k16) Run<uint16_t, uint16_t, false>(pool, threads, sh, qv, kk, vv, kv, kp, qp, o);
+  else if (q16) Run<uint16_t, float, false>(pool, threads, sh, qv, kk, vv, kv, kp, qp, o);
+  else if (k16) Run<float, uint16_t, false>(pool, threads, sh, qv, kk, vv, kv, kp, qp, o);
+  else Run<float, float, false>(pool, threads, sh, qv, kk, vv, kv, kp, qp, o);
   return ffi::Error::Success();
 }
 

@@ -30,6 +30,7 @@
 namespace ffi = xla::ffi;
 
 using sparq_native::Bf16;
+using sparq_native::HasBf16Dot;
 using sparq_native::F16;
 using sparq_native::Parallel;
 using sparq_native::Widen;
@@ -253,12 +254,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void GemmRows(
     case 5: GemmTile<5>(xr, k2, wp, n_pad, c0, n, yr, y_stride); break;
     default: break;
   }
-}
-
-bool HasBf16Dot() {
-  static const bool has = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl");
-  return has;
 }
 
 ffi::Error GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
