@@ -35,6 +35,37 @@ constexpr int kQkRows = 8;       // S = Q K^T micro-tile: 8 rows x 32 keys
 constexpr int kPvRows = 6;       // acc += P V micro-tile: 6 rows x up to 64 columns
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+template <int N>
+using Int = std::integral_constant<int, N>;
+
+// f(Int<R>{}, r) for the tiles of R = kPvRows rows of [0, rows), then the remainder's R < kPvRows.
+template <typename F>
+inline void RowTiles(int64_t rows, F f) {
+  int64_t r = 0;
+  for (; r + kPvRows <= rows; r += kPvRows) f(Int<kPvRows>{}, r);
+  switch (rows - r) {
+    case 1: f(Int<1>{}, r); break;
+    case 2: f(Int<2>{}, r); break;
+    case 3: f(Int<3>{}, r); break;
+    case 4: f(Int<4>{}, r); break;
+    case 5: f(Int<5>{}, r); break;
+    default: break;
+  }
+}
+
+// f(Int<NV>{}, c0) for column panels of NV = 4 vectors (64 columns) of [0, d), then the rest's NV < 4.
+template <typename F>
+inline void ColTiles(int64_t d, F f) {
+  int64_t c0 = 0;
+  for (; c0 + 64 <= d; c0 += 64) f(Int<4>{}, c0);
+  switch ((d - c0) / 16) {
+    case 1: f(Int<1>{}, c0); break;
+    case 2: f(Int<2>{}, c0); break;
+    case 3: f(Int<3>{}, c0); break;
+    default: break;
+  }
+}
+
 struct FlashShape {
   int64_t b, tq, hq, hkv, s, d, window, start;
   float scale;
@@ -99,32 +130,11 @@ __attribute__((always_inline)) inline void PvTile(const float* p, int64_t ldp, i
     for (int t = 0; t < NV; ++t) Store(acc + r * d + c0 + 16 * t, a[r][t]);
 }
 
-template <int R>
-void PvRows(const float* p, int64_t ldp, int64_t kn, const float* v, int64_t d, float* acc) {
-  int64_t c0 = 0;
-  for (; c0 + 64 <= d; c0 += 64) PvTile<R, 4>(p, ldp, kn, v, d, c0, acc);
-  switch ((d - c0) / 16) {
-    case 1: PvTile<R, 1>(p, ldp, kn, v, d, c0, acc); break;
-    case 2: PvTile<R, 2>(p, ldp, kn, v, d, c0, acc); break;
-    case 3: PvTile<R, 3>(p, ldp, kn, v, d, c0, acc); break;
-    default: break;
-  }
-}
-
-// acc[0:rows) += p[0:rows) . v (rows of kPvRows, then the remainder).
+// acc[0:rows) += p[0:rows) . v (register tiles of rows x 64 columns).
 void Pv(const float* p, int64_t ldp, int64_t rows, int64_t kn, const float* v, int64_t d, float* acc) {
-  int64_t r = 0;
-  for (; r + kPvRows <= rows; r += kPvRows) PvRows<kPvRows>(p + r * ldp, ldp, kn, v, d, acc + r * d);
-  const float* pr = p + r * ldp;
-  float* ar = acc + r * d;
-  switch (rows - r) {
-    case 1: PvRows<1>(pr, ldp, kn, v, d, ar); break;
-    case 2: PvRows<2>(pr, ldp, kn, v, d, ar); break;
-    case 3: PvRows<3>(pr, ldp, kn, v, d, ar); break;
-    case 4: PvRows<4>(pr, ldp, kn, v, d, ar); break;
-    case 5: PvRows<5>(pr, ldp, kn, v, d, ar); break;
-    default: break;
-  }
+  RowTiles(rows, [&](auto R, int64_t r) {
+    ColTiles(d, [&](auto NV, int64_t c0) { PvTile<R(), NV()>(p + r * ldp, ldp, kn, v, d, c0, acc + r * d); });
+  });
 }
 
 // The AVX512-BF16 products (bfloat16 q, k and v on a CPU with vdpbf16ps): each instruction sums 16
@@ -176,19 +186,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void PvTi
     for (int t = 0; t < NV; ++t) _mm512_storeu_ps(acc + r * d + c0 + 16 * t, a[r][t]);
 }
 
-template <int R>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void PvRowsBf16(
-    const uint32_t* p2, int64_t ldp, int64_t kn2, const uint32_t* v2, int64_t d, float* acc) {
-  int64_t c0 = 0;
-  for (; c0 + 64 <= d; c0 += 64) PvTileBf16<R, 4>(p2, ldp, kn2, v2, d, c0, acc);
-  switch ((d - c0) / 16) {
-    case 1: PvTileBf16<R, 1>(p2, ldp, kn2, v2, d, c0, acc); break;
-    case 2: PvTileBf16<R, 2>(p2, ldp, kn2, v2, d, c0, acc); break;
-    case 3: PvTileBf16<R, 3>(p2, ldp, kn2, v2, d, c0, acc); break;
-    default: break;
-  }
-}
-
 // P (fp32 rows of S) to bfloat16 key pairs p2 (round to nearest even), then acc += P V.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void PvBlockBf16(
     const float* S, int64_t rows, int64_t knp, int64_t kn, const uint32_t* v2, int64_t d, uint32_t* p2, float* acc) {
@@ -199,18 +196,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void PvBlockBf16
                                                 _mm512_loadu_ps(S + r * kTileK + j));
       _mm512_storeu_si512(p2 + r * ldp + j / 2, (__m512i)pair);
     }
-  int64_t r = 0;
-  for (; r + kPvRows <= rows; r += kPvRows) PvRowsBf16<kPvRows>(p2 + r * ldp, ldp, kn2, v2, d, acc + r * d);
-  const uint32_t* pr = p2 + r * ldp;
-  float* ar = acc + r * d;
-  switch (rows - r) {
-    case 1: PvRowsBf16<1>(pr, ldp, kn2, v2, d, ar); break;
-    case 2: PvRowsBf16<2>(pr, ldp, kn2, v2, d, ar); break;
-    case 3: PvRowsBf16<3>(pr, ldp, kn2, v2, d, ar); break;
-    case 4: PvRowsBf16<4>(pr, ldp, kn2, v2, d, ar); break;
-    case 5: PvRowsBf16<5>(pr, ldp, kn2, v2, d, ar); break;
-    default: break;
-  }
+  RowTiles(rows, [&](auto R, int64_t r) {
+    ColTiles(d, [&](auto NV, int64_t c0) { PvTileBf16<R(), NV()>(p2 + r * ldp, ldp, kn2, v2, d, c0, acc + r * d); });
+  });
 }
 
 struct Scratch {
