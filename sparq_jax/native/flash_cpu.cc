@@ -365,10 +365,10 @@ void Run(ffi::ThreadPool& pool, int64_t threads, const FlashShape& sh, const voi
       const uint16_t* v16 = reinterpret_cast<const uint16_t*>(vsrc);
       uint32_t* kt2 = kt2_w + hd * d2 * sp;
       uint32_t* v2 = v2_w + hd * (sp / 2) * d;
-      for (int64_t j = j0; j < j1; ++j) {
-        const uint32_t* row = reinterpret_cast<const uint32_t*>(k16 + j * d);
-        for (int64_t e = 0; e < d2; ++e) kt2[e * sp + j] = row[e];
-      }
+      const uint32_t* k32 = reinterpret_cast<const uint32_t*>(k16);
+      for (int64_t jb = j0; jb < j1; jb += 16)  // see the fp32 transpose below
+        for (int64_t e = 0; e < d2; ++e)
+          for (int64_t j = jb; j < std::min(j1, jb + 16); ++j) kt2[e * sp + j] = k32[j * d2 + e];
       for (int64_t j = j0; j < j1; j += 2)  // j0 even: key pairs (j, j + 1), 0 past kv_end
         for (int64_t c = 0; c < d; ++c)
           v2[j / 2 * d + c] = v16[j * d + c] | (j + 1 < j1 ? static_cast<uint32_t>(v16[(j + 1) * d + c]) << 16 : 0u);
@@ -379,8 +379,11 @@ void Run(ffi::ThreadPool& pool, int64_t threads, const FlashShape& sh, const voi
       return;
     }
     float* kt = kt_w + hd * d * sp;
-    for (int64_t j = j0; j < j1; ++j)
-      for (int64_t e = 0; e < d; ++e) kt[e * sp + j] = Scalar(src[j * d + e]);
+    // 16 keys at a time, each K^T row's 16 entries written as one cache line: walking e innermost
+    // wrote 4 bytes to each of d lines sp * 4 bytes apart, all in one L1 set (sp a multiple of 32).
+    for (int64_t jb = j0; jb < j1; jb += 16)
+      for (int64_t e = 0; e < d; ++e)
+        for (int64_t j = jb; j < std::min(j1, jb + 16); ++j) kt[e * sp + j] = Scalar(src[j * d + e]);
     if (j1 == kv_end)
       for (int64_t e = 0; e < d; ++e) std::fill(kt + e * sp + j1, kt + e * sp + pad_end, 0.0f);
     if (widen_v)
