@@ -10,10 +10,8 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 import types
 import warnings
 
@@ -135,15 +133,20 @@ def test_interrupted_evaluation_keeps_finished_cells_and_resumes(tmp_path):
     command = [sys.executable, EVALUATE, "--model", "bundled", "--tasks", "passkey", "--methods", "dense,sparq",
                "--compression", "1/2", "--limit", "1", "--context-length", "400", "--json", out]
     env = {**os.environ, "PYTHONPATH": REPO}
-    child = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 600
-        while not os.path.exists(out) and child.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        child.send_signal(signal.SIGINT)          # as soon as the first cell is stored
-        _, err = child.communicate(timeout=600)
-    finally:
-        child.kill()
+    # The user's Ctrl-C right after the first cell is stored: the child sends itself SIGINT from the
+    # store (polling for the file from here raced the second cell, which now takes well under a second).
+    driver = ("import os, runpy, signal, sys\n"
+              "from models.evaluation import results\n"
+              "real = results.ResultsFile.add\n"
+              "def add(self, row):\n"
+              "    real(self, row)\n"
+              "    os.kill(os.getpid(), signal.SIGINT)\n"
+              "results.ResultsFile.add = add\n"
+              "sys.argv = sys.argv[1:]\n"
+              "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    child = subprocess.run([sys.executable, "-c", driver, *command[1:]], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=600)
+    err = child.stderr
     assert child.returncode == 130, err[-2000:]
     assert "interrupted; the 1 finished cells" in err and "Traceback" not in err, err[-2000:]
     with open(out) as f:
