@@ -175,27 +175,6 @@ def test_export_writes_the_schema(tok, tmp_path):
     assert len({r["id"] for r in rows}) == 4
 
 
-def test_grid_export_cli_writes_the_grids_samples(tok, tmp_path):
-    """scripts/ruler_grid.py export (what the kvpress peer reads): the bundled model's tokenizer, no
-    weights; the samples are the harness' own for the same seed and length; a bad --limit is refused."""
-    import importlib.util
-    import json
-
-    import models
-    spec = importlib.util.spec_from_file_location("ruler_grid", os.path.join(ROOT, "scripts", "ruler_grid.py"))
-    grid = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(grid)
-    path = str(tmp_path / "s.jsonl")
-    grid.main(["export", "--model", models.BUNDLED, "--length", "1000", "--limit", "2", "--tasks", "niah_single_1",
-               "--out", path])
-    rows = [json.loads(line) for line in open(path)]
-    lm_tok = models.hf.open_checkpoint(models.BUNDLED).tokenizer()
-    want = ruler.build_samples(lm_tok, "niah_single_1", 2, 1000, grid.SEED)
-    assert [r["context"] + r["question"] + r["answer_prefix"] for r in rows] == [s.prompt for s in want]
-    with pytest.raises(SystemExit):
-        grid.main(["export", "--limit", "0", "--out", path])
-
-
 def test_harness_runs_ruler_with_every_method_from_one_prefill(monkeypatch):
     """evaluate(lm, [RULER task], ...) on the bundled model (byte tokenizer, 1024 tokens): one prefill
     per batch serves dense and SparQ, rows as the other tasks', RULER's score in [0, 1]."""
