@@ -33,12 +33,18 @@ cache in a forward hook *after* that layer's attention has run on the full conte
 context's hidden states, and so every layer's full keys and values, are the same with and without
 a press; only the kept subset differs. One prefill therefore serves every press: a hook hands each
 layer's full keys/values to each press's own `compress` and keeps each result, and each method
-then decodes from its own cache with the pipeline's `generate_answer`. --mode pipeline instead
+then decodes from its own cache. Dense decodes with the pipeline's `generate_answer`; the presses
+of one compression ratio keep the same number of positions per layer, so they decode as one batch
+(one row per press) with a batched transcription of `generate_answer` (Peer.generate_batch: the
+same positions, greedy steps and eos rule), which shares each step's weight reads among the five
+presses; --no-batch decodes each press alone, --check-unbatched N records the lone decode's answer
+too on the first N samples. --mode pipeline instead
 calls the pipeline once per method (one prefill each); --verify N also runs the pipeline on the
 first N samples and records whether it gives the same answer (it should, bit for bit).
 
-CPU time: `cpu_s` of a run is the shared prefill's CPU seconds + the press's compress + its decode,
-what the run costs through the pipeline alone (process CPU time, all threads).
+CPU time: `cpu_s` of a run is the shared prefill's CPU seconds + the press's compress + its decode
+(process CPU time, all threads); a batched decode's CPU time is split evenly among its rows
+(`decode_batch` says how many).
 
 Output (resumable): --out/results.jsonl, one record per (sample, method, ratio), appended and
 flushed as each finishes; a rerun skips what is there. Scores use RULER's string match
@@ -236,7 +242,8 @@ class Peer:
                                                press=self.press(name, ratio))
         return answer, time.process_time() - t
 
-    def run_shared(self, s: dict, todo: list[tuple[str, float]], prompt: str) -> dict:
+    def run_shared(self, s: dict, todo: list[tuple[str, float]], prompt: str, batch: bool = True,
+                   check: bool = False) -> dict:
         """Every method of `todo` from one prefill: {(name, ratio): record fields}."""
         import copy
         from transformers import DynamicCache
@@ -276,21 +283,77 @@ class Peer:
             with Fanout()(self.model):
                 self.model.model(input_ids=ctx, past_key_values=cache)
             prefill_cpu = time.process_time() - t - sum(compress_cpu.values())
-            for m in todo:
+
+            def cache_of(group):
+                """A copy of the prefill cache holding the kept keys/values of `group`'s methods, one
+                batch row each (all of one compression ratio keep the same number per layer)."""
                 c = copy.deepcopy(cache)
-                if m in presses:
-                    for i, (k, v) in kept[m].items():
-                        c.layers[i].keys, c.layers[i].values = k, v
+                if group[0] in presses:
+                    for i in range(len(c.layers)):
+                        ks, vs = zip(*(kept[m][i] for m in group))
+                        if len({k.shape for k in ks}) != 1:
+                            raise RuntimeError(f"layer {i}: presses {group} kept different lengths "
+                                               f"{[k.shape for k in ks]}; run with --no-batch")
+                        c.layers[i].keys, c.layers[i].values = torch.cat(ks), torch.cat(vs)
+                return c
+
+            groups: dict = {}  # batched: the presses of one ratio together; dense (and --no-batch) alone
+            for m in todo:
+                groups.setdefault(("ratio", m[1]) if batch and m in presses else ("alone", m), []).append(m)
+            for group in groups.values():
+                c = cache_of(group)
                 n_kept = c.get_seq_length(0)
                 t = time.process_time()
-                answer = self.pipe.generate_answer(question_ids=qids, cache=c, context_length=n_ctx,
-                                                   max_new_tokens=max_new_tokens(s))
-                decode_cpu = time.process_time() - t
-                comp = compress_cpu.get(m, 0.0)
-                out[m] = dict(answer=answer, ids_sha=ids_sha, n_context_tokens=n_ctx, n_question_tokens=qids.shape[1],
-                              n_kept=n_kept, prefill_cpu_s=round(prefill_cpu, 3), compress_cpu_s=round(comp, 3),
-                              decode_cpu_s=round(decode_cpu, 3), cpu_s=round(prefill_cpu + comp + decode_cpu, 3))
+                if len(group) == 1:
+                    answers = [self.pipe.generate_answer(question_ids=qids, cache=c, context_length=n_ctx,
+                                                         max_new_tokens=max_new_tokens(s))]
+                else:
+                    answers = self.generate_batch(qids, c, n_ctx, max_new_tokens(s))
+                decode_cpu = (time.process_time() - t) / len(group)
+                for m, answer in zip(group, answers):
+                    comp = compress_cpu.get(m, 0.0)
+                    out[m] = dict(answer=answer, ids_sha=ids_sha, n_context_tokens=n_ctx,
+                                  n_question_tokens=qids.shape[1], n_kept=n_kept, decode_batch=len(group),
+                                  prefill_cpu_s=round(prefill_cpu, 3), compress_cpu_s=round(comp, 3),
+                                  decode_cpu_s=round(decode_cpu, 3), cpu_s=round(prefill_cpu + comp + decode_cpu, 3))
+            for m in todo:
+                if check and out[m]["decode_batch"] > 1:
+                    out[m]["unbatched_answer"] = self.pipe.generate_answer(
+                        question_ids=qids, cache=cache_of([m]), context_length=n_ctx,
+                        max_new_tokens=max_new_tokens(s))
         return out
+
+    def generate_batch(self, question_ids, cache, context_length: int, max_new_tokens: int) -> list[str]:
+        """The pipeline's generate_answer (kvpress 0.5.5 pipeline.py) over a batch of caches of one
+        length, one row per press: the question in one forward at positions context_length + i, then
+        greedy steps. As there, the first token never stops a row, a later eos does (and is kept,
+        then dropped by decode's skip_special_tokens); a row that has stopped is cut there while the
+        others go on. The rows share each step's weight reads, so B presses decode for about the
+        cost of one."""
+        torch = self.torch
+        b = cache.layers[0].keys.shape[0]
+        q = question_ids.expand(b, -1)
+        pos = torch.arange(context_length, context_length + q.shape[1]).unsqueeze(0).expand(b, -1)
+        outputs = self.model(input_ids=q, past_key_values=cache, position_ids=pos, logits_to_keep=1)
+        pos = pos[:, -1:] + 1
+        generated = [outputs.logits[:, -1].argmax(-1)]
+        stop = self.model.generation_config.eos_token_id
+        stop = torch.tensor(stop if isinstance(stop, list) else [stop])
+        done = torch.zeros(b, dtype=torch.bool)
+        for i in range(max_new_tokens - 1):
+            outputs = self.model(input_ids=generated[-1].unsqueeze(1), past_key_values=cache, position_ids=pos + i)
+            generated.append(outputs.logits[:, -1].argmax(-1))
+            done |= torch.isin(generated[-1], stop)
+            if bool(done.all()):
+                break
+        answers = []
+        for row in torch.stack(generated, 1).tolist():
+            cut = next((j + 1 for j in range(1, len(row)) if row[j] in stop.tolist()), len(row))
+            answers.append(str(self.tokenizer_decode(row[:cut])))
+        return answers
+
+    def tokenizer_decode(self, ids: list[int]) -> str:
+        return self.tok.decode(self.torch.tensor(ids), skip_special_tokens=True)
 
 
 def versions() -> dict:
@@ -315,11 +378,19 @@ def main(argv=None):
                          "chat-template preprocessing")
     ap.add_argument("--verify", type=int, default=0,
                     help="also run the pipeline per method on the first N samples and record its answer")
+    ap.add_argument("--no-batch", action="store_true",
+                    help="--mode shared: decode each press alone (default: the presses of one ratio as one batch)")
+    ap.add_argument("--check-unbatched", type=int, default=0, metavar="N",
+                    help="--mode shared: on the first N samples also decode each batched press alone and record "
+                         "that answer (unbatched_answer)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     args = ap.parse_args(argv)
 
     if args.limit is not None and args.limit < 1:
         ap.error(f"--limit {args.limit}: expected a positive number of samples per task")
+    for name in ("verify", "check_unbatched"):
+        if getattr(args, name) < 0:
+            ap.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a number of samples >= 0")
     if args.threads < 1:
         ap.error(f"--threads {args.threads}: expected >= 1")
     bad = [r for r in args.ratios if not 0 < r < 1]
@@ -370,7 +441,7 @@ def main(argv=None):
                 continue
             t0 = time.time()
             if args.mode == "shared":
-                res = peer.run_shared(s, todo, args.prompt)
+                res = peer.run_shared(s, todo, args.prompt, batch=not args.no_batch, check=i < args.check_unbatched)
             else:
                 res = {}
                 for m in todo:

@@ -109,6 +109,24 @@ def token_check(peer_rows, samples_path: str, gguf_path: str) -> str:
             f"{len(seen)} samples" + (f"; not on {', '.join(bad)}." if bad else "."))
 
 
+def decode_checks(peer_rows) -> list[str]:
+    """How the peer script's shortcuts compare with the pipeline on the samples where it recorded both:
+    a batched decode against the same press decoded alone (unbatched_answer), the shared prefill
+    against the pipeline's own call (pipeline_answer)."""
+    lines = []
+    for field, what in (("unbatched_answer", "decoded in a batch with the other presses of its ratio, against "
+                         "decoded alone from the same cache"),
+                        ("pipeline_answer", "from the shared prefill, against the pipeline's own call")):
+        rows = [r for r in peer_rows if field in r]
+        if not rows:
+            continue
+        same = [r for r in rows if r[field] == r["answer"]]
+        diff = [f"{r['key']} {r['method']} {r['compression_ratio']:g}" for r in rows if r[field] != r["answer"]]
+        lines.append(f"- {what}: the same answer in {len(same)} of {len(rows)} runs "
+                     f"({len({r['key'] for r in rows})} samples)" + (f"; differs: {', '.join(diff)}." if diff else "."))
+    return lines
+
+
 def name(label) -> str:
     side, method, c = label
     if side == "ours":
@@ -193,9 +211,13 @@ def main(argv=None) -> str:
              f"CPU h: ours, the decode steps of that method (the dense prefill shared by all our methods took "
              f"{ours_cpu.get('prefill', 0) / 3600:.2f} CPU h more); kvpress, each run's own prefill, compression "
              f"and decode (its script shares one prefill among all presses of a sample: "
-             f"{peer_prefill / 3600:.2f} CPU h of prefills in all). "
+             f"{peer_prefill / 3600:.2f} CPU h of prefills in all; a decode batched over the presses of one "
+             f"ratio is split evenly among them). "
              f"An average in brackets is over fewer samples than the column's largest n.", "",
              *agreement(cells, args.tasks)]
+    checks = decode_checks([r for r in peer_rows if r["length"] == args.length and r["task"] in args.tasks])
+    if checks:
+        lines += ["", "The peer script's shortcuts against kvpress's own path:", "", *checks]
     if args.check_tokens:
         lines += ["", token_check([r for r in peer_rows if r["length"] == args.length and r["task"] in args.tasks],
                                   args.check_tokens, args.gguf)]
