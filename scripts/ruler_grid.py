@@ -185,7 +185,8 @@ def report(args) -> str:
 
 
 def plot(table, lengths, labels, path: str, title: str) -> None:
-    """RULER average against length, per method: at each length over the tasks dense has there (16k: four)."""
+    """RULER average against length, per method: at each length over the grid's tasks there (16k: four),
+    a point only where the method has every one of them (a length still running is left out)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -194,7 +195,7 @@ def plot(table, lengths, labels, path: str, title: str) -> None:
     for label in labels:
         pts = []
         for length in lengths:
-            tasks = [t for t in ALL if (length, t, "dense") in table]
+            tasks = next((g[1] for g in GRID if g[0] == length), ())
             got = [table.get((length, t, label)) for t in tasks]
             if got and all(got):
                 pts.append((length, 100 * np.mean([np.mean(c["scores"]) for c in got])))
