@@ -33,6 +33,11 @@ def main(argv=None):
         p.error(f"--indices {args.indices!r}: expected a comma list of integers")
     if min(idx) < 0:
         p.error(f"--indices {args.indices!r}: expected indices >= 0")
+    if args.max_new_tokens < 1:
+        p.error(f"--max-new-tokens {args.max_new_tokens}: expected >= 1")
+    from models.evaluation import ruler as _ruler
+    if args.task not in _ruler.TASKS:
+        p.error(f"--task {args.task!r}: not a RULER task here (one of {', '.join(_ruler.TASKS)})")
 
     import models
     import sparq_jax as sq
