@@ -346,14 +346,11 @@ class Peer:
             done |= torch.isin(generated[-1], stop)
             if bool(done.all()):
                 break
-        answers = []
+        answers, stop_ids = [], set(stop.tolist())
         for row in torch.stack(generated, 1).tolist():
-            cut = next((j + 1 for j in range(1, len(row)) if row[j] in stop.tolist()), len(row))
-            answers.append(str(self.tokenizer_decode(row[:cut])))
+            cut = next((j + 1 for j in range(1, len(row)) if row[j] in stop_ids), len(row))
+            answers.append(str(self.tok.decode(torch.tensor(row[:cut]), skip_special_tokens=True)))
         return answers
-
-    def tokenizer_decode(self, ids: list[int]) -> str:
-        return self.tok.decode(self.torch.tensor(ids), skip_special_tokens=True)
 
 
 def versions() -> dict:
